@@ -1,0 +1,3 @@
+from dpe.cli import main
+
+main()

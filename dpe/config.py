@@ -1,0 +1,148 @@
+"""One settings object for every service.
+
+Sources, lowest to highest precedence: defaults, a YAML file (``--config`` or ``DPE_CONFIG``),
+``DPE_``-prefixed environment variables (``__`` separates nested fields, e.g.
+``DPE_KAFKA__BOOTSTRAP_SERVERS``), then CLI flags. Secrets are `SecretStr`; they can also be read
+from files (``sasl_password_file``) and never appear in ``repr``, logs or ``summary()``.
+
+Example:
+    >>> s = load_settings(overrides={"kafka": {"bootstrap_servers": "k1:9092"}})
+    >>> s.kafka.bootstrap_servers
+    'k1:9092'
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dpe.blobstore import ImageLimits
+
+
+class KafkaSettings(BaseModel):
+    """Where the bus is and how to talk to it. No bootstrap servers means the embedded broker."""
+
+    bootstrap_servers: str | None = None
+    topic_prefix: str = "dpe."
+    client_id: str = "dpe"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+    session_timeout_ms: int = Field(6000, ge=1000, description="Short: group joins wait ~half of it.")
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    fetch_max_wait_ms: int = Field(10, ge=0, description="End-to-end latency is about this long.")
+    linger_ms: int = Field(5, ge=0)
+    max_batch_bytes: int = Field(256 * 1024, ge=1024)
+    max_event_bytes: int = Field(1024 * 1024, ge=1024, description="Larger events are refused/dead-lettered.")
+    partitions_override: int | None = Field(None, ge=1, description="Force a partition count on every topic.")
+    replication_factor: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> "KafkaSettings":
+        if self.sasl_password is None and self.sasl_password_file is not None:
+            self.sasl_password = SecretStr(self.sasl_password_file.read_text().strip())
+        return self
+
+
+class BlobSettings(BaseModel):
+    """Content-addressed image store: a local folder or any fsspec URL."""
+
+    url: str = ".dpe/blobs"
+    limits: ImageLimits = Field(default_factory=ImageLimits)
+
+
+class Settings(BaseSettings):
+    """Everything a dpe service can be told. Sections belong to the components that read them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DPE_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    home: Path = Field(Path(".dpe"), description="Working folder: broker state, checkpoints, runs.")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    blob: BlobSettings = Field(default_factory=BlobSettings)
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+    def summary(self) -> dict[str, Any]:
+        """Configuration with every secret replaced by '***' (safe for logs and `dpe doctor`)."""
+        return _redact(self.model_dump(mode="json"), self)
+
+
+def _redact(value: Any, model: Any) -> Any:
+    if isinstance(model, BaseModel):
+        out = {}
+        for name, item in value.items():
+            attr = getattr(model, name, None)
+            out[name] = "***" if isinstance(attr, SecretStr) else _redact(item, attr)
+        return out
+    return value
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build settings from YAML file < ``DPE_*`` environment < `overrides` (the CLI flags).
+
+    `config_file` defaults to ``$DPE_CONFIG``. Overrides are nested dicts; `None` values are
+    dropped so that unset flags do not mask lower layers.
+    """
+    layers = (
+        _read_yaml(config_file or os.environ.get("DPE_CONFIG")),
+        Settings().model_dump(exclude_unset=True),
+        _drop_none(overrides or {}),
+    )
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _deep_merge(merged, layer)
+    return Settings(**merged)
+
+
+def _read_yaml(path: str | Path | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _drop_none(value: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            item = _drop_none(item)
+            if item:
+                out[key] = item
+        elif item is not None:
+            out[key] = item
+    return out

@@ -1,0 +1,327 @@
+"""Event contracts: one pydantic model per topic.
+
+Every event carries a schema version, an event id, a timestamp and the name of its producer, plus
+the lineage fields that let anyone answer "why did the model see this sample?" from the topics
+alone. Events travel as JSON; images never travel inside events, only `BlobRef`s to the blob store.
+
+Readers ignore fields they do not know (so old readers can read events from newer writers that only
+added optional fields) and refuse schema versions newer than their own with a clear error.
+
+Example:
+    >>> ev = EvalOutcome(policy_version=3, suite="synthetic", item_id="i1", capability="counting",
+    ...                  answer_type="number", expected="4", predicted="5", correct=False, score=0.0)
+    >>> ev.outcome_id
+    '3/synthetic/i1'
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+AnswerType = Literal["choice", "number", "yes_no", "text"]
+"""How an answer is graded: a choice letter, a number with tolerance, yes/no, or exact text."""
+
+ErrorType = Literal["visual_recognition", "calculation", "reasoning", "misunderstanding", "format", "other"]
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+ID_PATTERN = r"^[A-Za-z0-9._:/@+=-]{1,200}$"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(BaseModel):
+    """Base of every event: envelope fields and schema-version checking."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+    MIN_SCHEMA_VERSION: ClassVar[int] = 1
+
+    schema_version: int = Field(default=0, validate_default=True, description="Major version of this event's schema.")
+    event_id: str = Field(default_factory=_new_id, pattern=ID_PATTERN)
+    ts: datetime = Field(default_factory=_now, description="When the event was created (UTC).")
+    producer: str = Field(default="dpe", max_length=200, description="Service that wrote the event.")
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _known_schema_version(cls, value: Any) -> Any:
+        if value in (0, None):
+            return cls.SCHEMA_VERSION
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value > cls.SCHEMA_VERSION:
+                raise ValueError(
+                    f"schema_version {value} is newer than this reader understands "
+                    f"({cls.__name__} v{cls.SCHEMA_VERSION}); upgrade the reader"
+                )
+            if value < cls.MIN_SCHEMA_VERSION:
+                raise ValueError(
+                    f"schema_version {value} is older than the oldest {cls.__name__} "
+                    f"version still read (v{cls.MIN_SCHEMA_VERSION})"
+                )
+        return value
+
+    def key(self) -> str:
+        """The Kafka message key (decides the partition); see `dpe.topics` for each topic's rule."""
+        return self.event_id
+
+
+class BlobRef(BaseModel):
+    """Reference to an image in the content-addressed blob store."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    media_type: str = Field(pattern=r"^image/[a-z0-9.+-]+$")
+    size_bytes: int = Field(ge=1)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+
+class UnlabeledItem(Event):
+    """An image that entered the system without labels (ingested folder, manifest, synthetic world)."""
+
+    item_id: str = Field(pattern=ID_PATTERN, description="Content hash of the image: re-ingesting adds nothing.")
+    image: BlobRef
+    source: str = Field(max_length=2000, description="Where it came from (path, URL, 'synthetic:<seed>').")
+    text: str | None = Field(default=None, max_length=20_000, description="Untrusted caption or text; data only.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Untrusted annotations (captioner stand-in).")
+
+    def key(self) -> str:
+        return self.item_id
+
+
+class EvalOutcome(Event):
+    """One graded answer of one policy version on one diagnostic item (successes too).
+
+    Partitioned by capability so that one stream worker owns a capability's state; `outcome_id`
+    (policy version, suite, item) is the idempotency key: a re-run replaces, never adds.
+    """
+
+    policy_version: int = Field(ge=0)
+    suite: str = Field(pattern=ID_PATTERN)
+    item_id: str = Field(pattern=ID_PATTERN)
+    capability: str = Field(min_length=1, max_length=100)
+    answer_type: AnswerType
+    expected: str = Field(max_length=2000)
+    predicted: str = Field(max_length=20_000)
+    extracted: str | None = Field(default=None, max_length=2000, description="Answer extracted from the output.")
+    correct: bool
+    score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="Graded score in [0, 1].")
+    error_type: ErrorType | None = None
+    failure_reason: str | None = Field(default=None, max_length=2000)
+
+    @property
+    def outcome_id(self) -> str:
+        return f"{self.policy_version}/{self.suite}/{self.item_id}"
+
+    def key(self) -> str:
+        return self.capability
+
+
+class Divergence(Event):
+    """AuditDM evidence: reference models agree on an answer and the target model does not."""
+
+    policy_version: int = Field(ge=0)
+    item_id: str = Field(pattern=ID_PATTERN)
+    probe_id: str = Field(pattern=ID_PATTERN, description="Which probe question (and counterfactual edit) was asked.")
+    capability: str = Field(min_length=1, max_length=100)
+    question: str = Field(max_length=2000)
+    image: BlobRef
+    counterfactual_of: str | None = Field(default=None, description="Original item id when the image is an edit.")
+    edit: str | None = Field(default=None, max_length=500, description="The edit that made the counterfactual.")
+    target_answer: str = Field(max_length=2000)
+    reference_answers: dict[str, str] = Field(description="Reference model name -> its answer.")
+    consensus_answer: str = Field(max_length=2000)
+    consensus_strength: float = Field(ge=0.0, le=1.0, description="Share of references agreeing on the consensus.")
+
+    @property
+    def divergence_id(self) -> str:
+        return f"{self.policy_version}/{self.item_id}/{self.probe_id}"
+
+    def key(self) -> str:
+        return self.capability
+
+
+class CapabilityWeakness(BaseModel):
+    """Rolling weakness of one capability."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    error_rate: float = Field(ge=0.0, le=1.0, description="Exponentially decayed error rate.")
+    effective_n: float = Field(ge=0.0, description="Decayed number of observations behind the rate.")
+    ci_low: float = Field(ge=0.0, le=1.0)
+    ci_high: float = Field(ge=0.0, le=1.0)
+    events: int = Field(ge=0, description="Distinct outcomes seen (not decayed).")
+    trend: float = Field(default=0.0, description="Change of error rate per policy version (negative: improving).")
+
+
+class WeaknessSnapshot(Event):
+    """Per-capability weakness at one moment; the input of every quota plan."""
+
+    snapshot_id: str = Field(default_factory=_new_id, pattern=ID_PATTERN)
+    seq: int = Field(ge=0, description="Monotonic per stream worker.")
+    policy_version: int = Field(ge=0, description="Newest policy version seen in the evidence.")
+    capabilities: dict[str, CapabilityWeakness]
+    events_total: int = Field(ge=0)
+
+    def key(self) -> str:
+        return "weakness"
+
+
+class QuotaPlan(Event):
+    """How many samples agents should make per capability in one round, and why."""
+
+    plan_id: str = Field(default_factory=_new_id, pattern=ID_PATTERN)
+    round: int = Field(ge=0)
+    strategy: str = Field(min_length=1, max_length=100)
+    budget: int = Field(ge=0)
+    quotas: dict[str, int]
+    weights: dict[str, float]
+    snapshot_id: str = Field(pattern=ID_PATTERN, description="The weakness snapshot this plan came from.")
+    policy_version: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _quotas_within_budget(self) -> "QuotaPlan":
+        if any(q < 0 for q in self.quotas.values()):
+            raise ValueError("quotas must be non-negative")
+        if sum(self.quotas.values()) > self.budget:
+            raise ValueError(f"quotas sum to {sum(self.quotas.values())}, over the budget {self.budget}")
+        return self
+
+    def key(self) -> str:
+        return "plan"
+
+
+class AgentStep(BaseModel):
+    """One agent role's contribution to a sample."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    role: Literal["planner", "retriever", "editor", "writer", "validator", "answerer"]
+    backend: str = Field(max_length=200, description="'programmatic' or the endpoint's model name.")
+    tools: list[str] = Field(default_factory=list)
+    detail: str | None = Field(default=None, max_length=2000)
+
+
+class QCVerdict(BaseModel):
+    """One quality-control check's result, with its reason code."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    check: str = Field(max_length=100)
+    passed: bool
+    reason_code: str = Field(max_length=100)
+    detail: str | None = Field(default=None, max_length=2000)
+    score: float | None = None
+
+
+class SampleBody(BaseModel):
+    """The training content of a sample: image, question and verifiable answer."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    image: BlobRef
+    question: str = Field(min_length=1, max_length=4000)
+    answer: str = Field(min_length=1, max_length=500)
+    answer_type: AnswerType
+    options: list[str] | None = Field(default=None, description="Choice texts, A, B, C... in order.")
+    tolerance: float = Field(default=0.0, ge=0.0, description="Absolute tolerance for number answers.")
+
+
+class AcceptedSample(Event):
+    """A QC-passed training sample with full provenance."""
+
+    sample_id: str = Field(pattern=ID_PATTERN, description="Content hash of image + question + answer.")
+    capability: str = Field(min_length=1, max_length=100)
+    body: SampleBody
+    source_item_id: str = Field(pattern=ID_PATTERN)
+    plan_id: str = Field(pattern=ID_PATTERN)
+    agents: list[AgentStep]
+    qc: list[QCVerdict]
+    policy_version: int = Field(ge=0, description="Policy the difficulty band was measured against.")
+    pass_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    def key(self) -> str:
+        return self.sample_id
+
+
+class RejectedSample(Event):
+    """A candidate that failed QC, with every verdict so rejections can be counted and inspected."""
+
+    candidate_id: str = Field(pattern=ID_PATTERN)
+    capability: str = Field(min_length=1, max_length=100)
+    body: SampleBody | None = None
+    source_item_id: str = Field(pattern=ID_PATTERN)
+    plan_id: str = Field(pattern=ID_PATTERN)
+    agents: list[AgentStep] = Field(default_factory=list)
+    qc: list[QCVerdict]
+    reason_code: str = Field(max_length=100, description="The first failed check's reason.")
+    policy_version: int | None = Field(default=None, ge=0)
+
+    def key(self) -> str:
+        return self.candidate_id
+
+
+class OffsetRange(BaseModel):
+    """Half-open range [start, end) of offsets in one topic partition."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    topic: str
+    partition: int = Field(ge=0)
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+
+class Checkpoint(Event):
+    """A new policy version written by the trainer; triggers re-diagnosis."""
+
+    policy_version: int = Field(ge=0)
+    parent_version: int | None = Field(default=None, ge=0)
+    uri: str = Field(max_length=2000, description="Folder or URL of the saved weights.")
+    trained_on: list[OffsetRange] = Field(default_factory=list)
+    sample_ids: list[str] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    def key(self) -> str:
+        return "policy"
+
+
+class DeadLetter(Event):
+    """A message that could not be parsed or processed, with where it came from and why."""
+
+    origin_topic: str
+    origin_partition: int | None = None
+    origin_offset: int | None = None
+    origin_key: str | None = None
+    stage: str = Field(max_length=200, description="Which service step failed (decode, validate, handle...).")
+    error_class: str = Field(max_length=200)
+    error_message: str = Field(max_length=8000)
+    payload_b64: str = Field(description="The original message value, base64, untouched.")
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    def key(self) -> str:
+        return self.origin_topic
+
+
+EVENT_MODELS: tuple[type[Event], ...] = (
+    UnlabeledItem,
+    EvalOutcome,
+    Divergence,
+    WeaknessSnapshot,
+    QuotaPlan,
+    AcceptedSample,
+    RejectedSample,
+    Checkpoint,
+    DeadLetter,
+)

@@ -1,0 +1,1 @@
+"""Prometheus metrics, dashboards and alert rules of dpe-stream."""

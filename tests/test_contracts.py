@@ -1,0 +1,129 @@
+"""Event contracts: envelope, versions, keys, the committed AsyncAPI document and compatibility."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import jsonschema
+import pytest
+from pydantic import Field, ValidationError, create_model
+
+from dpe import events
+from dpe.events import EVENT_MODELS, BlobRef, Checkpoint, EvalOutcome, QuotaPlan, UnlabeledItem
+from dpe.schema import asyncapi, committed, compatibility_problems, payloads, render, SCHEMA_FILE
+from dpe.topics import MODEL_TOPIC, TOPICS
+
+BLOB = BlobRef(sha256="a" * 64, media_type="image/png", size_bytes=10, width=4, height=4)
+
+
+def outcome(**changes) -> EvalOutcome:
+    fields = dict(policy_version=2, suite="synthetic", item_id="x1", capability="counting", answer_type="number",
+                  expected="3", predicted="\\boxed{3}", correct=True, score=1.0)
+    return EvalOutcome(**(fields | changes))
+
+
+def test_every_event_model_has_exactly_one_topic():
+    assert set(MODEL_TOPIC) == set(EVENT_MODELS)
+    assert len({spec.suffix for spec in TOPICS.values()}) == len(TOPICS)
+
+
+def test_envelope_is_filled_and_round_trips_as_json():
+    event = outcome()
+    assert event.schema_version == EvalOutcome.SCHEMA_VERSION
+    assert len(event.event_id) == 32 and event.ts.tzinfo is not None
+    again = EvalOutcome.model_validate_json(event.model_dump_json())
+    assert again == event
+
+
+def test_keys_follow_the_documented_partitioning():
+    assert outcome().key() == "counting"
+    assert outcome().outcome_id == "2/synthetic/x1"
+    assert UnlabeledItem(item_id="abc", image=BLOB, source="synthetic:1").key() == "abc"
+    assert Checkpoint(policy_version=1, uri="/c").key() == "policy"
+
+
+def test_future_and_too_old_schema_versions_are_refused_clearly():
+    data = outcome().model_dump(mode="json")
+    with pytest.raises(ValidationError, match="newer than this reader understands"):
+        EvalOutcome.model_validate(data | {"schema_version": 2})
+    with pytest.raises(ValidationError, match="older than the oldest"):
+        EvalOutcome.model_validate(data | {"schema_version": -1})
+
+
+def test_readers_ignore_fields_added_by_newer_writers():
+    data = outcome().model_dump(mode="json") | {"added_later": {"anything": 1}}
+    assert EvalOutcome.model_validate(data).item_id == "x1"
+
+
+def test_invalid_values_are_refused():
+    with pytest.raises(ValidationError, match="finite number"):
+        outcome(score=float("nan"))
+    with pytest.raises(ValidationError):
+        outcome(score=1.5)
+    with pytest.raises(ValidationError):
+        outcome(item_id="../../etc/passwd x")
+    with pytest.raises(ValidationError, match="over the budget"):
+        QuotaPlan(round=0, strategy="uniform", budget=3, quotas={"a": 2, "b": 2}, weights={}, snapshot_id="s",
+                  policy_version=0)
+
+
+def test_events_are_immutable():
+    with pytest.raises(ValidationError):
+        outcome().correct = False
+
+
+def test_committed_document_is_current():
+    assert SCHEMA_FILE.read_text() == render(asyncapi()), "regenerate with `dpe topics schema --write`"
+
+
+@pytest.mark.parametrize("name", sorted(payloads(asyncapi())))
+def test_models_stay_compatible_with_the_committed_contract(name):
+    old = payloads(committed())[name]
+    new = payloads(asyncapi())[name]
+    assert compatibility_problems(old, new) == []
+
+
+def test_committed_schemas_validate_real_events_with_a_standard_validator():
+    documents = payloads(committed())
+    event = outcome()
+    schema = documents["EvalOutcome"]
+    jsonschema.validate(event.model_dump(mode="json"), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(event.model_dump(mode="json") | {"answer_type": "essay"}, schema)
+
+
+def _changed(base: type, **fields) -> dict:
+    model = create_model(f"Changed{base.__name__}", __base__=base, **fields)
+    return model.model_json_schema(ref_template="#/$defs/{model}") | {"x-schema-version": base.SCHEMA_VERSION}
+
+
+def _schema(model: type) -> dict:
+    return model.model_json_schema(ref_template="#/$defs/{model}") | {"x-schema-version": model.SCHEMA_VERSION}
+
+
+BREAKING = {
+    "type change": dict(policy_version=(str, ...)),
+    "new required field": dict(judge=(str, ...)),
+    "enum widened": dict(answer_type=(Literal["choice", "number", "yes_no", "text", "essay"], ...)),
+    "bound loosened": dict(score=(float, Field(ge=0.0, le=10.0))),
+    "required field made optional": dict(capability=(Optional[str], None)),
+}
+
+
+@pytest.mark.parametrize("change", sorted(BREAKING))
+def test_checker_catches_breaking_changes(change):
+    problems = compatibility_problems(_schema(EvalOutcome), _changed(EvalOutcome, **BREAKING[change]))
+    assert problems, f"{change} must be reported"
+
+
+def test_checker_allows_an_optional_field_and_a_declared_major_bump():
+    assert compatibility_problems(_schema(EvalOutcome), _changed(EvalOutcome, judge=(Optional[str], None))) == []
+    bumped = _changed(EvalOutcome, policy_version=(str, ...)) | {"x-schema-version": 2}
+    assert compatibility_problems(_schema(EvalOutcome), bumped) == []
+
+
+def test_removed_field_breaks_old_readers():
+    old = _schema(events.Checkpoint)
+    new = {**old, "properties": {k: v for k, v in old["properties"].items() if k != "uri"},
+           "required": [r for r in old["required"] if r != "uri"]}
+    assert any("uri" in p and "old readers" in p for p in compatibility_problems(old, new))
