@@ -138,7 +138,9 @@ def validate_image(data: bytes, limits: ImageLimits) -> BlobRef:
             "too_many_bytes", f"image is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes"
         )
     with warnings.catch_warnings():
-        # Pillow warns (above MAX_IMAGE_PIXELS) or raises (above twice that) on huge headers.
+        # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: both become rejections.
+        # (The filter is process-wide; with the default limits our own max_pixels check refuses
+        # every such image anyway, so a concurrent caller restoring the filter early is harmless.)
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         fmt, width, height = _read_header(data, limits)
         _decode_fully(data, fmt)

@@ -95,8 +95,10 @@ class AsyncSubscriber:
         publisher: AsyncPublisher,
         bootstrap: str | None = None,
         auto_offset_reset: str = "earliest",
+        subscribe: bool = True,
     ):
         self.settings = settings
+        self.subscribe = subscribe
         self.service = service
         self.group_id = group_id
         self.publisher = publisher
@@ -110,10 +112,10 @@ class AsyncSubscriber:
             group_id=group_id,
         )
 
-    async def start(self, *, subscribe: bool = True) -> "AsyncSubscriber":
+    async def start(self) -> "AsyncSubscriber":
         """Start the consumer; with `subscribe`, join the group for all topics (else assign by hand)."""
         await self.consumer.start()
-        if subscribe:
+        if self.subscribe:
             self.consumer.subscribe(self.topics)
         return self
 

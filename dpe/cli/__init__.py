@@ -57,9 +57,9 @@ def serve() -> None:
 
 
 def _register() -> None:
-    from dpe.cli import bus
+    from dpe.cli import bus, run
 
-    for command in (bus.broker, bus.topics, bus.tail, bus.publish, bus.doctor):
+    for command in (bus.broker, bus.topics, bus.tail, bus.publish, bus.doctor, run.run):
         main.add_command(command)
 
 
