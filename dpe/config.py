@@ -62,6 +62,16 @@ class BlobSettings(BaseModel):
     limits: ImageLimits = Field(default_factory=ImageLimits)
 
 
+class MetricsSettings(BaseModel):
+    """Where a service exposes /metrics. Port 0 means the service's own default port."""
+
+    port: int = Field(0, ge=0, le=65535)
+    addr: str = "0.0.0.0"
+
+    def port_for(self, default: int) -> int:
+        return self.port or default
+
+
 class Settings(BaseSettings):
     """Everything a dpe service can be told. Sections belong to the components that read them."""
 
@@ -72,6 +82,7 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".dpe"), description="Working folder: broker state, checkpoints, runs.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     blob: BlobSettings = Field(default_factory=BlobSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log_level: str = "INFO"
 
     @classmethod
