@@ -96,9 +96,11 @@ class AsyncSubscriber:
         bootstrap: str | None = None,
         auto_offset_reset: str = "earliest",
         subscribe: bool = True,
+        read_only: bool = False,
     ):
         self.settings = settings
         self.subscribe = subscribe
+        self.read_only = read_only
         self.service = service
         self.group_id = group_id
         self.publisher = publisher
@@ -149,11 +151,15 @@ class AsyncSubscriber:
         raise RuntimeError(f"topic {topic} has no partitions (does it exist? run `dpe topics create`)")
 
     async def fetch(self, max_records: int = 1000, timeout_ms: int = 200) -> list[Delivery]:
-        """One batch of valid deliveries (possibly empty); rejects go to the dead-letter topic."""
+        """One batch of valid deliveries (possibly empty); rejects go to the dead-letter topic.
+
+        A `read_only` subscriber (an observer such as the live view) skips rejects instead: the
+        services that own the topic dead-letter them.
+        """
         data = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         records = [record for batch in data.values() for record in batch]
         deliveries, rejections = split_records(records, self._specs, self.settings.kafka.max_event_bytes)
-        for rejection in rejections:
+        for rejection in rejections if not self.read_only else ():
             await self._send_dead_letter(rejection)
         for delivery in deliveries:
             EVENTS_CONSUMED.labels(delivery.topic).inc()

@@ -1,0 +1,90 @@
+"""The run's ``summary.json`` and ``report.html`` (plots inline, no external assets).
+
+Example:
+    >>> write_report(Path("runs/abc"), rounds, meta={"strategy": "dpe"})   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dpe.spiral.state import RoundRecord  # noqa: E402
+
+
+def _series(rounds: Sequence[RoundRecord], attribute: str) -> dict[str, list[float | None]]:
+    capabilities = sorted({cap for r in rounds for cap in getattr(r, attribute)})
+    return {cap: [getattr(r, attribute).get(cap) for r in rounds] for cap in capabilities}
+
+
+def _figure_png(title: str, rounds: Sequence[RoundRecord], attribute: str, ylabel: str, bars: bool = False) -> str:
+    series = _series(rounds, attribute)
+    versions = [r.policy_version for r in rounds]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    if bars:
+        bottom = [0.0] * len(versions)
+        for cap, values in series.items():
+            heights = [v or 0 for v in values]
+            ax.bar([str(v) for v in versions], heights, bottom=bottom, label=cap)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+    else:
+        for cap, values in series.items():
+            ax.plot(versions, [float("nan") if v is None else v for v in values], marker="o", label=cap)
+        ax.set_xticks(versions)
+    ax.set_title(title)
+    ax.set_xlabel("policy version")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _table(rounds: Sequence[RoundRecord]) -> str:
+    capabilities = sorted({cap for r in rounds for cap in r.heldout_accuracy})
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in capabilities)
+    rows = []
+    for r in rounds:
+        cells = "".join(
+            f"<td>{r.heldout_accuracy[c]:.2f}</td>" if c in r.heldout_accuracy else "<td>–</td>" for c in capabilities
+        )
+        rows.append(f"<tr><td>{r.policy_version}</td>{cells}<td>{r.samples_trained}</td></tr>")
+    return (f"<table><tr><th>policy version</th>{head}<th>samples trained</th></tr>{''.join(rows)}</table>")
+
+
+def write_report(folder: Path, rounds: Sequence[RoundRecord], meta: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``summary.json`` and ``report.html`` into `folder`; returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {**meta, "rounds": [r.as_dict() for r in rounds]}
+    summary_path = folder / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    figures = [
+        _figure_png("Weakness (decayed error rate) per capability", rounds, "weakness", "error rate"),
+        _figure_png("Quota plan made from each version's diagnosis", rounds, "quota_plan", "samples", bars=True),
+        _figure_png("Held-out accuracy per capability", rounds, "heldout_accuracy", "accuracy"),
+    ]
+    images = "".join(f'<img alt="plot" src="data:image/png;base64,{png}">' for png in figures)
+    meta_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>dpe-stream run {html.escape(str(meta.get('run_id', '')))}</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{display:block;margin:1em 0}}</style></head>
+<body><h1>dpe-stream run</h1><table>{meta_rows}</table>
+<h2>Held-out accuracy per policy version</h2>{_table(rounds)}{images}</body></html>
+"""
+    report_path = folder / "report.html"
+    report_path.write_text(page)
+    return summary_path, report_path

@@ -1,0 +1,100 @@
+"""The spiral's state folded from events, its live view and its report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from rich.console import Console
+
+from dpe.events import AcceptedSample, BlobRef, CapabilityWeakness, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample
+from dpe.events import QCVerdict, SampleBody, WeaknessSnapshot
+from dpe.spiral.report import write_report
+from dpe.spiral.state import SpiralState
+from dpe.spiral.view import render
+
+BLOB = BlobRef(sha256="c" * 64, media_type="image/png", size_bytes=9, width=8, height=8)
+
+
+def heldout(version: int, item: str, capability: str, correct: bool) -> EvalOutcome:
+    return EvalOutcome(policy_version=version, suite="heldout", item_id=item, capability=capability,
+                       answer_type="yes_no", expected="yes", predicted="no", correct=correct, score=float(correct))
+
+
+def accepted(sample_id: str, capability: str) -> AcceptedSample:
+    body = SampleBody(image=BLOB, question="q?", answer="yes", answer_type="yes_no")
+    return AcceptedSample(sample_id=sample_id, capability=capability, body=body, source_item_id="i", plan_id="p",
+                          agents=[], qc=[QCVerdict(check="schema", passed=True, reason_code="ok")], policy_version=0)
+
+
+def snapshot(version: int, rates: dict[str, float]) -> WeaknessSnapshot:
+    caps = {c: CapabilityWeakness(error_rate=r, effective_n=10, ci_low=max(0, r - .1), ci_high=min(1, r + .1), events=10)
+            for c, r in rates.items()}
+    return WeaknessSnapshot(seq=version, policy_version=version, capabilities=caps, events_total=20)
+
+
+def plan(version: int, quotas: dict[str, int]) -> QuotaPlan:
+    return QuotaPlan(round=version, strategy="dpe_step", budget=sum(quotas.values()), quotas=quotas,
+                     weights={c: 1.0 for c in quotas}, snapshot_id="s", policy_version=version)
+
+
+def folded() -> SpiralState:
+    state = SpiralState(heldout_suite="heldout")
+    events = [
+        heldout(0, "a", "counting", False), heldout(0, "b", "counting", True), heldout(0, "c", "color", True),
+        heldout(0, "d", "color", True), heldout(0, "e", "counting", False),
+        heldout(0, "diag-only", "counting", True).model_copy(update={"suite": "diagnostic"}),
+        snapshot(0, {"counting": 0.7, "color": 0.1}), plan(0, {"counting": 6, "color": 2}),
+        accepted("s1", "counting"), accepted("s1", "counting"), accepted("s2", "color"),
+        Checkpoint(policy_version=1, parent_version=0, uri="/c/1", sample_ids=["s1", "s2"], metrics={"reward_mean": 0.4}),
+        heldout(1, "a", "counting", True), heldout(1, "b", "counting", True), heldout(1, "e", "counting", False),
+        heldout(1, "c", "color", True), heldout(1, "c", "color", True),
+        snapshot(1, {"counting": 0.4, "color": 0.1}), plan(1, {"counting": 5, "color": 3}),
+    ]
+    for event in events:
+        state.apply(event)
+    return state
+
+
+def test_state_counts_duplicates_once_and_ignores_other_suites():
+    state = folded()
+    assert len(state.accepted_ids) == 2 and dict(state.accepted_by_capability) == {"counting": 1, "color": 1}
+    assert state.heldout_accuracy(0) == {"color": 1.0, "counting": 1 / 3}
+    assert state.heldout_accuracy(1) == {"color": 1.0, "counting": 2 / 3}
+    assert state.policy_version == 1
+
+
+def test_rounds_link_versions_to_their_plan_weakness_and_training():
+    rounds = folded().rounds()
+    assert [r.policy_version for r in rounds] == [0, 1]
+    assert rounds[0].quota_plan == {"color": 2, "counting": 6} and rounds[0].weakness["counting"] == 0.7
+    assert rounds[1].samples_trained == 2 and rounds[1].trainer_metrics == {"reward_mean": 0.4}
+    assert rounds[1].weakness["counting"] == 0.4 and rounds[1].heldout_items == 4
+
+
+def test_rejections_are_counted_by_reason_once():
+    state = SpiralState()
+    rejection = RejectedSample(candidate_id="x", capability="color", source_item_id="i", plan_id="p",
+                               qc=[QCVerdict(check="dedup", passed=False, reason_code="near_duplicate")],
+                               reason_code="near_duplicate")
+    state.apply(rejection)
+    state.apply(rejection)
+    assert dict(state.rejected_by_reason) == {"near_duplicate": 1}
+
+
+def test_live_view_shows_every_capability_and_the_change_from_base():
+    console = Console(record=True, width=140)
+    console.print(render(folded(), target_rounds=3, services={"trainer": "running"}, elapsed_s=12))
+    text = console.export_text()
+    assert "round 1/3" in text and "trainer: running" in text
+    assert re.search(r"counting .*0\.40.*\+0\.33", text), text
+
+
+def test_report_writes_summary_and_plots(tmp_path):
+    summary_path, report_path = write_report(tmp_path / "run", folded().rounds(), meta={"run_id": "r1", "strategy": "dpe_step"})
+    summary = json.loads(summary_path.read_text())
+    assert summary["run_id"] == "r1" and [r["policy_version"] for r in summary["rounds"]] == [0, 1]
+    assert summary["rounds"][1]["heldout_accuracy"]["counting"] == 2 / 3
+    page = report_path.read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert "<td>0.67</td>" in page
