@@ -31,7 +31,7 @@ from dpe.bus.options import aiokafka_options, consumer_tuning, producer_tuning
 from dpe.config import Settings
 from dpe.events import DeadLetter, Event
 from dpe.topics import MODEL_TOPIC, topic_for
-from monitoring.metrics import CONSUMER_LAG, DEADLETTERS, EVENTS_CONSUMED, EVENTS_PUBLISHED, HANDLE_SECONDS
+from monitoring.metrics import CONSUMER_LAG, DEADLETTERS, HANDLE_SECONDS, consumed_counter, published_counter
 
 
 class TransientError(RuntimeError):
@@ -45,7 +45,7 @@ class AsyncPublisher:
         self.settings = settings
         kafka = settings.kafka
         self._producer = AIOKafkaProducer(
-            **aiokafka_options(kafka, bootstrap or resolve_bootstrap(settings)) | {"client_id": f"{kafka.client_id}-{producer_name}"},
+            **aiokafka_options(kafka, bootstrap or resolve_bootstrap(settings), role=producer_name),
             **producer_tuning(kafka),
             max_batch_size=kafka.max_batch_bytes,
             enable_idempotence=False,
@@ -72,7 +72,7 @@ class AsyncPublisher:
         topic = self.topic(type(event))
         value = encode(event, MODEL_TOPIC[type(event)].max_bytes(self.settings.kafka.max_event_bytes))
         future = await self._producer.send(topic, value=value, key=event.key().encode(), headers=headers_for(event))
-        EVENTS_PUBLISHED.labels(topic).inc()
+        published_counter(topic).inc()
         return future
 
     async def publish_and_wait(self, event: Event) -> None:
@@ -162,7 +162,7 @@ class AsyncSubscriber:
         for rejection in rejections if not self.read_only else ():
             await self._send_dead_letter(rejection)
         for delivery in deliveries:
-            EVENTS_CONSUMED.labels(delivery.topic).inc()
+            consumed_counter(delivery.topic).inc()
         return deliveries
 
     async def batches(self, max_records: int = 1000, timeout_ms: int = 200) -> AsyncIterator[list[Delivery]]:

@@ -41,18 +41,23 @@ def security_options(kafka: KafkaSettings) -> dict[str, Any]:
     return options
 
 
-def aiokafka_options(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
-    """Common options for AIOKafkaProducer/AIOKafkaConsumer/AIOKafkaAdminClient."""
-    options = {"bootstrap_servers": bootstrap, "client_id": kafka.client_id, **security_options(kafka)}
+def _client_id(kafka: KafkaSettings, role: str | None) -> str:
+    return f"{kafka.client_id}-{role}" if role else kafka.client_id
+
+
+def aiokafka_options(kafka: KafkaSettings, bootstrap: str, role: str | None = None) -> dict[str, Any]:
+    """Common options for AIOKafkaProducer/AIOKafkaConsumer/AIOKafkaAdminClient; `role` names the client."""
+    options = {"bootstrap_servers": bootstrap, "client_id": _client_id(kafka, role), **security_options(kafka)}
     context = _ssl_context(kafka)
     if context is not None:
         options["ssl_context"] = context
     return options
 
 
-def kafka_python_options(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
-    """Common options for kafka-python clients."""
-    options = {"bootstrap_servers": bootstrap.split(","), "client_id": kafka.client_id, **security_options(kafka)}
+def kafka_python_options(kafka: KafkaSettings, bootstrap: str, role: str | None = None) -> dict[str, Any]:
+    """Common options for kafka-python clients; `role` names the client."""
+    options = {"bootstrap_servers": bootstrap.split(","), "client_id": _client_id(kafka, role),
+               **security_options(kafka)}
     for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         value = getattr(kafka, name)
         if value is not None:

@@ -23,7 +23,7 @@ from dpe.bus.options import consumer_tuning, kafka_python_options, producer_tuni
 from dpe.config import Settings
 from dpe.events import DeadLetter, Event
 from dpe.topics import MODEL_TOPIC, topic_for
-from monitoring.metrics import DEADLETTERS, EVENTS_CONSUMED, EVENTS_PUBLISHED
+from monitoring.metrics import DEADLETTERS, consumed_counter, published_counter
 
 
 class Publisher:
@@ -33,7 +33,7 @@ class Publisher:
         self.settings = settings
         kafka = settings.kafka
         self._producer = KafkaProducer(
-            **kafka_python_options(kafka, bootstrap or resolve_bootstrap(settings)) | {"client_id": f"{kafka.client_id}-{producer_name}"},
+            **kafka_python_options(kafka, bootstrap or resolve_bootstrap(settings), role=producer_name),
             **producer_tuning(kafka),
             batch_size=kafka.max_batch_bytes,
         )
@@ -53,7 +53,7 @@ class Publisher:
         topic = topic_for(type(event), self.settings.kafka.topic_prefix)
         value = encode(event, MODEL_TOPIC[type(event)].max_bytes(self.settings.kafka.max_event_bytes))
         future = self._producer.send(topic, value=value, key=event.key().encode(), headers=headers_for(event))
-        EVENTS_PUBLISHED.labels(topic).inc()
+        published_counter(topic).inc()
         return future
 
     def flush(self) -> None:
@@ -111,7 +111,7 @@ class Subscriber:
         for rejection in rejections:
             self._publish_dead_letter(dead_letter_for(rejection.record, rejection.error, "decode", self.service))
         for delivery in deliveries:
-            EVENTS_CONSUMED.labels(delivery.topic).inc()
+            consumed_counter(delivery.topic).inc()
         return deliveries
 
     def dead_letter(self, record: RecordLike | Delivery, error: Exception, stage: str) -> None:
