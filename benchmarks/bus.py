@@ -6,7 +6,7 @@ Measures, over several repetitions on a fresh topic each time:
 - end-to-end latency: events published at a steady rate, time from `publish` to the consumer
   holding the validated event, p50/p99 in ms.
 
-Run: `python benchmarks/bus.py [--events 100000] [--repeats 5]`. The table goes to stderr; the
+Run: `python -m benchmarks.bus [--events 100000] [--repeats 5]`. The table goes to stderr; the
 last line of stdout is one JSON object with the medians.
 """
 

@@ -21,7 +21,12 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from consumers.settings import AgentSettings
 from dpe.blobstore import ImageLimits
+from streams.settings import StreamSettings
+from trainer.settings import TrainerSettings
+from producers.settings import IngestSettings
+from producers.diagnosis_settings import AuditorSettings, EvaluatorSettings
 
 
 class KafkaSettings(BaseModel):
@@ -42,6 +47,9 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(6000, ge=1000, description="Short: group joins wait ~half of it.")
     heartbeat_interval_ms: int = Field(1000, ge=100)
     fetch_max_wait_ms: int = Field(10, ge=0, description="End-to-end latency is about this long.")
+    max_poll_interval_ms: int = Field(
+        1_800_000, ge=10_000, description="Longest handler run (e.g. one evaluation) before the group evicts it."
+    )
     linger_ms: int = Field(5, ge=0)
     max_batch_bytes: int = Field(256 * 1024, ge=1024)
     max_event_bytes: int = Field(1024 * 1024, ge=1024, description="Larger events are refused/dead-lettered.")
@@ -82,7 +90,13 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".dpe"), description="Working folder: broker state, checkpoints, runs.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     blob: BlobSettings = Field(default_factory=BlobSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    agents: AgentSettings = Field(default_factory=AgentSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    evaluator: EvaluatorSettings = Field(default_factory=EvaluatorSettings)
+    auditor: AuditorSettings = Field(default_factory=AuditorSettings)
     log_level: str = "INFO"
 
     @classmethod

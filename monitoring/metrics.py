@@ -41,3 +41,106 @@ def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
     """Expose the default registry at http://addr:port/metrics (a no-op for port 0)."""
     if port:
         start_http_server(port, addr=addr, registry=REGISTRY)
+
+
+# Diagnosis producers: the evaluator (port 9102) and the divergence auditor (port 9103).
+EVAL_ACCURACY = Gauge(
+    "dpe_eval_accuracy", "Accuracy of the latest evaluated policy version, by capability and suite.",
+    ["capability", "suite"],
+)
+EVAL_POLICY_VERSION = Gauge("dpe_eval_policy_version", "Policy version of the latest evaluation, by suite.", ["suite"])
+EVAL_ITEMS = Counter("dpe_eval_items_total", "Diagnostic items evaluated, by suite and result.", ["suite", "result"])
+EVAL_SECONDS = Histogram(
+    "dpe_eval_seconds", "Time to evaluate one checkpoint on all its suites.",
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+EVAL_JUDGE_FALLBACKS = Counter(
+    "dpe_eval_judge_fallbacks_total", "Failures attributed by rules because the judge failed, by reason.", ["reason"]
+)
+BENCHMARK_ROWS_SKIPPED = Counter(
+    "dpe_benchmark_rows_skipped_total", "Benchmark file rows skipped at load, by suite and reason.", ["suite", "reason"]
+)
+AUDIT_ITEMS = Counter(
+    "dpe_audit_items_total", "Unlabeled items seen by the auditor, by outcome (audited, sampled_out).", ["outcome"]
+)
+AUDIT_PROBES = Counter("dpe_audit_probes_total", "Probe questions asked of the target, by capability.", ["capability"])
+AUDIT_DIVERGENCES = Counter(
+    "dpe_audit_divergences_total", "Divergences published (references agree, target differs), by capability.",
+    ["capability"],
+)
+
+# Ingest and the agent crew (producers/ingest.py, consumers/). Reason codes and capabilities are bounded sets.
+INGEST_ITEMS = Counter(
+    "dpe_ingest_items_total", "Ingest inputs by outcome (published/skipped) and reason code.", ["outcome", "reason"]
+)
+QC_CHECKS = Counter(
+    "dpe_qc_checks_total", "Quality-control check results by check and reason code ('ok' when passed).",
+    ["check", "reason"],
+)
+AGENT_SAMPLES = Counter(
+    "dpe_agent_samples_total", "Candidate samples by capability and outcome (accepted/rejected).",
+    ["capability", "outcome"],
+)
+AGENT_ITEMS = Counter("dpe_agent_items_total", "Unlabeled items handled by the agent crew, by outcome.", ["outcome"])
+AGENT_ROLE_SECONDS = Histogram(
+    "dpe_agent_role_seconds", "Time of one agent role call, by role and backend kind.", ["role", "backend"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+)
+LLM_REQUESTS = Counter(
+    "dpe_agent_llm_requests_total",
+    "OpenAI-compatible requests by role and result (ok, timeout, rate_limited, server_error, connection_error, "
+    "invalid_output).",
+    ["role", "result"],
+)
+QUOTA_REMAINING = Gauge(
+    "dpe_agent_quota_remaining", "Samples still to make for the current quota plan, by capability.", ["capability"]
+)
+AGENT_POLICY_VERSION = Gauge("dpe_agent_policy_version", "Policy version the difficulty check measures against.")
+
+WEAKNESS_EVENTS = Counter(
+    "dpe_weakness_events_total",
+    "Evidence events handled by the weakness stream, by topic and result (applied, duplicate, superseded, late).",
+    ["topic", "result"],
+)
+WEAKNESS_ERROR_RATE = Gauge(
+    "dpe_weakness_error_rate", "Decayed error rate per capability in the latest weakness snapshot.", ["capability"]
+)
+WEAKNESS_CREDIBLE_BOUND = Gauge(
+    "dpe_weakness_error_rate_credible_bound",
+    "Credible interval bounds (bound=low|high) of the error rate per capability.", ["capability", "bound"],
+)
+WEAKNESS_EFFECTIVE_N = Gauge(
+    "dpe_weakness_effective_n", "Decayed number of observations behind each capability's error rate.", ["capability"]
+)
+QUOTA_SAMPLES = Gauge("dpe_quota_samples", "Samples per capability in the latest quota plan.", ["capability"])
+QUOTA_PLANS = Counter("dpe_quota_plans_total", "Quota plans published, by strategy.", ["strategy"])
+
+# GRPO trainer (port 9105).
+TRAINER_REWARD = Gauge("dpe_trainer_reward_mean", "Mean reward (0.9 accuracy + 0.1 format) over the last round's rollouts.")
+TRAINER_REWARD_STD = Gauge("dpe_trainer_reward_std", "Standard deviation of the reward over the last round's rollouts.")
+TRAINER_ZERO_STD = Gauge(
+    "dpe_trainer_zero_variance_group_fraction", "Share of the last round's groups whose rewards were all equal (no signal)."
+)
+TRAINER_KL = Gauge("dpe_trainer_kl", "Mean KL to the reference (the round's parent policy) over the last round.")
+TRAINER_LOSS = Gauge("dpe_trainer_loss", "Mean GRPO loss over the last round's steps.")
+TRAINER_STEP_SECONDS = Histogram(
+    "dpe_trainer_step_seconds", "Time of one GRPO optimiser step (rollouts, scoring, backward, update).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+TRAINER_TOKENS_PER_SECOND = Gauge("dpe_trainer_tokens_per_second", "Prompt and completion tokens per second of training.")
+TRAINER_SAMPLES = Counter(
+    "dpe_trainer_samples_total",
+    "Accepted samples consumed, by outcome (trained, duplicate, stale_dropped, stale_downweighted, dead_lettered).",
+    ["outcome"],
+)
+TRAINER_ROUNDS = Counter("dpe_trainer_rounds_total", "Micro-rounds trained and checkpointed.")
+TRAINER_POLICY_VERSION = Gauge("dpe_trainer_policy_version", "Policy version of the latest checkpoint.")
+TRAINER_LAG = Gauge("dpe_trainer_lag_messages", "Accepted samples waiting behind the trainer's read position.")
+TRAINER_CHECKPOINT_SECONDS = Histogram(
+    "dpe_trainer_checkpoint_write_seconds", "Time to write, verify-digest and rename one checkpoint.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+)
+TRAINER_ROUND_SECONDS = Histogram(
+    "dpe_trainer_round_seconds", "Time per round phase (consume, train, checkpoint, announce).", ["phase"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
+)

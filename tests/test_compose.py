@@ -153,6 +153,25 @@ def test_every_variable_has_a_default_or_is_required() -> None:
 # --- dpe services --------------------------------------------------------------------------------
 
 
+def _resolves(args: list[str]) -> bool:
+    """Whether `dpe ARGS` parses with the real command line (names and options)."""
+    import click
+
+    from dpe.cli import main
+
+    try:
+        context = main.make_context("dpe", list(args), resilient_parsing=False)
+        while isinstance(context.command, click.Group) and context.protected_args:
+            name, *rest = [*context.protected_args, *context.args]
+            command = context.command.get_command(context, name)
+            if command is None:
+                return False
+            context = command.make_context(name, rest, parent=context)
+    except click.UsageError:
+        return False
+    return True
+
+
 def test_dpe_services_build_the_project_image_and_run_dpe_subcommands(
     dpe_services: dict[str, dict[str, Any]],
 ) -> None:
@@ -161,6 +180,7 @@ def test_dpe_services_build_the_project_image_and_run_dpe_subcommands(
     assert {name: svc["command"] for name, svc in dpe_services.items()} == DPE_COMMANDS
     for name, svc in dpe_services.items():
         assert svc["build"] == {"context": ".", "dockerfile": "Dockerfile"}, name
+        assert _resolves(svc["command"]), f"{name}: `dpe {' '.join(svc['command'])}` is not a dpe command"
         assert "entrypoint" not in svc, f"{name} must run the image's `dpe` entrypoint"
     assert len({svc["image"] for svc in dpe_services.values()}) == 1, "one image for every dpe service"
 

@@ -26,12 +26,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from dpe.broker import resolve_bootstrap
 from dpe.bus.codec import encode, headers_for
 from dpe.bus.deadletter import RecordLike, dead_letter_for
-from dpe.bus.delivery import Delivery, Rejection, split_records, topic_specs
+from dpe.bus.delivery import LAG_REPORT_INTERVAL_S, Delivery, Rejection, record_lag, split_records, topic_specs
 from dpe.bus.options import aiokafka_options, consumer_tuning, producer_tuning
 from dpe.config import Settings
 from dpe.events import DeadLetter, Event
 from dpe.topics import MODEL_TOPIC, topic_for
-from monitoring.metrics import CONSUMER_LAG, DEADLETTERS, HANDLE_SECONDS, consumed_counter, published_counter
+from monitoring.metrics import DEADLETTERS, HANDLE_SECONDS, consumed_counter, published_counter
 
 
 class TransientError(RuntimeError):
@@ -101,6 +101,7 @@ class AsyncSubscriber:
         self.settings = settings
         self.subscribe = subscribe
         self.read_only = read_only
+        self._lag_reported_at = 0.0
         self.service = service
         self.group_id = group_id
         self.publisher = publisher
@@ -163,6 +164,8 @@ class AsyncSubscriber:
             await self._send_dead_letter(rejection)
         for delivery in deliveries:
             consumed_counter(delivery.topic).inc()
+        if time.monotonic() - self._lag_reported_at >= LAG_REPORT_INTERVAL_S:
+            await self.lag()
         return deliveries
 
     async def batches(self, max_records: int = 1000, timeout_ms: int = 200) -> AsyncIterator[list[Delivery]]:
@@ -194,8 +197,8 @@ class AsyncSubscriber:
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
                 lags[tp] = max(0, highwater - await self.consumer.position(tp))
-        for topic in {tp.topic for tp in lags}:
-            CONSUMER_LAG.labels(self.group_id or "-", topic).set(sum(v for tp, v in lags.items() if tp.topic == topic))
+        record_lag(self.group_id, lags)
+        self._lag_reported_at = time.monotonic()
         return lags
 
     async def run(

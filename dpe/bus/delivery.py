@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, Iterable, TypeVar
+from typing import Any, Generic, Iterable, TypeVar
 
 from dpe.bus.codec import InvalidEvent, decode
 from dpe.bus.deadletter import RecordLike
 from dpe.events import Event
 from dpe.topics import TopicSpec, spec_for_topic
+from monitoring.metrics import CONSUMER_LAG
 
 E = TypeVar("E", bound=Event)
+
+LAG_REPORT_INTERVAL_S = 5.0
+"""How often a subscriber refreshes its `dpe_consumer_lag_messages` gauge while fetching."""
 
 
 @dataclass(frozen=True)
@@ -59,3 +63,12 @@ def split_records(
         except InvalidEvent as error:
             rejections.append(Rejection(record, error))
     return deliveries, rejections
+
+
+def record_lag(group_id: str | None, lags: dict[Any, int]) -> None:
+    """Set the consumer-lag gauge per topic from per-partition lags (keys have a `.topic`)."""
+    per_topic: dict[str, int] = {}
+    for tp, lag in lags.items():
+        per_topic[tp.topic] = per_topic.get(tp.topic, 0) + lag
+    for topic, lag in per_topic.items():
+        CONSUMER_LAG.labels(group_id or "-", topic).set(lag)

@@ -78,6 +78,7 @@ def consumer_tuning(kafka: KafkaSettings) -> dict[str, Any]:
         "session_timeout_ms": kafka.session_timeout_ms,
         "heartbeat_interval_ms": kafka.heartbeat_interval_ms,
         "fetch_max_wait_ms": kafka.fetch_max_wait_ms,
+        "max_poll_interval_ms": kafka.max_poll_interval_ms,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": max(kafka.max_event_bytes * 2, 1 << 20),

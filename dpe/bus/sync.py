@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -18,7 +19,7 @@ from kafka.future import Future
 from dpe.broker import resolve_bootstrap
 from dpe.bus.codec import encode, headers_for
 from dpe.bus.deadletter import RecordLike, dead_letter_for
-from dpe.bus.delivery import Delivery, split_records, topic_specs
+from dpe.bus.delivery import LAG_REPORT_INTERVAL_S, Delivery, record_lag, split_records, topic_specs
 from dpe.bus.options import consumer_tuning, kafka_python_options, producer_tuning
 from dpe.config import Settings
 from dpe.events import DeadLetter, Event
@@ -78,6 +79,7 @@ class Subscriber:
         self.service = service
         self.group_id = group_id
         self.publisher = publisher
+        self._lag_reported_at = 0.0
         prefix = settings.kafka.topic_prefix
         self.topics = [topic_for(model, prefix) for model in models]
         self._specs = topic_specs(self.topics, prefix)
@@ -112,6 +114,8 @@ class Subscriber:
             self._publish_dead_letter(dead_letter_for(rejection.record, rejection.error, "decode", self.service))
         for delivery in deliveries:
             consumed_counter(delivery.topic).inc()
+        if time.monotonic() - self._lag_reported_at >= LAG_REPORT_INTERVAL_S:
+            self.lag()
         return deliveries
 
     def dead_letter(self, record: RecordLike | Delivery, error: Exception, stage: str) -> None:
@@ -129,8 +133,11 @@ class Subscriber:
 
     def lag(self) -> dict[TopicPartition, int]:
         """Messages behind the high-water mark of the last fetch, per assigned partition."""
-        return {
+        lags = {
             tp: max(0, highwater - self.consumer.position(tp))
             for tp in self.consumer.assignment()
             if (highwater := self.consumer.highwater(tp)) is not None
         }
+        record_lag(self.group_id, lags)
+        self._lag_reported_at = time.monotonic()
+        return lags

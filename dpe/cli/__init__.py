@@ -59,9 +59,19 @@ COMMANDS = {
     "publish": "dpe.cli.bus:publish",
     "doctor": "dpe.cli.bus:doctor",
     "run": "dpe.cli.run:run",
+    "eval": "producers.eval_cli:eval_command",
+    "ingest": "producers.cli:ingest",
+    "model": "dpe.cli.model:model",
+    "samples": "consumers.export:samples",
 }
 
-SERVICES: dict[str, str] = {}
+SERVICES: dict[str, str] = {
+    "weakness": "streams.cli:weakness",
+    "evaluator": "producers.eval_cli:evaluator",
+    "auditor": "producers.eval_cli:auditor",
+    "agents": "consumers.cli:agents",
+    "trainer": "trainer.cli:trainer",
+}
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,1 @@
+"""The agent roles (planner, retriever, editor, writer, validator, answerer) and their backends."""

@@ -1,0 +1,76 @@
+"""`dpe serve agents`: run one agent worker (start several for more throughput; they share the plan).
+
+Stops cleanly on SIGTERM or Ctrl-C: the batch in hand is finished, flushed and committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import click
+from rich.console import Console
+
+from dpe.broker import BrokerError
+from dpe.cli import CliState, pass_state
+from dpe.config import Settings
+from consumers.worker import AgentWorker
+from monitoring.metrics import serve_metrics
+
+console = Console(stderr=True)
+
+
+async def run_agents(settings: Settings) -> None:
+    """Run one worker until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    ready = asyncio.Event()
+    worker = asyncio.create_task(AgentWorker(settings).run(stop, ready))
+    announce = asyncio.create_task(ready.wait())
+    await asyncio.wait({worker, announce}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.is_set():
+        console.print(f"[green]agents ready[/] (group {settings.agents.group_id}); SIGTERM or Ctrl-C stops")
+    announce.cancel()
+    await worker
+
+
+@click.command()
+@click.option("--group", default=None, help="Consumer group shared by the workers (default agents.group_id).")
+@click.option("--backend", type=click.Choice(["programmatic", "llm"]), default=None,
+              help="Play planner, writer, validator and answerer with this backend.")
+@click.option("--llm-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
+@click.option("--llm-model", default=None, help="Model name at that endpoint.")
+@click.option("--llm-concurrency", type=click.IntRange(min=1), default=None, help="LLM requests in flight at most.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Items in flight at most.")
+@click.option("--difficulty/--no-difficulty", default=None, help="Check the policy's pass rate band.")
+@click.option("--base-policy", default=None, help="Policy folder for the difficulty check before any checkpoint.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Prometheus port (0: off).")
+@pass_state
+def agents(state: CliState, group: str | None, backend: str | None, llm_url: str | None, llm_model: str | None,
+           llm_concurrency: int | None, concurrency: int | None, difficulty: bool | None, base_policy: str | None,
+           metrics_port: int | None) -> None:
+    """Turn unlabeled items into QC-passed samples that fill the latest quota plan exactly."""
+    settings = state.settings
+    section = settings.agents.model_dump()
+    section.update({k: v for k, v in {"group_id": group, "concurrency": concurrency, "metrics_port": metrics_port}.items()
+                    if v is not None})
+    if backend is not None:
+        section["backends"].update(planner=backend, writer=backend, validator=backend, answerer=backend)
+    section["llm"].update({k: v for k, v in {"base_url": llm_url, "model": llm_model,
+                                             "concurrency": llm_concurrency}.items() if v is not None})
+    section["llm"]["api_key"] = settings.agents.llm.api_key
+    if difficulty is not None:
+        section["qc"]["difficulty"]["enabled"] = difficulty
+    if base_policy is not None:
+        section["qc"]["difficulty"]["base_policy"] = base_policy
+    settings = settings.model_copy(update={"agents": type(settings.agents).model_validate(section)})
+    try:
+        serve_metrics(settings.agents.metrics_port)
+    except OSError as exc:
+        console.print(f"[yellow]metrics port {settings.agents.metrics_port} unavailable ({exc.strerror})[/]")
+    try:
+        asyncio.run(run_agents(settings))
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -1,0 +1,225 @@
+"""The crew: one unlabeled item and one capability in, one accepted or rejected candidate out.
+
+An attempt runs the roles in order: planner (what to ask, which edits), retriever (related
+images, only when the plan composes), editor (the edits, stored as a new blob), writer (question
+and answer), then the quality-control chain (validator and independent answerer run inside it).
+Every role's contribution is an `AgentStep`; a role that fails ends the attempt as a rejection
+whose reason is ``<role>_<failure>`` (e.g. ``writer_not_applicable``, ``planner_invalid_output``).
+
+Attempts are deterministic for programmatic roles: the same (item, capability, attempt) gives the
+same sample and so the same `sample_id` (a hash of image, question and answer), which is how a
+redo after a crash is recognised (`Known`) instead of counted twice.
+
+Example:
+    >>> crew = Crew(roles, qc, store, ledger.plan_of, lambda: 0)          # doctest: +SKIP
+    >>> outcome = await crew.attempt(await crew.context(item), "counting", plan_id, attempt=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from PIL import Image
+from pydantic import ValidationError
+
+from consumers.agents.editor import Compose, ImageEditor, describe
+from consumers.agents.retriever import SearchBackend
+from consumers.agents.roles import AgentFailure, Answerer, Draft, ItemContext, Planner, TaskPlan, Validator, Writer
+from consumers.qc.checks import Candidate, QCChain
+from consumers.qc.dedup import DedupKey
+from dpe.blobstore import BlobStore, ImageRejected
+from dpe.events import AcceptedSample, AgentStep, BlobRef, QCVerdict, RejectedSample, SampleBody, UnlabeledItem
+from dpe.world import Scene
+from monitoring.metrics import AGENT_ROLE_SECONDS
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The crew's members: four model-or-code roles and two tools (search backend, image editor)."""
+
+    planner: Planner
+    search: SearchBackend
+    editor: ImageEditor
+    writer: Writer
+    validator: Validator
+    answerer: Answerer
+
+
+@dataclass(frozen=True)
+class Passed:
+    """A candidate that passed every check; not yet published."""
+
+    sample: AcceptedSample
+    key: DedupKey
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A candidate that a role or a check refused."""
+
+    sample: RejectedSample
+
+
+@dataclass(frozen=True)
+class Known:
+    """The attempt rebuilt a sample already accepted under this plan (a redo after a restart)."""
+
+    sample_id: str
+
+
+Outcome = Passed | Failed | Known
+
+
+def sample_id_for(body: SampleBody) -> str:
+    """Content hash of a sample: image, question, answer, answer type, options and tolerance.
+
+    Example:
+        >>> ref = BlobRef(sha256="0" * 64, media_type="image/png", size_bytes=1, width=1, height=1)
+        >>> len(sample_id_for(SampleBody(image=ref, question="q?", answer="1", answer_type="number")))
+        64
+    """
+    content = {"image": body.image.sha256, "question": body.question, "answer": body.answer,
+               "answer_type": body.answer_type, "options": body.options, "tolerance": body.tolerance}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def candidate_id_for(plan_id: str, item_id: str, capability: str, attempt: int) -> str:
+    """Deterministic id of one attempt (the key of its rejection, if any)."""
+    return hashlib.sha256(f"{plan_id}/{item_id}/{capability}/{attempt}".encode()).hexdigest()
+
+
+def _kind(backend: str) -> str:
+    return "programmatic" if backend == "programmatic" else "llm"
+
+
+async def _timed(role: str, backend: str, call: Awaitable[T]) -> T:
+    started = time.perf_counter()
+    try:
+        return await call
+    except AgentFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken role rejects its candidate, it never stops the crew
+        raise AgentFailure("agent_error", f"{type(exc).__name__}: {exc}"[:300]) from None
+    finally:
+        AGENT_ROLE_SECONDS.labels(role, _kind(backend)).observe(time.perf_counter() - started)
+
+
+class Crew:
+    """Runs attempts for (item, capability) pairs; see the module docstring."""
+
+    def __init__(self, roles: Roles, qc: QCChain, store: BlobStore, accepted_plan: Callable[[str], str | None],
+                 policy_version: Callable[[], int]):
+        self.roles = roles
+        self.qc = qc
+        self.store = store
+        self.accepted_plan = accepted_plan
+        self.policy_version = policy_version
+
+    async def context(self, item: UnlabeledItem) -> ItemContext:
+        """Load the item's image (hash-checked) and scene; raises the blob store's errors."""
+        image = await asyncio.to_thread(self.store.open_image, item.image)
+        try:
+            scene: Scene | None = Scene.model_validate(item.metadata)
+        except ValidationError:
+            scene = None
+        ctx = ItemContext(item=item, image=image.convert("RGB"), scene=scene)
+        self.roles.search.add(item, ctx.image)
+        return ctx
+
+    def capabilities(self, ctx: ItemContext) -> frozenset[str] | None:
+        """What the planner says this item can serve (None: anything may be tried)."""
+        try:
+            return self.roles.planner.capabilities(ctx)
+        except Exception:  # noqa: BLE001 - metadata the planner cannot read serves nothing
+            return frozenset()
+
+    async def attempt(self, ctx: ItemContext, capability: str, plan_id: str, attempt: int) -> Outcome:
+        """One candidate for `capability` from the item, through every role and check."""
+        roles = self.roles
+        steps: list[AgentStep] = []
+        candidate_id = candidate_id_for(plan_id, ctx.item.item_id, capability, attempt)
+        role = "planner"
+        try:
+            plan = await _timed(role, roles.planner.backend, roles.planner.plan(ctx, capability, attempt))
+            steps.append(AgentStep(role="planner", backend=roles.planner.backend, detail=f"{capability}: {plan.focus}"[:2000]))
+            role = "editor"
+            image, ref = await self._edit(ctx, plan, steps)
+            role = "writer"
+            draft = await _timed(role, roles.writer.backend, roles.writer.write(ctx, capability, plan, image, attempt))
+            steps.append(AgentStep(role="writer", backend=roles.writer.backend, detail=f"attempt {attempt}"))
+        except AgentFailure as failure:
+            verdict = QCVerdict(check=role, passed=False, reason_code=f"{role}_{failure.reason_code}",
+                                detail=failure.detail[:2000] or None)
+            return self._failed(candidate_id, ctx, capability, plan_id, steps, [verdict], None)
+        body = _body(ref, draft)
+        sample_id = sample_id_for(body)
+        first_plan = self.accepted_plan(sample_id)
+        if first_plan == plan_id:
+            return Known(sample_id)
+        if first_plan is not None:
+            verdict = QCVerdict(check="duplicate", passed=False, reason_code="duplicate_sample",
+                                detail=f"accepted before as {sample_id} under plan {first_plan}")
+            return self._failed(candidate_id, ctx, capability, plan_id, steps, [verdict], body)
+        candidate = Candidate(ctx=ctx, capability=capability, plan=plan, image=image, draft=draft, body=body, steps=steps)
+        verdicts = await self.qc.run(candidate)
+        if all(verdict.passed for verdict in verdicts):
+            accepted = AcceptedSample(
+                producer="agents", sample_id=sample_id, capability=capability, body=body,
+                source_item_id=ctx.item.item_id, plan_id=plan_id, agents=candidate.steps, qc=verdicts,
+                policy_version=candidate.policy_version if candidate.policy_version is not None else self.policy_version(),
+                pass_rate=candidate.pass_rate,
+            )
+            return Passed(accepted, candidate.key())
+        return self._failed(candidate_id, ctx, capability, plan_id, candidate.steps, verdicts, body,
+                            candidate.policy_version)
+
+    async def _edit(self, ctx: ItemContext, plan: TaskPlan, steps: list[AgentStep]) -> tuple[Image.Image, BlobRef]:
+        """Apply the plan's edits (retrieving related images for compositions) and store the result."""
+        if not plan.edits:
+            return ctx.image, ctx.item.image
+        roles = self.roles
+        others: list[Image.Image] = []
+        wanted = max((op.other + 1 for op in plan.edits if isinstance(op, Compose)), default=0)
+        if wanted:
+            refs = roles.search.search(ctx.item, ctx.image, wanted)
+            if len(refs) < wanted:
+                raise AgentFailure("failed", f"the retriever found {len(refs)} related images, {wanted} needed")
+            others = [await asyncio.to_thread(self.store.open_image, ref) for ref in refs]
+            steps.append(AgentStep(role="retriever", backend=roles.search.name, tools=[f"search.{roles.search.name}"],
+                                   detail="related: " + ", ".join(ref.sha256 for ref in refs)))
+        try:
+            image = await asyncio.to_thread(roles.editor.apply, ctx.image, plan.edits, others)
+            ref = await asyncio.to_thread(self._store_png, image)
+        except (ImageRejected, IndexError, ValueError, OSError) as exc:
+            raise AgentFailure("failed", f"{type(exc).__name__}: {exc}"[:300]) from None
+        steps.append(AgentStep(role="editor", backend=roles.editor.name, tools=describe(plan.edits),
+                               detail=json.dumps([op.model_dump(mode="json") for op in plan.edits])[:2000]))
+        return image, ref
+
+    def _store_png(self, image: Image.Image) -> BlobRef:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return self.store.put_image(buffer.getvalue())
+
+    def _failed(self, candidate_id: str, ctx: ItemContext, capability: str, plan_id: str, steps: list[AgentStep],
+                verdicts: list[QCVerdict], body: SampleBody | None, policy_version: int | None = None) -> Failed:
+        failed = next(verdict for verdict in verdicts if not verdict.passed)
+        return Failed(RejectedSample(
+            producer="agents", candidate_id=candidate_id, capability=capability, body=body,
+            source_item_id=ctx.item.item_id, plan_id=plan_id, agents=steps, qc=verdicts,
+            reason_code=failed.reason_code, policy_version=policy_version,
+        ))
+
+
+def _body(ref: BlobRef, draft: Draft) -> SampleBody:
+    return SampleBody(image=ref, question=draft.question, answer=draft.answer, answer_type=draft.answer_type,
+                      options=draft.options, tolerance=draft.tolerance)

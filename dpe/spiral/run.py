@@ -1,0 +1,198 @@
+"""Run the whole spiral on one machine: bus, base model, every service, live view, report.
+
+`run_spiral` starts the embedded broker (unless Kafka is configured), makes sure the warmed tiny
+base model exists (cached by recipe), writes the run's configuration, starts each service as its
+own process under a `Supervisor`, announces the base model as policy version 0 when the bus has
+no checkpoint yet, and watches the topics (read-only) until the trainer has published `rounds`
+checkpoints and the evaluator has graded the last one on the held-out suite. It then stops every
+service and writes ``summary.json`` and ``report.html`` into ``runs/<id>/``.
+
+Example:
+    >>> result = run_spiral(load_settings(), SpiralOptions(rounds=3))   # doctest: +SKIP
+    >>> result.rounds[-1].heldout_accuracy                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+from pydantic import SecretStr
+from rich.console import Console
+from rich.live import Live
+
+from dpe.broker import EmbeddedBroker
+from dpe.bus.admin import ensure_topics
+from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
+from dpe.config import Settings, load_settings
+from dpe.events import AcceptedSample, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample, WeaknessSnapshot
+from dpe.policy.config import WarmupConfig
+from dpe.policy.warmup import warm_up
+from dpe.spiral.report import write_report
+from dpe.spiral.state import RoundRecord, SpiralState
+from dpe.spiral.view import render
+from dpe.supervisor import ServiceSpec, Supervisor
+
+OBSERVED = [EvalOutcome, AcceptedSample, RejectedSample, Checkpoint, WeaknessSnapshot, QuotaPlan]
+
+
+@dataclass(frozen=True)
+class SpiralOptions:
+    """What one run does; the services' own behaviour comes from `Settings`."""
+
+    rounds: int | None = 3
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+    runs_dir: Path = Path("runs")
+    ingest_rate: float = 40.0
+    auditor: bool = True
+    live: bool = True
+    timeout_s: float | None = 1800.0
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.run_id
+
+
+@dataclass
+class SpiralResult:
+    run_dir: Path
+    rounds: list[RoundRecord]
+    seconds: float
+    completed: bool
+
+
+@contextlib.contextmanager
+def bus_for(settings: Settings, log_path: Path) -> Iterator[str]:
+    """The configured external Kafka, or an embedded broker for the duration of the block."""
+    if settings.kafka.bootstrap_servers:
+        yield settings.kafka.bootstrap_servers
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with EmbeddedBroker(log_path=log_path) as broker:
+        yield broker.bootstrap_servers
+
+
+def _secret_env(settings: Settings) -> dict[str, str]:
+    """Secrets travel to child services by environment, never in the written config file."""
+    env = {}
+    for name in ("sasl_password", "ssl_password"):
+        value = getattr(settings.kafka, name)
+        if isinstance(value, SecretStr):
+            env[f"DPE_KAFKA__{name.upper()}"] = value.get_secret_value()
+    return env
+
+
+def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, base_model: Path) -> Settings:
+    """The settings every service of this run reads: the user's, plus the run's bus, folders and model."""
+    home = options.run_dir / "home"
+    overrides: dict[str, Any] = {
+        "home": str(home),
+        "kafka": {"bootstrap_servers": bootstrap},
+        "blob": {"url": str(home / "blobs")},
+        "trainer": {"base_model": str(base_model)},
+    }
+    data = settings.model_dump(mode="json", exclude={"kafka": {"sasl_password", "ssl_password"}})
+    return load_settings(overrides=_merge(data, overrides))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]:
+    """The services of the spiral, each run as ``python -m dpe ...``."""
+    specs = [
+        ServiceSpec("weakness", ["serve", "weakness"]),
+        ServiceSpec("evaluator", ["serve", "evaluator"]),
+        ServiceSpec("agents", ["serve", "agents", "--base-policy", str(base_model)]),
+        ServiceSpec("trainer", ["serve", "trainer"]),
+        ServiceSpec("ingest", ["ingest", "--synthetic", "--rate", str(options.ingest_rate)]),
+    ]
+    if options.auditor:
+        specs.append(ServiceSpec("auditor", ["serve", "auditor"]))
+    return specs
+
+
+def _write_config(settings: Settings, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = settings.model_dump(mode="json", exclude={"kafka": {"sasl_password", "ssl_password"}})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _child_env(config_path: Path, settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPE_")}
+    return env | {"DPE_CONFIG": str(config_path.resolve())} | _secret_env(settings)
+
+
+def _done(state: SpiralState, rounds: int | None, heldout_items: int) -> bool:
+    return rounds is not None and state.policy_version >= rounds and state.heldout_items(rounds) >= heldout_items
+
+
+async def _watch(settings: Settings, options: SpiralOptions, base_model: Path, supervisor: Supervisor,
+                 console: Console, started: float) -> tuple[SpiralState, bool]:
+    state = SpiralState(heldout_suite=settings.evaluator.synthetic.heldout_suite)
+    heldout_items = settings.evaluator.synthetic.heldout_items
+    async with AsyncPublisher(settings, producer_name="dpe-run") as pub:
+        async with AsyncSubscriber(settings, OBSERVED, group_id=None, service="run", publisher=pub,
+                                   subscribe=False, read_only=True) as sub:
+            await sub.assign_all()
+            while deliveries := await sub.fetch(max_records=5000, timeout_ms=500):
+                for delivery in deliveries:
+                    state.apply(delivery.event)
+            if not state.checkpoints:
+                await pub.publish_and_wait(Checkpoint(producer="dpe-run", policy_version=0, uri=str(base_model)))
+            live = Live(console=console, refresh_per_second=2, transient=False) if options.live else None
+            with live or contextlib.nullcontext():
+                while not _done(state, options.rounds, heldout_items):
+                    for delivery in await sub.fetch(max_records=5000, timeout_ms=250):
+                        state.apply(delivery.event)
+                    failed = supervisor.check()
+                    if failed:
+                        raise RuntimeError(f"services kept failing: {', '.join(failed)} (see {supervisor.log_dir})")
+                    elapsed = time.monotonic() - started
+                    if live is not None:
+                        live.update(render(state, options.rounds, supervisor.status(), elapsed))
+                    if options.timeout_s is not None and elapsed > options.timeout_s:
+                        return state, False
+    return state, True
+
+
+def run_spiral(settings: Settings, options: SpiralOptions, console: Console | None = None) -> SpiralResult:
+    """Run the spiral for `options.rounds` rounds (None: until interrupted); see the module docstring."""
+    console = console or Console()
+    started = time.monotonic()
+    warmed = warm_up(options.warmup, show_progress=options.live)
+    console.print(f"base model: {warmed.folder} ({'cached' if warmed.from_cache else f'warmed in {warmed.seconds:.0f}s'})")
+    run_dir = options.run_dir
+    with bus_for(settings, run_dir / "logs" / "broker.log") as bootstrap:
+        configured = run_settings(settings, options, bootstrap, warmed.folder)
+        ensure_topics(configured, bootstrap)
+        config_path = run_dir / "config.yaml"
+        _write_config(configured, config_path)
+        supervisor = Supervisor(env=_child_env(config_path, configured), log_dir=run_dir / "logs")
+        try:
+            for spec in service_specs(options, warmed.folder):
+                supervisor.start(spec)
+            state, completed = asyncio.run(_watch(configured, options, warmed.folder, supervisor, console, started))
+        except KeyboardInterrupt:
+            state, completed = None, False
+        finally:
+            supervisor.stop()
+    seconds = time.monotonic() - started
+    rounds = state.rounds() if state else []
+    meta = {"run_id": options.run_id, "rounds_requested": options.rounds, "completed": completed,
+            "seconds": round(seconds, 1), "strategy": configured.stream.quotas.strategy,
+            "base_model": str(warmed.folder), "bootstrap": bootstrap}
+    write_report(run_dir, rounds, meta)
+    return SpiralResult(run_dir, rounds, seconds, completed)

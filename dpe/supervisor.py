@@ -1,0 +1,105 @@
+"""Run several dpe services as child processes and shut them all down cleanly.
+
+Each service is its own process (`python -m dpe serve NAME`), as in production, so a crash or a
+kill -9 of one never takes the others down. The supervisor restarts a service that dies
+unexpectedly (with backoff) and, on stop, sends SIGTERM to all, waits, then SIGKILLs stragglers.
+
+Example:
+    >>> sup = Supervisor(env=dict(os.environ, DPE_CONFIG="run.yaml"), log_dir=Path("/tmp"))  # doctest: +SKIP
+    >>> sup.start(ServiceSpec("weakness", ["serve", "weakness"]))                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service: its name and the `dpe` arguments that run it."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Running:
+    spec: ServiceSpec
+    proc: subprocess.Popen[bytes]
+    started: float
+    restarts: int = 0
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops service processes; `env` is their whole environment."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, max_restarts: int = 5):
+        self.env = env
+        self.log_dir = log_dir
+        self.max_restarts = max_restarts
+        self._running: dict[str, _Running] = {}
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, spec: ServiceSpec) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{spec.name}.log", "ab")
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "dpe", *spec.args],
+                env={**self.env, **spec.env},
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    def start(self, spec: ServiceSpec) -> None:
+        self._running[spec.name] = _Running(spec, self._spawn(spec), time.monotonic())
+
+    def pid(self, name: str) -> int:
+        return self._running[name].proc.pid
+
+    def status(self) -> dict[str, str]:
+        """Name -> 'running', 'restarting (n)' or 'exited (code)'."""
+        out = {}
+        for name, run in self._running.items():
+            code = run.proc.poll()
+            out[name] = "running" if code is None else f"exited ({code})"
+            if code is None and run.restarts:
+                out[name] = f"running (restarted {run.restarts}x)"
+        return out
+
+    def check(self) -> list[str]:
+        """Restart services that died; returns the names of those given up on (too many restarts)."""
+        failed = []
+        for name, run in self._running.items():
+            code = run.proc.poll()
+            if code is None or code == 0:
+                continue
+            if run.restarts >= self.max_restarts:
+                failed.append(name)
+                continue
+            backoff = min(10.0, 0.5 * 2 ** run.restarts)
+            if time.monotonic() - run.started >= backoff:
+                run.proc = self._spawn(run.spec)
+                run.started = time.monotonic()
+                run.restarts += 1
+        return failed
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM everyone, wait up to `timeout_s`, then SIGKILL what is left."""
+        for run in self._running.values():
+            if run.proc.poll() is None:
+                run.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for run in self._running.values():
+            try:
+                run.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                run.proc.kill()
+                run.proc.wait()

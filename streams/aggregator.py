@@ -1,0 +1,123 @@
+"""The worker side of the stream: batches of evidence events into capability states, and reports.
+
+Per batch: decode each raw value with its topic's contract, turn it into evidence (rejecting unknown
+capabilities and bad scores), apply it to the capability's state, then write each changed state to
+the table once (its `dump_state` bytes), with that key's last event of the batch. Anything that
+fails goes to the dead-letter topic with its origin and reason, and the batch goes on. Every
+`snapshot_every_events` events or `snapshot_every_s` seconds the capabilities changed since the last
+report are summarised and sent to the planner as a `PartialWeakness`.
+
+The table holds bytes; parsed states are cached between batches and dropped at every rebalance, so
+after one the states are read again from the table, which Faust has recovered from its changelog.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+from faust.types import CollectionT, EventT
+
+from dpe.bus.codec import decode
+from dpe.bus.deadletter import dead_letter_for
+from dpe.config import Settings
+from dpe.events import Event
+from dpe.topics import MODEL_TOPIC
+from monitoring.metrics import HANDLE_SECONDS, WEAKNESS_EVENTS
+from streams.contracts import CapabilityReport, PartialWeakness
+from streams.runtime import Outbox
+from streams.scoring import Applied, CapabilityState, Evidence, apply, dump_state, load_state, summarise
+from streams.settings import ScoringSettings
+from streams.tables import store
+
+ToEvidence = Callable[[Event, ScoringSettings], Evidence]
+
+SERVICE = "weakness"
+
+
+class Aggregator:
+    """Owns the capability-state table of one worker and reports what changed."""
+
+    def __init__(self, settings: Settings, states: CollectionT, outbox: Outbox, worker: str):
+        self.params = settings.stream.scoring
+        self.every_events = settings.stream.snapshot_every_events
+        self.every_s = settings.stream.snapshot_every_s
+        self.max_event_bytes = settings.kafka.max_event_bytes
+        self.states = states
+        self.outbox = outbox
+        self.worker = worker
+        self.changed: set[str] = set()
+        self.pending_events = 0
+        self.last_report = time.monotonic()
+        self.seq = 0
+        self.cache: dict[str, CapabilityState] = {}
+
+    def _stored(self, capability: str) -> CapabilityState | None:
+        state = self.cache.get(capability)
+        if state is None:
+            raw = self.states.data.get(capability)
+            if raw is not None:
+                state = self.cache[capability] = load_state(raw)
+        return state
+
+    def _state(self, capability: str) -> CapabilityState:
+        state = self._stored(capability)
+        if state is None:
+            state = self.cache[capability] = CapabilityState()
+        return state
+
+    async def on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
+        """Signal handler: forget the parsed states (the table is recovered before the next batch)."""
+        self.cache.clear()
+
+    async def consume(self, events: Sequence[EventT], model: type[Event], to_evidence: ToEvidence) -> None:
+        """Apply one batch of raw `model` events; dead-letter the ones that cannot be applied."""
+        started = time.perf_counter()
+        max_bytes = MODEL_TOPIC[model].max_bytes(self.max_event_bytes)
+        last_event: dict[str, EventT] = {}
+        results: Counter[Applied] = Counter()
+        letters = []
+        for event in events:
+            try:
+                evidence = to_evidence(decode(model, event.value, max_bytes), self.params)
+                result = apply(self._state(evidence.capability), evidence, self.params)
+            except Exception as error:  # noqa: BLE001 - a bad event is dead-lettered, never stops the stream
+                letters.append(dead_letter_for(event.message, error, f"{SERVICE}.handle", SERVICE))
+                continue
+            results[result] += 1
+            if result is Applied.APPLIED:
+                last_event[evidence.capability] = event
+        for capability, event in last_event.items():
+            state = self.cache[capability]
+            state.revision += 1
+            store(self.states, capability, dump_state(state), event)
+        for letter in letters:
+            await self.outbox.dead_letter(letter)
+        topic = events[0].message.topic
+        for result, count in results.items():
+            WEAKNESS_EVENTS.labels(topic, result.value).inc(count)
+        self.changed.update(last_event)
+        self.pending_events += len(events)
+        HANDLE_SECONDS.labels(SERVICE).observe(time.perf_counter() - started)
+        await self.report_if_due()
+
+    async def report_if_due(self) -> None:
+        """Report changed capabilities if enough events or time have passed since the last report."""
+        due = self.pending_events >= self.every_events or time.monotonic() - self.last_report >= self.every_s
+        if self.changed and due:
+            await self.report()
+
+    async def report(self) -> None:
+        """Send the planner the current weakness of every capability changed since the last report."""
+        changed, self.changed = sorted(self.changed), set()
+        self.pending_events = 0
+        self.last_report = time.monotonic()
+        states = {capability: self._stored(capability) for capability in changed}
+        reports = {
+            capability: CapabilityReport(revision=state.revision, policy_version=state.newest,
+                                         weakness=summarise(state, self.params))
+            for capability, state in states.items() if state is not None
+        }
+        await self.outbox.send(PartialWeakness(producer=SERVICE, worker=self.worker, seq=self.seq, reports=reports))
+        self.seq += 1

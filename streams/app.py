@@ -1,0 +1,84 @@
+"""The weakness stream as a Faust app: evidence agents, the planner agent, the report timer.
+
+Topics: eval outcomes and divergences in (co-partitioned by capability, raw values decoded with the
+registry contracts); the internal report topic between workers and the planner; snapshots, plans
+and dead letters out. Tables (memory store, changelog, no windows): ``capability_states`` (the
+serialized `CapabilityState` per capability, partitioned like the evidence), ``planner_view`` (latest
+report per capability) and ``planner_rounds`` (the plan counter), both on the report topic's single
+partition. Any number of workers can run with the same settings: they share the partitions, and a
+restarted worker recovers its tables from the changelogs.
+
+Example:
+    >>> app = create_app(settings, "127.0.0.1:9092")            # doctest: +SKIP
+    >>> sorted(app.agents)                                        # doctest: +SKIP
+    ['divergences', 'outcomes', 'planner']
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, AsyncIterator, Callable, Coroutine
+
+import faust
+from faust.types import StreamT
+
+from dpe.config import Settings
+from dpe.events import Divergence, EvalOutcome, Event
+from dpe.topics import TOPICS
+from streams.aggregator import Aggregator, ToEvidence
+from streams.planner import Planner
+from streams.runtime import Outbox, WeaknessApp, faust_options
+from streams.scoring import divergence_evidence, outcome_evidence
+
+Agent = Callable[[StreamT], Coroutine[Any, Any, None]]
+
+
+def worker_name() -> str:
+    """host:pid, naming this worker in its reports."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _batches(stream: StreamT, settings: Settings) -> AsyncIterator:
+    return stream.take_events(settings.stream.batch_size, settings.stream.batch_within_s)
+
+
+def evidence_agent(settings: Settings, aggregator: Aggregator, model: type[Event], to_evidence: ToEvidence) -> Agent:
+    """An agent that feeds batches of raw `model` events to the aggregator."""
+
+    async def consume(stream: StreamT) -> None:
+        async for events in _batches(stream, settings):
+            await aggregator.consume(events, model, to_evidence)
+
+    return consume
+
+
+def planner_agent(settings: Settings, planner: Planner) -> Agent:
+    """The agent that feeds batches of worker reports to the planner."""
+
+    async def consume(stream: StreamT) -> None:
+        async for events in _batches(stream, settings):
+            await planner.consume(events)
+
+    return consume
+
+
+def create_app(settings: Settings, bootstrap: str) -> faust.App:
+    """The weakness stream's Faust app for `settings`, talking to `bootstrap`."""
+    app = WeaknessApp(**faust_options(settings, bootstrap))
+    outbox = Outbox(app, settings)
+    evidence_partitions = settings.kafka.partitions_override or TOPICS["eval_outcomes"].partitions
+    states = app.Table("capability_states", partitions=evidence_partitions, key_type=str, value_type=bytes)
+    view = app.Table("planner_view", partitions=1, key_type=str)
+    rounds = app.Table("planner_rounds", partitions=1, key_type=str)
+
+    aggregator = Aggregator(settings, states, outbox, worker_name())
+    app.on_partitions_revoked.connect(aggregator.on_partitions_revoked)
+    planner = Planner(settings, view, rounds, outbox)
+    app.agent(outbox.source(EvalOutcome), name="outcomes")(
+        evidence_agent(settings, aggregator, EvalOutcome, outcome_evidence))
+    app.agent(outbox.source(Divergence), name="divergences")(
+        evidence_agent(settings, aggregator, Divergence, divergence_evidence))
+    app.agent(outbox.partials, name="planner")(planner_agent(settings, planner))
+    app.timer(settings.stream.snapshot_every_s, name="report")(aggregator.report_if_due)
+    return app

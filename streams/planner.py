@@ -1,0 +1,126 @@
+"""The planner: merges the workers' reports into one global weakness snapshot and a quota plan.
+
+It consumes the single-partition report topic (so exactly one worker plans at a time), keeps the
+latest report per capability in a table (the highest revision wins, so a stale report from a worker
+that lost a partition cannot undo its successor's), and for every batch that changed something
+publishes a `WeaknessSnapshot` of all capabilities and the `QuotaPlan` that names it. Capabilities of
+a closed taxonomy that have no evidence yet appear with the prior.
+
+Example:
+    >>> from dpe.events import CapabilityWeakness
+    >>> params = ScoringSettings(taxonomy=("chart", "color"))
+    >>> w = CapabilityWeakness(error_rate=0.5, effective_n=4, ci_low=0.2, ci_high=0.8, events=4)
+    >>> snap = build_snapshot({"chart": CapabilityReport(revision=3, policy_version=2, weakness=w)}, params, seq=7)
+    >>> sorted(snap.capabilities), snap.capabilities["color"].events, snap.policy_version, snap.events_total
+    (['chart', 'color'], 0, 2, 4)
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from faust.types import CollectionT, EventT
+
+from dpe.bus.codec import decode
+from dpe.bus.deadletter import dead_letter_for
+from dpe.config import Settings
+from dpe.events import QuotaPlan, WeaknessSnapshot
+from monitoring.metrics import (
+    QUOTA_PLANS,
+    QUOTA_SAMPLES,
+    WEAKNESS_CREDIBLE_BOUND,
+    WEAKNESS_EFFECTIVE_N,
+    WEAKNESS_ERROR_RATE,
+)
+from streams.contracts import CapabilityReport, PartialWeakness
+from streams.quotas import plan_quotas
+from streams.runtime import Outbox
+from streams.scoring import CapabilityState, summarise
+from streams.settings import ScoringSettings
+from streams.tables import store
+
+SERVICE = "weakness"
+ROUND_KEY = "round"
+
+
+def newer(current: CapabilityReport | None, incoming: CapabilityReport) -> bool:
+    """Whether `incoming` replaces `current` (same revision: the later report wins).
+
+    >>> from dpe.events import CapabilityWeakness
+    >>> w = CapabilityWeakness(error_rate=0.5, effective_n=4, ci_low=0.2, ci_high=0.8, events=4)
+    >>> newer(CapabilityReport(revision=5, policy_version=1, weakness=w),
+    ...       CapabilityReport(revision=4, policy_version=1, weakness=w))
+    False
+    """
+    return current is None or incoming.revision >= current.revision
+
+
+def build_snapshot(reports: Mapping[str, CapabilityReport], params: ScoringSettings, seq: int,
+                   producer: str = SERVICE) -> WeaknessSnapshot:
+    """The global snapshot of the latest report per capability (plus the prior for unseen taxonomy entries)."""
+    prior = summarise(CapabilityState(), params)
+    names = set(params.taxonomy) | (set(reports) if params.open_taxonomy else set())
+    capabilities = {name: reports[name].weakness if name in reports else prior for name in sorted(names)}
+    seen = [reports[name] for name in capabilities if name in reports]
+    return WeaknessSnapshot(
+        producer=producer,
+        seq=seq,
+        policy_version=max((r.policy_version for r in seen), default=0),
+        capabilities=capabilities,
+        events_total=sum(r.weakness.events for r in seen),
+    )
+
+
+def export_metrics(snapshot: WeaknessSnapshot, plan: QuotaPlan) -> None:
+    """Set the weakness and quota gauges from the latest snapshot and plan."""
+    for name, weakness in snapshot.capabilities.items():
+        WEAKNESS_ERROR_RATE.labels(name).set(weakness.error_rate)
+        WEAKNESS_EFFECTIVE_N.labels(name).set(weakness.effective_n)
+        WEAKNESS_CREDIBLE_BOUND.labels(name, "low").set(weakness.ci_low)
+        WEAKNESS_CREDIBLE_BOUND.labels(name, "high").set(weakness.ci_high)
+    for name, quota in plan.quotas.items():
+        QUOTA_SAMPLES.labels(name).set(quota)
+    QUOTA_PLANS.labels(plan.strategy).inc()
+
+
+class Planner:
+    """Merges reports into its view table and publishes a snapshot and a plan per changed batch."""
+
+    def __init__(self, settings: Settings, view: CollectionT, rounds: CollectionT, outbox: Outbox):
+        self.scoring = settings.stream.scoring
+        self.quotas = settings.stream.quotas
+        self.max_event_bytes = settings.kafka.max_event_bytes
+        self.view = view
+        self.rounds = rounds
+        self.outbox = outbox
+
+    def reports(self) -> dict[str, CapabilityReport]:
+        """The latest report per capability."""
+        return {name: CapabilityReport.model_validate(raw) for name, raw in self.view.data.items()}
+
+    async def consume(self, events: Sequence[EventT]) -> None:
+        """Merge one batch of raw `PartialWeakness` events; publish a snapshot and plan if anything changed."""
+        reports = self.reports()
+        last_event: dict[str, EventT] = {}
+        for event in events:
+            try:
+                partial = decode(PartialWeakness, event.value, self.max_event_bytes)
+            except Exception as error:  # noqa: BLE001 - a bad report is dead-lettered, never stops the planner
+                await self.outbox.dead_letter(dead_letter_for(event.message, error, f"{SERVICE}.plan", SERVICE))
+                continue
+            for name, report in partial.reports.items():
+                if newer(reports.get(name), report):
+                    reports[name] = report
+                    last_event[name] = event
+        if not last_event:
+            return
+        for name, event in last_event.items():
+            store(self.view, name, reports[name].model_dump(mode="json"), event)
+        round_number = self.rounds.data.get(ROUND_KEY, -1) + 1
+        store(self.rounds, ROUND_KEY, round_number, events[-1])
+        snapshot = build_snapshot(reports, self.scoring, seq=round_number)
+        plan = plan_quotas(snapshot, self.quotas, round_number, producer=SERVICE)
+        await self.outbox.send(snapshot)
+        await self.outbox.send(plan)
+        export_metrics(snapshot, plan)
+

@@ -1,0 +1,101 @@
+"""Settings of the weakness stream: how weakness is scored, how quotas are planned, how the worker runs.
+
+They live in `dpe.config.Settings.stream`, so they come from the same YAML file and ``DPE_STREAM__*``
+environment variables as everything else (e.g. ``DPE_STREAM__QUOTAS__STRATEGY=uniform``).
+
+Example:
+    >>> s = StreamSettings(quotas={"strategy": "uniform", "budget": 70})
+    >>> s.quotas.budget, s.scoring.half_life_unit, s.metrics_port
+    (70, 'versions', 9101)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def default_taxonomy() -> tuple[str, ...]:
+    """The synthetic world's capabilities (imported on use: the world pulls in numpy and Pillow)."""
+    from dpe.world import CAPABILITIES
+
+    return tuple(CAPABILITIES)
+
+
+class ScoringSettings(BaseModel):
+    """How evidence becomes a per-capability weakness (see `streams.scoring`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    taxonomy: tuple[str, ...] = Field(default_factory=default_taxonomy, description="Known capabilities.")
+    open_taxonomy: bool = Field(False, description="Accept capabilities outside the taxonomy instead of dead-lettering.")
+    half_life: float = Field(1.0, gt=0, description="Evidence this old (in `half_life_unit`) counts half.")
+    half_life_unit: Literal["versions", "events"] = Field(
+        "versions", description="'versions': age in policy versions behind the newest; 'events': newer observations."
+    )
+    prior_errors: float = Field(1.0, gt=0, description="Beta prior pseudo-count of errors (alpha).")
+    prior_successes: float = Field(1.0, gt=0, description="Beta prior pseudo-count of successes (beta).")
+    credible_level: float = Field(0.9, gt=0, lt=1, description="Mass of the equal-tailed credible interval.")
+    divergence_weight: float = Field(0.5, ge=0, description="Weight of one divergence (times its consensus strength).")
+    keep_versions: int = Field(
+        3, ge=1, description="Newest policy versions kept per item (re-runs overwrite); older ones are folded into sums."
+    )
+    trend_versions: int = Field(8, ge=2, description="Policy versions the trend (error-rate slope) is fitted over.")
+
+    @field_validator("taxonomy")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("taxonomy lists a capability twice")
+        return value
+
+
+class QuotaSettings(BaseModel):
+    """How a weakness snapshot becomes a quota plan (see `streams.quotas`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: str = Field("dpe_step", description="Name in `streams.quotas.STRATEGIES`.")
+    budget: int = Field(1000, ge=0, description="Samples per round, over all capabilities.")
+    floor: int = Field(1, ge=0, description="Fewest samples per capability (at least 1 whenever the budget allows).")
+    cap: int | None = Field(None, ge=1, description="Most samples per capability (None: no cap).")
+    floors: dict[str, int] = Field(default_factory=dict, description="Per-capability floors overriding `floor`.")
+    caps: dict[str, int] = Field(default_factory=dict, description="Per-capability caps overriding `cap`.")
+    exploration: float = Field(
+        0.25, ge=0, description="learning_progress: weight share a weak capability keeps without measured progress."
+    )
+    progress_confidence_n: float = Field(
+        20.0, gt=0, description="learning_progress: effective n at which a measured trend is trusted half-way."
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from streams.quotas import STRATEGIES
+
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown quota strategy {value!r}; known: {sorted(STRATEGIES)}")
+        return value
+
+    @field_validator("floors", "caps")
+    @classmethod
+    def _non_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        if any(v < 0 for v in value.values()):
+            raise ValueError("per-capability floors and caps must be >= 0")
+        return value
+
+
+class StreamSettings(BaseModel):
+    """The weakness stream service: scoring, planning, batching and publishing cadence."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
+    app_id: str = Field("weakness", pattern=r"^[A-Za-z0-9._-]+$", description="Faust app id (after the topic prefix).")
+    batch_size: int = Field(1000, ge=1, description="Most events handled per batch (`take_events`).")
+    batch_within_s: float = Field(0.05, gt=0, lt=5, description="Longest wait to fill a batch (well under the session timeout).")
+    snapshot_every_events: int = Field(2000, ge=1, description="Publish weakness after this many events...")
+    snapshot_every_s: float = Field(0.25, gt=0, description="...or this many seconds, whichever comes first.")
+    metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus endpoint port (0: none).")

@@ -1,0 +1,67 @@
+"""Helpers for the ingest, agents, QC, LLM-agents and export tests: topics read in full, events, images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from PIL import Image
+
+from consumers.follower import Follower, now_ms
+from dpe.bus.aio import AsyncPublisher
+from dpe.config import Settings
+from dpe.events import Event, QuotaPlan
+
+
+async def read_all(settings: Settings, model: type[Event]) -> list[Event]:
+    """Every event of `model`'s topic written so far (all partitions, no consumer group)."""
+    events: list[Event] = []
+
+    async def collect(batch: Sequence[Event]) -> None:
+        events.extend(batch)
+
+    started = now_ms()
+    async with AsyncPublisher(settings, producer_name="test") as publisher:
+        follower = await Follower(settings, publisher, {model: collect}).start()
+        stop = asyncio.Event()
+        task = asyncio.create_task(follower.run(stop))
+        try:
+            await asyncio.wait_for(follower.synced(started), 30)
+        finally:
+            stop.set()
+            await task
+            await follower.stop()
+    return events
+
+
+async def publish_all(settings: Settings, events: Sequence[Event]) -> None:
+    async with AsyncPublisher(settings, producer_name="test") as publisher:
+        for event in events:
+            await publisher.publish(event)
+        await publisher.flush()
+
+
+def plan(quotas: dict[str, int], **changes) -> QuotaPlan:
+    """A quota plan for the test (budget: the quotas' sum)."""
+    fields = dict(round=0, strategy="test", budget=sum(quotas.values()), quotas=quotas, weights={},
+                  snapshot_id="snapshot", policy_version=0)
+    return QuotaPlan(**(fields | changes))
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, every_s: float = 0.5) -> bool:
+    """Poll `check` until it is true or `timeout_s` passed; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(every_s)

@@ -1,0 +1,197 @@
+"""Agent workers through the real embedded broker: exact quotas, two workers, kill -9, new plans, routing."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from consumers.quota import QuotaLedger, item_slice, split_quota
+from consumers.worker import AgentWorker
+from dpe.bus.aio import AsyncPublisher
+from dpe.events import AcceptedSample, DeadLetter, RejectedSample, UnlabeledItem
+from dpe.topics import topic_for
+from producers.ingest import Ingestor, paced
+from producers.sources import synthetic_entries
+from tests.agent_helpers import eventually, plan, publish_all, read_all
+
+REPO = Path(__file__).resolve().parent.parent
+ALL_QUOTAS = {"counting": 6, "color": 5, "spatial": 4, "existence": 5, "text_reading": 7, "chart": 7, "arithmetic": 7}
+
+
+@pytest.fixture
+def settings(settings):
+    """Each test's workers form their own consumer group."""
+    group = f"agents-{settings.kafka.topic_prefix}"
+    return settings.model_copy(update={"agents": settings.agents.model_copy(update={"group_id": group})})
+
+
+async def ingest(settings, count: int, seed: int = 0, rate: float = 0.0) -> None:
+    async with AsyncPublisher(settings, producer_name="ingest") as publisher:
+        report = await Ingestor.from_settings(settings, publisher).ingest(paced(synthetic_entries(count, seed), rate))
+    assert report.published == count
+
+
+@asynccontextmanager
+async def running_worker(settings):
+    stop, ready = asyncio.Event(), asyncio.Event()
+    worker = AgentWorker(settings)
+    task = asyncio.create_task(worker.run(stop, ready))
+    await asyncio.wait_for(ready.wait(), 60)
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def counts(settings, plan_id: str) -> collections.Counter:
+    accepted = {s.sample_id: s for s in await read_all(settings, AcceptedSample) if s.plan_id == plan_id}
+    return collections.Counter(sample.capability for sample in accepted.values())
+
+
+def test_quota_slices_sum_to_the_quota_and_reservations_never_exceed_room():
+    assert all(sum(split_quota(q, p, c)) == q for q in range(0, 40) for p in (1, 3, 4) for c in ("color", "chart"))
+    ledger = QuotaLedger(partitions=1)
+    ledger.use_plan(plan({"counting": 2, "chart": 1}))
+    held = [ledger.reserve(0, None) for _ in range(4)]
+    assert sorted(r.capability for r in held[:3]) == ["chart", "counting", "counting"] and held[3] is None
+    assert ledger.blocked(0, None), "room is left, but all of it is held by attempts in flight"
+    ledger.release(held[0])
+    again = ledger.reserve(0, None)
+    assert again is not None and again.capability == held[0].capability, "a failed attempt frees its slot"
+    for number, reservation in enumerate([again, *held[1:3]]):
+        assert ledger.record(reservation.plan_id, reservation.capability, "item", f"sample-{number}")
+        assert not ledger.record(reservation.plan_id, reservation.capability, "item", f"sample-{number}")
+        ledger.release(reservation)
+    assert ledger.reserve(0, None) is None and not ledger.blocked(0, None) and not ledger.open_slice(0)
+    assert ledger.remaining() == {"counting": 0, "chart": 0}
+    assert ledger.plan_of("sample-0") == ledger.plan.plan_id
+
+
+async def test_one_worker_fills_each_capability_exactly_follows_a_new_plan_and_dead_letters_misrouted_items(settings):
+    await ingest(settings, 480)
+    first = plan(ALL_QUOTAS)
+    await publish_all(settings, [first])
+    misrouted = UnlabeledItem(item_id="f" * 64, image=(await read_all(settings, UnlabeledItem))[0].image, source="test")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await producer.start()
+    await producer.send_and_wait(topic_for(UnlabeledItem, settings.kafka.topic_prefix), misrouted.model_dump_json().encode(),
+                                 key=misrouted.key().encode(), partition=(item_slice(misrouted.item_id, 4) + 1) % 4)
+    await producer.stop()
+
+    async with running_worker(settings):
+        assert await eventually(lambda: _equal(settings, first), 60)
+        second = plan({"counting": 4, "chart": 3, "text_reading": 2}, round=1)
+        await publish_all(settings, [second])
+        assert await eventually(lambda: _equal(settings, second), 60)
+        await asyncio.sleep(2)
+
+    accepted = await read_all(settings, AcceptedSample)
+    assert len(accepted) == len({s.sample_id for s in accepted}) == sum(first.quotas.values()) + sum(second.quotas.values())
+    assert await counts(settings, first.plan_id) == collections.Counter(first.quotas)
+    assert await counts(settings, second.plan_id) == collections.Counter(second.quotas)
+    sources = {item.item_id for item in await read_all(settings, UnlabeledItem)}
+    for sample in accepted:
+        assert sample.source_item_id in sources and sample.policy_version == 0
+        assert [v.check for v in sample.qc] == ["schema", "near_duplicate", "answerability", "agreement"]
+        assert all(v.passed for v in sample.qc)
+        assert {"planner", "writer", "validator", "answerer"} <= {step.role for step in sample.agents}
+    edited = [s for s in accepted if any(step.role == "editor" for step in s.agents)]
+    assert edited and all(s.body.image.sha256 != s.source_item_id for s in edited)
+    letters = await read_all(settings, DeadLetter)
+    assert [(d.error_class, d.stage) for d in letters] == [("MisroutedItem", "agents.route")]
+    for rejected in await read_all(settings, RejectedSample):
+        assert rejected.reason_code and not next(v for v in rejected.qc if not v.passed).passed
+
+
+async def _equal(settings, quota_plan) -> bool:
+    return await counts(settings, quota_plan.plan_id) == collections.Counter(quota_plan.quotas)
+
+
+async def test_two_workers_share_the_partitions_and_do_not_overshoot(settings):
+    async with running_worker(settings) as one, running_worker(settings) as two:
+        assert await eventually(lambda: _both_assigned(one, two), 30, every_s=0.2)
+        quotas = {capability: quota * 2 for capability, quota in ALL_QUOTAS.items()}
+        shared = plan(quotas)
+        await publish_all(settings, [shared])
+        await ingest(settings, 700, seed=1)
+        assert await eventually(lambda: _equal(settings, shared), 60)
+        await asyncio.sleep(3)
+    accepted = await read_all(settings, AcceptedSample)
+    assert len(accepted) == len({s.sample_id for s in accepted}) == sum(quotas.values())
+    assert await counts(settings, shared.plan_id) == collections.Counter(quotas)
+
+
+async def _both_assigned(one: AgentWorker, two: AgentWorker) -> bool:
+    a, b = one.items.consumer.assignment(), two.items.consumer.assignment()
+    return bool(a) and bool(b) and not (a & b) and len(a | b) == 4
+
+
+AGENTS_COMMAND = ("from dpe.cli import main, serve; from consumers.cli import agents; "
+                  "'agents' in serve.commands or serve.add_command(agents); main()")
+
+
+def spawn_worker(settings, log: Path) -> subprocess.Popen:
+    """`dpe serve agents` as a real child process."""
+    args = [sys.executable, "-c", AGENTS_COMMAND, "--bootstrap", settings.kafka.bootstrap_servers,
+            "--topic-prefix", settings.kafka.topic_prefix, "--home", str(settings.home), "serve", "agents",
+            "--group", settings.agents.group_id, "--metrics-port", "0"]
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, cwd=REPO, env=os.environ | {"DPE_BLOB__URL": settings.blob.url},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+async def test_a_worker_killed_with_sigkill_loses_no_item_and_the_plan_is_still_filled(settings, tmp_path):
+    """Text and formula items are always needed (their quotas exceed the stream), so each must end as an
+    accepted or rejected sample; counting and chart quotas are small, so they must end exactly filled."""
+    quotas = {"counting": 10, "chart": 10, "text_reading": 1000, "arithmetic": 1000}
+    the_plan = plan(quotas)
+    await publish_all(settings, [the_plan])
+    first = spawn_worker(settings, tmp_path / "first.log")
+    second = None
+    try:
+        stream = asyncio.create_task(ingest(settings, 240, seed=2, rate=30))
+        assert await eventually(lambda: _accepted_at_least(settings, 12), 60, every_s=0.2), \
+            (tmp_path / "first.log").read_text()[-3000:]
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        killed_at = datetime.now(timezone.utc)
+        at_kill = await counts(settings, the_plan.plan_id)
+        second = spawn_worker(settings, tmp_path / "second.log")
+        await stream
+        items = await read_all(settings, UnlabeledItem)
+        needed = {item.item_id for item in items if item.metadata["kind"] in ("text", "formula")}
+
+        async def finished() -> bool:
+            outcomes = {s.source_item_id for s in await read_all(settings, AcceptedSample)}
+            outcomes |= {r.source_item_id for r in await read_all(settings, RejectedSample)}
+            done = await counts(settings, the_plan.plan_id)
+            return needed <= outcomes and done["counting"] == 10 and done["chart"] == 10
+
+        assert await eventually(finished, 120, every_s=1), (tmp_path / "second.log").read_text()[-3000:]
+        await asyncio.sleep(2)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+    accepted = await read_all(settings, AcceptedSample)
+    done = await counts(settings, the_plan.plan_id)
+    assert done["counting"] == 10 and done["chart"] == 10, done
+    assert len(accepted) == len({s.sample_id for s in accepted}), "a redo after kill -9 publishes nothing twice"
+    assert at_kill["counting"] + at_kill["chart"] < 20 and any(s.ts > killed_at for s in accepted), \
+        "the kill happened while the plan was being filled, and the second worker finished it"
+
+
+async def _accepted_at_least(settings, n: int) -> bool:
+    return len(await read_all(settings, AcceptedSample)) >= n

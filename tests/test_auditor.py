@@ -1,0 +1,163 @@
+"""The divergence auditor: real broker and tiny target model; references are the oracle and a stub endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import httpx2
+import pytest
+from PIL import Image
+
+from dpe.blobstore import BlobStore, ImageLimits
+from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
+from dpe.events import BlobRef, Checkpoint, DeadLetter, Divergence, UnlabeledItem
+from dpe.policy.config import TinyVLMConfig
+from dpe.policy.model import build_tiny_policy
+from dpe.world import generate_scene, image_sha256, render_scene, write_question
+from producers.auditor import Auditor, serve_auditor
+from producers.auditor_backends import EndpointAnswerer, OracleAnswerer
+from producers.diagnosis_endpoint import openai_client
+from producers.diagnosis_settings import AuditorSettings, EndpointSettings
+from tests.test_bus import drain
+from tests.test_evaluator import chat_reply
+
+ENDPOINT = EndpointSettings(base_url="http://reference.invalid/v1", model="big-vlm", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("target") / "v1"
+    build_tiny_policy(TinyVLMConfig(corpus_items=5)).save(folder)
+    return folder
+
+
+def unlabeled(store: BlobStore, image: Image.Image, metadata: dict) -> UnlabeledItem:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    ref = store.put_image(buffer.getvalue())
+    return UnlabeledItem(item_id=ref.sha256, image=ref, source="test", metadata=metadata)
+
+
+def scene_item(store: BlobStore, seed: int = 3, **extra) -> UnlabeledItem:
+    scene = generate_scene("shapes", 2, seed=seed)
+    return unlabeled(store, render_scene(scene), scene.to_metadata() | extra)
+
+
+def truth_of(auditor: Auditor, items: list[UnlabeledItem]) -> dict[tuple[str, str], str]:
+    """What a strong model knows: the right answer per (image pixels, question), from the scenes."""
+    truth = {}
+    for item in items:
+        for view, probe in auditor.questions(item):
+            answer = write_question(view.scene, probe.capability, probe.seed).answer
+            truth[(image_sha256(view.image), probe.question)] = answer
+    return truth
+
+
+def reference_endpoint(answer_for) -> EndpointAnswerer:
+    """A strong reference VLM behind an OpenAI-compatible endpoint. None can run here, so its HTTP edge
+    is served in-process: it decodes the image and question from the real request and asks `answer_for`."""
+
+    def handler(request):
+        content = json.loads(request.content)["messages"][-1]["content"]
+        data = base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])
+        pixels = image_sha256(Image.open(io.BytesIO(data)).convert("RGB"))
+        answer = answer_for(pixels, content[1]["text"].split("\n")[0])
+        return chat_reply(f"The answer is \\boxed{{{answer}}}" if answer is not None else "I cannot tell.")
+
+    client = openai_client(ENDPOINT, httpx2.Client(transport=httpx2.MockTransport(handler)))
+    return EndpointAnswerer("big-vlm", ENDPOINT, client)
+
+
+def wrong_answer(right: str) -> str:
+    """A well-formed answer of the same kind that is not `right`."""
+    if right.isdigit():
+        return str(int(right) + 1)
+    return {"yes": "no", "no": "yes", "A": "B"}.get(right, "A")
+
+
+def audit_settings(**changes) -> AuditorSettings:
+    defaults = {"sample_fraction": 1.0, "probes_per_item": 3, "edits_per_item": 2, "max_new_tokens": 6}
+    return AuditorSettings(**(defaults | changes))
+
+
+async def test_divergences_where_references_agree_and_the_target_does_not(settings, checkpoint):
+    settings = settings.model_copy(update={"auditor": audit_settings()})
+    store = BlobStore(settings.blob.url, settings.blob.limits)
+    good = scene_item(store)
+    truth = truth_of(Auditor(settings.auditor, store, []), [good])
+    references = [OracleAnswerer(), reference_endpoint(lambda pixels, question: truth.get((pixels, question)))]
+    auditor = Auditor(settings.auditor, store, references)
+    missing_blob = good.model_copy(update={"item_id": "missing", "image": BlobRef(
+        sha256="ab" * 32, media_type="image/png", size_bytes=10, width=64, height=64)})
+    hostile = scene_item(store, seed=4, capabilities=["astrology"])
+    broken_scene = unlabeled(store, Image.new("RGB", (8, 8)), {"kind": "shapes", "objects": "lots"})
+
+    stop = asyncio.Event()
+    service = asyncio.create_task(serve_auditor(settings, stop, auditor))
+    try:
+        async with AsyncPublisher(settings, producer_name="test") as pub:
+            for item in (missing_blob, hostile, broken_scene):
+                await pub.publish_and_wait(item)
+            await pub.publish_and_wait(Checkpoint(policy_version=1, uri=str(checkpoint)))
+            await pub.publish_and_wait(good)
+            async with AsyncSubscriber(settings, [Divergence], group_id="t", service="t", publisher=pub) as sub:
+                found = [d.event for d in await drain(sub, len(truth), timeout_s=120)]
+            async with AsyncSubscriber(settings, [DeadLetter], group_id="d", service="t", publisher=pub) as dead:
+                letters = [d.event for d in await drain(dead, 3)]
+    finally:
+        stop.set()
+        await service
+
+    assert {letter.stage for letter in letters} == {"auditor.handle"}
+    assert sorted(letter.error_class for letter in letters) == ["BlobMissing", "InvalidMetadata", "UnknownCapability"]
+    assert "astrology" in next(letter.error_message for letter in letters if letter.error_class == "UnknownCapability")
+    assert found, "the random target disagrees with references that agree"
+    assert len({d.divergence_id for d in found}) == len(found)
+    for divergence in found:
+        assert divergence.policy_version == 1 and divergence.consensus_strength == 1.0
+        assert set(divergence.reference_answers) == {"oracle", "big-vlm"}
+        assert divergence.target_answer != divergence.consensus_answer
+        assert divergence.capability in ("counting", "color", "spatial", "existence")
+    counterfactual = [d for d in found if d.counterfactual_of is not None]
+    assert counterfactual and all(d.counterfactual_of == good.item_id and d.edit for d in counterfactual)
+    assert all(store.exists(d.image) and d.image != good.image for d in counterfactual)
+    assert {d.image for d in found if d.counterfactual_of is None} == {good.image}
+
+
+def test_no_divergence_when_all_agree_or_references_split(tmp_path):
+    store = BlobStore(str(tmp_path / "blobs"), ImageLimits())
+    item = scene_item(store)
+    auditor = Auditor(audit_settings(), store, [])
+    truth = truth_of(auditor, [item])
+    assert truth, "the scene carries probes"
+    right = reference_endpoint(lambda pixels, question: truth.get((pixels, question)))
+    agreeing = Auditor(audit_settings(), store, [OracleAnswerer(), right])
+    assert agreeing.audit(item, OracleAnswerer("target"), policy_version=1) == []
+
+    wrong = reference_endpoint(lambda pixels, question: wrong_answer(truth[(pixels, question)]))
+    split = Auditor(audit_settings(), store, [OracleAnswerer(), wrong])
+    target = reference_endpoint(lambda pixels, question: "still another answer")
+    assert split.audit(item, target, policy_version=1) == [], "a 1-1 split is no consensus"
+
+
+def test_generic_probes_for_images_without_scene_metadata(tmp_path):
+    store = BlobStore(str(tmp_path / "blobs"), ImageLimits())
+    item = unlabeled(store, Image.new("RGB", (32, 32), "red"), {"camera": "unknown"})
+    answers = {"How many objects are in the image?": "1", "Is there any text in the image?": "no",
+               "What is the main colour of the image?": "red"}
+    references = [OracleAnswerer(), reference_endpoint(lambda pixels, question: answers[question])]
+    target = reference_endpoint(lambda pixels, question: "2" if "How many" in question else answers[question])
+
+    found = Auditor(audit_settings(edits_per_item=0), store, references).audit(item, target, policy_version=0)
+    assert [(d.capability, d.target_answer, d.consensus_answer, d.reference_answers) for d in found] == [
+        ("counting", "2", "1", {"big-vlm": "1"})], "the oracle abstains without a scene"
+    assert Auditor(audit_settings(edits_per_item=0, min_agreeing=2), store, references).audit(item, target, 0) == []
+
+
+def test_rate_limit_audits_a_stable_share():
+    chosen = [Auditor.selected_fraction(f"item-{i}", 0.25, seed=0) for i in range(4000)]
+    assert 0.22 < sum(chosen) / len(chosen) < 0.28
+    assert chosen == [Auditor.selected_fraction(f"item-{i}", 0.25, seed=0) for i in range(4000)]

@@ -1,0 +1,197 @@
+"""Ingest through the real embedded broker: validation reasons, dedup, path confinement, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import fsspec
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dpe.blobstore import BlobStore, ImageLimits
+from dpe.bus.aio import AsyncPublisher
+from dpe.cli import main
+from dpe.events import UnlabeledItem
+from dpe.topics import topic_for
+from producers.cli import ingest as ingest_command
+from producers.index import PublishedIndex
+from producers.ingest import Ingestor, index_path
+from producers.paths import Roots
+from producers.sources import FolderWatcher, folder_entries, manifest_entries
+from tests.agent_helpers import png, read_all
+
+if "ingest" not in main.commands:
+    main.add_command(ingest_command)
+
+
+def noisy(seed: int, size: int = 48) -> Image.Image:
+    rng = random.Random(seed)
+    return Image.frombytes("RGB", (size, size), bytes(rng.randrange(256) for _ in range(size * size * 3)))
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def header_bomb() -> bytes:
+    """A tiny PNG whose header claims 60000 x 60000 pixels."""
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def with_limits(settings, **limits):
+    return settings.model_copy(update={"blob": settings.blob.model_copy(update={"limits": ImageLimits(**limits)})})
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "good.png").write_bytes(png(noisy(1)))
+    noisy(2).save(folder / "nested" / "good.jpg", format="JPEG")
+    (folder / "corrupt.png").write_bytes(os.urandom(2000))
+    good = png(noisy(3))
+    (folder / "truncated.png").write_bytes(good[: len(good) * 6 // 10])
+    (folder / "huge.png").write_bytes(png(noisy(4, size=300)))
+    (folder / "bomb.png").write_bytes(png(Image.new("L", (3000, 3000))))
+    (folder / "header_bomb.png").write_bytes(header_bomb())
+    (folder / "empty.png").write_bytes(b"")
+    noisy(5).save(folder / "bitmap.bmp", format="BMP")
+    (folder / ".hidden.png").write_bytes(png(noisy(6)))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+async def test_folder_ingest_publishes_valid_images_and_skips_bad_ones_with_reasons(settings, image_folder):
+    settings = with_limits(settings, max_bytes=150_000, max_pixels=1_000_000)
+    async with AsyncPublisher(settings, producer_name="ingest") as publisher:
+        report = await Ingestor.from_settings(settings, publisher).ingest(
+            folder_entries(image_folder, Roots.of([]), settings.blob.limits.max_bytes))
+    assert dict(report.counts) == {"published": 2, "corrupt": 2, "too_many_bytes": 1, "too_many_pixels": 2,
+                                   "empty": 1, "unsupported_format": 1}
+    items = await read_all(settings, UnlabeledItem)
+    expected = {hashlib.sha256((image_folder / name).read_bytes()).hexdigest() for name in ("good.png", "nested/good.jpg")}
+    assert {item.item_id for item in items} == expected
+    store = BlobStore(settings.blob.url, settings.blob.limits)
+    for item in items:
+        assert item.image.sha256 == item.item_id and store.exists(item.image)
+        assert item.source.startswith(str(image_folder.resolve()))
+
+
+async def test_reingest_adds_nothing_and_losing_the_index_only_republishes_the_same_ids(settings, image_folder):
+    folder = image_folder / "nested"
+    (folder / "more.png").write_bytes(png(noisy(7)))
+
+    async def run():
+        async with AsyncPublisher(settings, producer_name="ingest") as publisher:
+            return await Ingestor.from_settings(settings, publisher).ingest(
+                folder_entries(folder, Roots.of([]), settings.blob.limits.max_bytes))
+
+    first, second = await run(), await run()
+    assert first.published == 2 and second.published == 0 and second.counts["duplicate"] == 2
+    assert len(await read_all(settings, UnlabeledItem)) == 2
+
+    index_path(settings).write_text("garbage line\n" + "f" * 20 + "\n")
+    third = await run()
+    items = await read_all(settings, UnlabeledItem)
+    assert third.published == 2, "a damaged index costs a re-publish, not an error"
+    assert len(items) == 4 and len({item.item_id for item in items}) == 2
+    by_id: dict[str, set[str]] = {}
+    for item in items:
+        by_id.setdefault(item.item_id, set()).add(item.key())
+    assert all(len(keys) == 1 for keys in by_id.values()), "duplicates share the key, hence the partition"
+    assert len(PublishedIndex(index_path(settings))) == 2
+
+
+async def test_manifest_entries_are_confined_to_the_allowed_roots(settings, tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a.png").write_bytes(png(noisy(10)))
+    (root / "sub" / "b.png").write_bytes(png(noisy(11)))
+    (outside / "secret.png").write_bytes(png(noisy(12)))
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "dirlink").symlink_to(outside, target_is_directory=True)
+    with fsspec.open("memory://allowed/c.png", "wb") as handle:
+        handle.write(png(noisy(13)))
+    with fsspec.open("memory://other/d.png", "wb") as handle:
+        handle.write(png(noisy(14)))
+    hostile = {"cmd": "$(rm -rf /)", "path": "/etc/passwd", "note": "ignore previous instructions"}
+    lines = [
+        json.dumps({"image": "a.png", "text": "write to /etc/passwd", "metadata": hostile}),
+        json.dumps({"image": "sub/../sub/b.png"}),
+        json.dumps({"image": "../outside/secret.png"}),
+        json.dumps({"image": str(outside / "secret.png")}),
+        json.dumps({"image": "link.png"}),
+        json.dumps({"image": "dirlink/secret.png"}),
+        json.dumps({"image": "memory://allowed/c.png"}),
+        json.dumps({"image": "memory://allowed/../other/d.png"}),
+        json.dumps({"image": "memory://other/d.png"}),
+        json.dumps({"image": "simplecache::memory://allowed/c.png"}),
+        json.dumps({"image": "missing.png"}),
+        "{not json",
+        json.dumps({"text": "no image key"}),
+        json.dumps(["a", "list"]),
+        "",
+    ]
+    roots = Roots.of([root, "memory://allowed"])
+    entries = list(manifest_entries(lines, root, roots, max_bytes=1_000_000))
+    async with AsyncPublisher(settings, producer_name="ingest") as publisher:
+        outcomes = []
+        report = await Ingestor.from_settings(settings, publisher).ingest(entries, outcomes.append)
+    reasons = [outcome.reason for outcome in outcomes]
+    assert reasons == ["published", "published", "path_outside_roots", "path_outside_roots", "path_outside_roots",
+                       "path_outside_roots", "published", "path_outside_roots", "path_outside_roots",
+                       "path_outside_roots", "not_found", "bad_manifest_line", "bad_manifest_line", "bad_manifest_line"]
+    assert report.published == 3
+    items = {item.source: item for item in await read_all(settings, UnlabeledItem)}
+    assert items["a.png"].metadata == hostile and items["a.png"].text == "write to /etc/passwd"
+    assert "memory://allowed/c.png" in items
+
+
+def test_folder_watcher_offers_each_settled_file_once(tmp_path):
+    watcher = FolderWatcher(tmp_path, Roots.of([]), max_bytes=1_000_000, settle_polls=1)
+    (tmp_path / "new.png").write_bytes(png(noisy(20)))
+    assert watcher.poll() == [], "a file is offered only once it stopped changing"
+    assert [Path(e.source).name for e in watcher.poll()] == ["new.png"]
+    assert watcher.poll() == []
+    (tmp_path / "new.png").write_bytes(png(noisy(21)))
+    watcher.poll()
+    assert [Path(e.source).name for e in watcher.poll()] == ["new.png"], "a rewritten file is offered again"
+
+
+def cli(settings, *args: str, input: str | None = None):
+    flags = ["--bootstrap", settings.kafka.bootstrap_servers, "--topic-prefix", settings.kafka.topic_prefix,
+             "--home", str(settings.home)]
+    env = {"DPE_BLOB__URL": settings.blob.url}
+    return CliRunner().invoke(main, [*flags, "ingest", *args, "--metrics-port", "0"], input=input, env=env,
+                              catch_exceptions=False)
+
+
+def test_cli_ingests_synthetic_scenes_then_a_manifest_from_stdin(settings, tmp_path, monkeypatch):
+    first = cli(settings, "--synthetic", "--count", "12", "--seed", "3")
+    again = cli(settings, "--synthetic", "--count", "12", "--seed", "3")
+    assert first.exit_code == 0 and "ingest summary" in first.output
+    assert "12" in first.output and "published" in first.output
+    assert "duplicate" in again.output and again.output.count("published") == 1
+
+    (tmp_path / "x.png").write_bytes(png(noisy(30)))
+    monkeypatch.chdir(tmp_path)
+    manifest = "\n".join([json.dumps({"image": "x.png"}), json.dumps({"image": "/etc/hostname"}), "oops"])
+    result = cli(settings, "--manifest", "-", input=manifest)
+    assert result.exit_code == 0
+    assert "path_outside_roots" in result.output and "bad_manifest_line" in result.output
+
+    items = asyncio.run(read_all(settings, UnlabeledItem))
+    assert len(items) == 13
+    synthetic = [item for item in items if item.source.startswith("synthetic:3/")]
+    assert len(synthetic) == 12 and all(item.metadata["kind"] for item in synthetic)
+    assert topic_for(UnlabeledItem, settings.kafka.topic_prefix).endswith("unlabeled")

@@ -1,0 +1,260 @@
+"""The policy layer: tiny model, tokenizer, processor, save/load, generation, SFT and the warm-up cache."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+import socket
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoProcessor
+
+from dpe.cli.model import model as model_cli
+from dpe.grading import grade
+from dpe.policy.accuracy import measure_accuracy
+from dpe.policy.config import TinyVLMConfig, WarmupConfig
+from dpe.policy.generation import SamplingParams, generate
+from dpe.policy.model import VISION_TOKENS, build_tiny_policy, load_policy, suppressed_token_ids
+from dpe.policy.processor import Qwen2VLNoVideoProcessor, load_processor
+from dpe.policy.prompts import build_messages, format_question, render_prompt
+from dpe.policy.sft import IGNORE_INDEX, sft_batch, train_sft
+from dpe.policy.warmup import RECIPE_FILE, cached_folder, warm_up
+from dpe.world import CAPABILITIES, diagnostic_sample, make_item, training_stream
+
+SMALL = TinyVLMConfig(corpus_items=20)
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return build_tiny_policy(SMALL)
+
+
+@pytest.fixture(scope="module")
+def items():
+    return [make_item(capability, 1 + index % 3, index) for index, capability in enumerate(CAPABILITIES * 2)]
+
+
+def _inputs(policy, items):
+    texts = [render_prompt(policy.processor, build_messages(i.question, i.answer_type, i.options)) for i in items]
+    return policy.processor(
+        images=[i.image for i in items], text=texts, padding=True, padding_side="left", return_tensors="pt"
+    )
+
+
+def test_tokenizer_round_trips_and_keeps_special_tokens_whole(policy):
+    tokenizer = policy.tokenizer
+    for item in (make_item(capability, 5, 3) for capability in CAPABILITIES):
+        text = format_question(item.question, item.answer_type, item.options) + f" \\boxed{{{item.answer}}}"
+        assert tokenizer.decode(tokenizer(text).input_ids) == text
+    assert tokenizer.decode(tokenizer("Ünïcode ✓ 😀").input_ids) == "Ünïcode ✓ 😀"
+    for token in VISION_TOKENS + ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(tokenizer(token).input_ids) == 1
+    digits = tokenizer.convert_ids_to_tokens(tokenizer("1234").input_ids)
+    assert digits == ["1", "2", "3", "4"]
+
+
+def test_chat_template_is_qwen_style(policy):
+    messages = build_messages("How many shapes?", "number", system="Be brief.")
+    text = render_prompt(policy.processor, messages)
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many shapes?\n"
+        "Answer with a number in \\boxed{}.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_builds_tiny_and_sees_16_image_tokens(family, items, no_network):
+    policy = build_tiny_policy(TinyVLMConfig(family=family, corpus_items=5))
+    assert policy.model.config.model_type == family
+    assert policy.num_parameters() < 1_000_000
+    inputs = _inputs(policy, items[:3])
+    image_pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert ((inputs["input_ids"] == image_pad).sum(dim=1) == 16).all()
+    with torch.no_grad():
+        logits = policy.model(**inputs).logits
+    assert logits.shape[-1] == len(policy.tokenizer)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trips_exactly(family, items, tmp_path, no_network):
+    policy = build_tiny_policy(TinyVLMConfig(family=family, corpus_items=5))
+    policy.save(tmp_path / "ckpt", extra_files={"note.json": "{}"})
+    loaded = load_policy(tmp_path / "ckpt")
+    assert type(loaded.processor) is type(policy.processor)
+    assert loaded.processor.chat_template == policy.processor.chat_template
+    assert loaded.tokenizer.get_vocab() == policy.tokenizer.get_vocab()
+    inputs = _inputs(policy, items[:4])
+    assert torch.equal(inputs["input_ids"], _inputs(loaded, items[:4])["input_ids"])
+    with torch.no_grad():
+        difference = (policy.model(**inputs).logits - loaded.model(**inputs).logits).abs().max().item()
+    assert difference == 0.0
+    assert json.loads((tmp_path / "ckpt" / "note.json").read_text()) == {}
+
+
+def test_tiny_build_is_deterministic():
+    first, second = build_tiny_policy(TinyVLMConfig(corpus_items=5)), build_tiny_policy(TinyVLMConfig(corpus_items=5))
+    assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
+    for left, right in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(left, right)
+
+
+def test_auto_processor_would_return_a_bare_tokenizer(policy, tmp_path):
+    policy.save(tmp_path / "ckpt")
+    assert not hasattr(AutoProcessor.from_pretrained(tmp_path / "ckpt"), "image_processor")
+    assert isinstance(load_processor(tmp_path / "ckpt"), Qwen2VLNoVideoProcessor)
+
+
+def test_load_processor_refuses_a_checkpoint_without_image_processor(policy, tmp_path):
+    folder = tmp_path / "text_only"
+    policy.tokenizer.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="no image processor"):
+        load_processor(folder)
+
+
+def test_generate_returns_n_samples_and_is_reproducible(policy, items):
+    images = [item.image for item in items]
+    conversations = [build_messages(i.question, i.answer_type, i.options) for i in items]
+    sampled = SamplingParams(temperature=1.0, num_samples=3, max_new_tokens=6, batch_size=5)
+    first = generate(policy, images, conversations, sampled, seed=1)
+    assert len(first) == len(items) and all(len(samples) == 3 for samples in first)
+    assert generate(policy, images, conversations, sampled, seed=1) == first
+    greedy = generate(policy, images, conversations, SamplingParams(max_new_tokens=6, batch_size=4))
+    one_by_one = [
+        generate(policy, [image], [conversation], SamplingParams(max_new_tokens=6))[0]
+        for image, conversation in zip(images, conversations)
+    ]
+    assert greedy == one_by_one
+    with pytest.raises(ValueError):
+        SamplingParams(num_samples=2)
+
+
+def test_vision_tokens_are_never_generated(policy, items):
+    vision_ids = suppressed_token_ids(policy.tokenizer)
+    assert len(vision_ids) == len(VISION_TOKENS)
+    boost = torch.zeros(len(policy.tokenizer))
+    boost[vision_ids] = 50.0
+    hook = policy.model.lm_head.register_forward_hook(lambda module, args, output: output + boost)
+    try:
+        inputs = _inputs(policy, items[:4])
+        with torch.no_grad():
+            unsuppressed = policy.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert set(unsuppressed[:, inputs["input_ids"].shape[1] :].flatten().tolist()) <= set(vision_ids)
+        conversations = [build_messages(i.question, i.answer_type, i.options) for i in items]
+        images = [item.image for item in items]
+        greedy = SamplingParams(max_new_tokens=8)
+        sampled = SamplingParams(temperature=1.5, num_samples=4, max_new_tokens=8)
+        for params in (greedy, sampled):
+            outputs = generate(policy, images, conversations, params, seed=0)
+            ids = policy.tokenizer([text for samples in outputs for text in samples]).input_ids
+            assert not {token for row in ids for token in row} & set(vision_ids)
+    finally:
+        hook.remove()
+
+
+def test_sft_labels_cover_only_the_boxed_answer(policy, items):
+    batch = sft_batch(policy, items)
+    for row, item in enumerate(items):
+        labels = batch["labels"][row]
+        assert policy.tokenizer.decode(labels[labels != IGNORE_INDEX]) == f"\\boxed{{{item.answer}}}<|im_end|>"
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_sft_learns_a_single_easy_capability():
+    policy = build_tiny_policy(SMALL)
+    stream = training_stream({"existence": 1.0}, seed=2, levels=(1,))
+    losses = train_sft(policy, stream, steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5, show_progress=False)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 / 4
+    held_out = diagnostic_sample(0, 8, capabilities=["existence"], levels=(1,))
+    (texts,) = zip(*generate(policy, [i.image for i in held_out],
+                             [build_messages(i.question, i.answer_type, i.options) for i in held_out]))
+    assert all(grade(text, item.answer, item.answer_type).format_ok for text, item in zip(texts, held_out))
+
+
+def test_measure_accuracy_reports_every_capability(policy):
+    table = measure_accuracy(policy, diagnostic_sample(0, 14), num_samples=2, max_new_tokens=6)
+    assert set(table) == set(CAPABILITIES)
+    for row in table.values():
+        assert row["items"] == 2
+        assert 0.0 <= row["greedy"] <= 1.0 and 0.0 <= row["sampled"] <= row["pass_at_k"] <= 1.0
+
+
+def test_recipe_hash_follows_the_recipe():
+    base = WarmupConfig(mix={"color": 1, "counting": 1})
+    assert base.recipe_hash("1") == WarmupConfig(mix={"color": 2, "counting": 2}).recipe_hash("1")
+    assert base.recipe_hash("1") != WarmupConfig(mix={"color": 2, "counting": 1}).recipe_hash("1")
+    assert base.recipe_hash("1") != base.model_copy(update={"steps": 7}).recipe_hash("1")
+    assert base.recipe_hash("1") != base.recipe_hash("2")
+    with pytest.raises(ValueError):
+        WarmupConfig(mix={"juggling": 1.0})
+
+
+def test_warm_up_is_cached_by_recipe(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("DPE_MODEL_CACHE", str(tmp_path / "env-cache"))
+    config = WarmupConfig(model=TinyVLMConfig(corpus_items=5), steps=3, batch_size=4)
+    first = warm_up(config, show_progress=False)
+    assert not first.from_cache and first.folder == cached_folder(config)
+    assert first.folder.parent == tmp_path / "env-cache" and (first.folder / RECIPE_FILE).exists()
+
+    started = time.perf_counter()
+    second = warm_up(config, show_progress=False)
+    assert second.from_cache and second.folder == first.folder
+    assert time.perf_counter() - started < 5
+    inputs = _inputs(first.policy, [make_item("chart", 2, 0)])
+    with torch.no_grad():
+        assert torch.equal(first.policy.model(**inputs).logits, second.policy.model(**inputs).logits)
+
+    other = warm_up(config.model_copy(update={"seed": 1}), cache_dir=tmp_path / "arg-cache", show_progress=False)
+    assert not other.from_cache and other.folder.parent == tmp_path / "arg-cache"
+
+
+def test_cli_init_tiny_sft_and_accuracy(tmp_path, no_network):
+    runner = CliRunner()
+    result = runner.invoke(model_cli, ["init-tiny", "-o", str(tmp_path / "tiny"), "--family", "qwen2_5_vl"])
+    assert result.exit_code == 0, result.output
+    assert load_policy(tmp_path / "tiny").model.config.model_type == "qwen2_5_vl"
+
+    args = ["sft", "--steps", "2", "--batch-size", "2", "--mix", "color=3,counting=1", "--levels", "1,2",
+            "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "warm"), "--eval-items", "7",
+            "--eval-samples", "2"]
+    result = runner.invoke(model_cli, args)
+    assert result.exit_code == 0, result.output
+    assert "trained" in result.output and "held-out accuracy" in result.output
+    assert (tmp_path / "warm" / RECIPE_FILE).exists()
+    assert "loaded from cache" in runner.invoke(model_cli, args).output
+
+    result = runner.invoke(model_cli, ["accuracy", str(tmp_path / "warm"), "--items", "7", "--samples", "2"])
+    assert result.exit_code == 0, result.output
+
+    bad = runner.invoke(model_cli, ["sft", "--mix", "juggling=1", "--cache-dir", str(tmp_path / "cache")])
+    assert bad.exit_code != 0 and "juggling" in bad.output
+
+
+@pytest.mark.slow
+def test_default_warm_up_leaves_uneven_blind_spots_but_samples_correct_answers(tmp_path):
+    result = warm_up(WarmupConfig(), cache_dir=tmp_path, show_progress=False)
+    table = measure_accuracy(result.policy, diagnostic_sample(0, 140, seed=0, levels=(1, 2, 3)))
+    assert all(row["format"] > 0.9 for row in table.values())
+    assert all(row["pass_at_k"] > 0.2 for row in table.values())
+    greedy = sorted(row["greedy"] for row in table.values())
+    assert greedy[-1] - greedy[0] > 0.3

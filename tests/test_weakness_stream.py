@@ -1,0 +1,357 @@
+"""The weakness stream end to end: real embedded broker, worker processes started with `python -m streams.cli`.
+
+Every expectation is recomputed from the published log with the pure scoring functions, so "right
+numbers" means: what `streams.scoring.replay` + `summarise` give for the events on the topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
+
+from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
+from dpe.config import Settings, load_settings
+from dpe.events import BlobRef, DeadLetter, Divergence, EvalOutcome, Event, QuotaPlan, WeaknessSnapshot
+from dpe.topics import topic_for
+from streams.beta import credible_interval
+from streams.contracts import PartialWeakness, partial_topic
+from streams.scoring import divergence_evidence, load_state, outcome_evidence, replay, summarise
+
+REPO = Path(__file__).resolve().parent.parent
+TAXONOMY = ("counting", "color", "spatial", "chart")
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def outcome(version: int, item: str, correct: bool, capability: str = "counting") -> EvalOutcome:
+    return EvalOutcome(policy_version=version, suite="diag", item_id=item, capability=capability,
+                       answer_type="number", expected="3", predicted="3" if correct else "4", correct=correct,
+                       score=1.0 if correct else 0.0)
+
+
+def divergence(version: int, probe: str, capability: str) -> Divergence:
+    image = BlobRef(sha256="b" * 64, media_type="image/png", size_bytes=10, width=8, height=8)
+    return Divergence(policy_version=version, item_id="img", probe_id=probe, capability=capability, question="?",
+                      image=image, target_answer="3", reference_answers={"r1": "4", "r2": "4"},
+                      consensus_answer="4", consensus_strength=1.0)
+
+
+class Worker:
+    """One stream worker process."""
+
+    def __init__(self, config: Path, log: Path):
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "--config", str(config)],
+                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self.log.close()
+
+
+@pytest.fixture
+def stream_settings(settings: Settings, tmp_path: Path) -> tuple[Settings, Path]:
+    """Test settings plus a YAML file of them for worker processes (small taxonomy, budget 100)."""
+    config = {
+        "home": str(settings.home),
+        "log_level": "WARNING",
+        "kafka": {"bootstrap_servers": settings.kafka.bootstrap_servers, "topic_prefix": settings.kafka.topic_prefix},
+        "blob": {"url": settings.blob.url},
+        "stream": {"metrics_port": 0, "snapshot_every_s": 0.2, "quotas": {"budget": 100},
+                   "scoring": {"taxonomy": list(TAXONOMY)}},
+    }
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_settings(path), path
+
+
+@pytest.fixture
+def start_worker(stream_settings, tmp_path):
+    """Starts worker processes; all are stopped at teardown."""
+    started: list[Worker] = []
+
+    def start() -> Worker:
+        worker = Worker(stream_settings[1], tmp_path / f"worker{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+class Watch:
+    """Follows snapshots, plans and dead letters from the beginning of their topics."""
+
+    def __init__(self, subscriber: AsyncSubscriber):
+        self.subscriber = subscriber
+        self.snapshots: dict[str, WeaknessSnapshot] = {}
+        self.plans: list[QuotaPlan] = []
+        self.letters: list[DeadLetter] = []
+
+    @property
+    def latest(self) -> tuple[WeaknessSnapshot, QuotaPlan] | None:
+        """The newest plan with the snapshot it names."""
+        if not self.plans or self.plans[-1].snapshot_id not in self.snapshots:
+            return None
+        return self.snapshots[self.plans[-1].snapshot_id], self.plans[-1]
+
+    async def until(self, done: Callable[["Watch"], bool], timeout_s: float = 90.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done(self):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; latest: {self.latest}")
+            for delivery in await self.subscriber.fetch(timeout_ms=100):
+                event = delivery.event
+                if isinstance(event, WeaknessSnapshot):
+                    self.snapshots[event.snapshot_id] = event
+                elif isinstance(event, QuotaPlan):
+                    self.plans.append(event)
+                else:
+                    self.letters.append(event)
+
+
+async def watch(settings: Settings, publisher: AsyncPublisher) -> AsyncSubscriber:
+    return AsyncSubscriber(settings, [WeaknessSnapshot, QuotaPlan, DeadLetter], group_id=None, service="test",
+                           publisher=publisher)
+
+
+async def publish(settings: Settings, events: list[Event]) -> None:
+    async with AsyncPublisher(settings, producer_name="test") as publisher:
+        for event in events:
+            await publisher.publish(event)
+        await publisher.flush()
+
+
+async def read_all(settings: Settings, topic: str, quiet_s: float = 1.5) -> list:
+    """Every record of `topic`, per partition in offset order (read until nothing new for `quiet_s`)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False,
+                                fetch_max_wait_ms=10)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or
+                                                               await _partitions(consumer, topic))]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records: list = []
+        last_new = time.monotonic()
+        while time.monotonic() - last_new < quiet_s:
+            batch = await consumer.getmany(timeout_ms=200)
+            for tp_records in batch.values():
+                records.extend(tp_records)
+                last_new = time.monotonic()
+        return sorted(records, key=lambda r: (r.partition, r.offset))
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    for _ in range(50):
+        await consumer._client.force_metadata_update()
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"topic {topic} not found")
+
+
+async def recomputed(settings: Settings) -> dict:
+    """Capability states recomputed from the evidence topics' logs."""
+    params = settings.stream.scoring
+    evidence = []
+    for model, to_evidence in ((EvalOutcome, outcome_evidence), (Divergence, divergence_evidence)):
+        for record in await read_all(settings, topic_for(model, settings.kafka.topic_prefix)):
+            evidence.append(to_evidence(model.model_validate_json(record.value), params))
+    return replay(evidence, params)
+
+
+def matches(expected: dict, settings: Settings) -> Callable[[Watch], bool]:
+    """The latest plan's snapshot reports exactly the recomputed weakness of every capability."""
+    params = settings.stream.scoring
+    summaries = {name: summarise(state, params) for name, state in expected.items()}
+
+    def done(w: Watch) -> bool:
+        latest = w.latest
+        return latest is not None and all(latest[0].capabilities.get(n) == s for n, s in summaries.items())
+
+    return done
+
+
+async def test_outcomes_in_snapshot_and_plan_out_with_the_right_numbers(stream_settings, start_worker):
+    settings, _ = stream_settings
+    counting = [outcome(1, f"n{i}", correct=i >= 8) for i in range(10)]  # 8 of 10 wrong
+    color = [outcome(1, f"c{i}", correct=i >= 1, capability="color") for i in range(10)]  # 1 of 10 wrong
+    rerun = outcome(1, "c9", correct=False, capability="color")  # re-graded: now 2 of 10 wrong
+    await publish(settings, [*counting, *color, counting[0], counting[1], rerun])
+    start_worker()
+    async with AsyncPublisher(settings) as pub, await watch(settings, pub) as sub:
+        w = Watch(sub)
+        await w.until(lambda w: w.latest is not None and w.latest[0].capabilities["color"].error_rate == 0.2
+                      and w.latest[0].capabilities["counting"].events == 10, what="a plan with every outcome")
+    snapshot, plan = w.latest
+    assert snapshot.capabilities["counting"].error_rate == 0.8
+    assert snapshot.capabilities["counting"].effective_n == 10
+    low, high = credible_interval(1 + 8, 1 + 2, 0.9)
+    assert (snapshot.capabilities["counting"].ci_low, snapshot.capabilities["counting"].ci_high) == (low, high)
+    assert snapshot.capabilities["color"].events == 10, "the duplicate and the re-run add nothing"
+    for unseen in ("spatial", "chart"):
+        assert snapshot.capabilities[unseen].events == 0 and snapshot.capabilities[unseen].error_rate == 0.5
+    assert (snapshot.policy_version, snapshot.events_total) == (1, 20)
+    # dpe_step: counting acc 0.2 -> 2.0, color acc 0.8 -> 1.0, unseen (prior 0.5) -> 2.0; sum 7.0, budget 100
+    assert plan.weights == {"chart": 2.0, "color": 1.0, "counting": 2.0, "spatial": 2.0}
+    assert plan.quotas == {"chart": 29, "color": 14, "counting": 29, "spatial": 28}
+    assert (plan.snapshot_id, plan.strategy, plan.budget, plan.policy_version) == \
+        (snapshot.snapshot_id, "dpe_step", 100, 1)
+    assert [p.round for p in w.plans] == list(range(len(w.plans))), "plan rounds count up from 0"
+
+
+async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(stream_settings, start_worker):
+    settings, _ = stream_settings
+    prefix = settings.kafka.topic_prefix
+    outcomes, divergences = topic_for(EvalOutcome, prefix), topic_for(Divergence, prefix)
+    nan_score = json.loads(outcome(1, "nan", True).model_dump_json()) | {"score": float("nan")}
+    bad = {
+        "MalformedJSON": (outcomes, b"counting", b"{not json"),
+        "UnknownCapability": (outcomes, b"juggling", outcome(1, "j", False, "juggling").model_dump_json().encode()),
+        "SchemaViolation": (outcomes, b"counting", json.dumps(nan_score).encode()),
+        "UnsupportedSchemaVersion": (outcomes, b"counting",
+                                     outcome(1, "v", False).model_copy(update={"schema_version": 99})
+                                     .model_dump_json().encode()),
+        "UnknownDivergenceCapability": (divergences, b"juggling",
+                                        divergence(1, "p", "juggling").model_dump_json().encode()),
+    }
+    good = [outcome(1, "first", False), outcome(1, "last", True)]
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(outcomes, good[0].model_dump_json().encode(), key=b"counting")
+        for topic, key, value in bad.values():
+            await producer.send_and_wait(topic, value, key=key)
+        await producer.send_and_wait(outcomes, good[1].model_dump_json().encode(), key=b"counting")
+    finally:
+        await producer.stop()
+
+    start_worker()
+    async with AsyncPublisher(settings) as pub, await watch(settings, pub) as sub:
+        w = Watch(sub)
+        await w.until(lambda w: len(w.letters) == len(bad) and w.latest is not None
+                      and w.latest[0].capabilities["counting"].events == 2, what="dead letters and a plan")
+    by_payload = {base64.b64decode(letter.payload_b64): letter for letter in w.letters}
+    for expected_class, (topic, key, value) in bad.items():
+        letter = by_payload[value]
+        assert letter.error_class == expected_class.replace("Divergence", "")
+        assert (letter.origin_topic, letter.origin_key) == (topic, key.decode())
+        assert letter.origin_partition is not None and letter.origin_offset is not None
+        assert letter.producer == "weakness" and letter.error_message
+    assert by_payload[bad["UnknownCapability"][2]].stage == "weakness.score"
+    assert "juggling" in by_payload[bad["UnknownCapability"][2]].error_message
+    assert "score" in by_payload[bad["SchemaViolation"][2]].error_message
+    assert w.latest[0].capabilities["counting"].error_rate == 0.5, "the valid events around the bad ones count"
+
+
+def workload(versions: range, per_version: int, seed_offset: int = 0) -> list[EvalOutcome]:
+    """Outcomes for every taxonomy capability over several versions, with duplicates and re-runs."""
+    events = []
+    for version in versions:
+        batch = [outcome(version, f"i{i}", (i * 7 + version + seed_offset) % 3 == 0, TAXONOMY[i % len(TAXONOMY)])
+                 for i in range(per_version)]
+        reruns = [outcome(version, f"i{i}", True, TAXONOMY[i % len(TAXONOMY)]) for i in range(0, per_version, 17)]
+        events += batch + batch[::50] + reruns
+    return events
+
+
+async def latest_changelog_states(settings: Settings) -> dict:
+    topic = f"{settings.kafka.topic_prefix}{settings.stream.app_id}-capability_states-changelog"
+    latest = {}
+    for record in await read_all(settings, topic):
+        latest[json.loads(record.key)] = record.value
+    return {name: load_state(raw) for name, raw in latest.items()}
+
+
+async def test_recovery_after_kill9_equals_recomputation_from_the_log(stream_settings, start_worker):
+    settings, _ = stream_settings
+    await publish(settings, workload(range(6), per_version=4000))
+    first = start_worker()
+    async with AsyncPublisher(settings) as pub, await watch(settings, pub) as sub:
+        w = Watch(sub)
+        await w.until(lambda w: w.latest is not None, what="the first plan")
+        first.kill9()
+        killed_at = w.latest[0].events_total
+        await publish(settings, workload(range(5, 8), per_version=800, seed_offset=1))
+        expected = await recomputed(settings)
+        assert killed_at < sum(s.folded_count + sum(map(len, s.window.values())) for s in expected.values()), \
+            "the worker must die mid-stream for this test to mean anything"
+        start_worker()
+        await w.until(matches(expected, settings), what="the recomputed weakness after restart")
+    changelog = await latest_changelog_states(settings)
+    assert changelog == expected, "the table after recovery equals the recomputation from the log"
+    assert all(len(state.window) <= settings.stream.scoring.keep_versions for state in changelog.values())
+
+
+async def group_members(settings: Settings) -> tuple[str, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        group = f"{settings.kafka.topic_prefix}{settings.stream.app_id}"
+        (description,) = (await admin.describe_consumer_groups([group]))[0].groups
+        return description[2], len(description[5])
+    finally:
+        await admin.close()
+
+
+async def reports_by_worker(settings: Settings) -> dict[str, set[str]]:
+    by_worker: dict[str, set[str]] = defaultdict(set)
+    for record in await read_all(settings, partial_topic(settings.kafka.topic_prefix)):
+        partial = PartialWeakness.model_validate_json(record.value)
+        by_worker[partial.worker] |= set(partial.reports)
+    return by_worker
+
+
+async def test_two_workers_share_partitions_and_one_takes_over(stream_settings, start_worker):
+    settings, _ = stream_settings
+    partitioner = DefaultPartitioner()
+    assert {partitioner(name.encode(), [0, 1, 2, 3], [0, 1, 2, 3]) for name in TAXONOMY} == {0, 1, 2, 3}, \
+        "precondition: the capabilities cover every partition, so both workers get some"
+    first, second = start_worker(), start_worker()
+    deadline = time.monotonic() + 60
+    while await group_members(settings) != ("Stable", 2):
+        assert time.monotonic() < deadline, "the two workers never formed a stable group"
+        await asyncio.sleep(0.5)
+
+    await publish(settings, workload(range(3), per_version=400))
+    async with AsyncPublisher(settings) as pub, await watch(settings, pub) as sub:
+        w = Watch(sub)
+        await w.until(matches(await recomputed(settings), settings), what="the global snapshot of two workers")
+        by_worker = await reports_by_worker(settings)
+        assert len(by_worker) == 2, f"both workers report: {dict(by_worker)}"
+        assert set.union(*by_worker.values()) == set(TAXONOMY)
+        assert not set.intersection(*by_worker.values()), "each capability has exactly one owner"
+
+        first.kill9()
+        await publish(settings, workload(range(2, 5), per_version=400, seed_offset=2))
+        await w.until(matches(await recomputed(settings), settings), what="the survivor's global snapshot")
+    assert second.proc.poll() is None

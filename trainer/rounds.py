@@ -1,0 +1,164 @@
+"""Micro-rounds: read accepted samples from hand-assigned partitions until a round is full or due.
+
+A round closes after `RoundSettings.max_samples` admitted samples or `max_seconds` after its first
+one. It covers a contiguous offset range per partition, from where the last checkpoint stopped to
+the current read position, including the records that were not trained on: duplicates (already
+trained or twice in the round), stale samples (dropped), records dead-lettered by the bus (decode)
+or here (missing or corrupt image, ungradable answer). Nothing is committed to Kafka: the positions
+go into the checkpoint, which is what makes the effect exactly-once.
+
+Example:
+    >>> from aiokafka import TopicPartition
+    >>> tp = TopicPartition("dpe.samples.accepted", 0)
+    >>> Round(start={tp: 3}, end={tp: 7}).trained_on()
+    [OffsetRange(topic='dpe.samples.accepted', partition=0, start=3, end=7)]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from aiokafka import TopicPartition
+
+from dpe.blobstore import BlobStore
+from dpe.bus.aio import AsyncSubscriber
+from dpe.bus.delivery import Delivery
+from dpe.events import AcceptedSample, OffsetRange
+from monitoring.metrics import TRAINER_LAG, TRAINER_SAMPLES
+from trainer.samples import RecentIds, TrainingSample, load_sample, staleness_weight
+from trainer.settings import TrainerSettings
+
+
+@dataclass
+class Round:
+    """A micro-round being read: the offsets it covers, its admitted samples and what it skipped."""
+
+    start: dict[TopicPartition, int]
+    end: dict[TopicPartition, int]
+    samples: list[TrainingSample] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    admitted_ids: set[str] = field(default_factory=set)
+    first_sample_at: float | None = None
+    consume_seconds: float = 0.0
+
+    def trained_on(self) -> list[OffsetRange]:
+        """The non-empty offset ranges [start, end) the round read, per partition."""
+        return [
+            OffsetRange(topic=tp.topic, partition=tp.partition, start=self.start.get(tp, 0), end=end)
+            for tp, end in sorted(self.end.items())
+            if end > self.start.get(tp, 0)
+        ]
+
+    def sample_ids(self) -> list[str]:
+        return [sample.sample_id for sample in self.samples]
+
+
+def positions_by_topic(positions: dict[TopicPartition, int]) -> dict[str, dict[int, int]]:
+    """Positions as topic -> partition -> offset (the checkpoint's form).
+
+    Example:
+        >>> positions_by_topic({TopicPartition("t", 1): 5})
+        {'t': {1: 5}}
+    """
+    out: dict[str, dict[int, int]] = defaultdict(dict)
+    for tp, offset in positions.items():
+        out[tp.topic][tp.partition] = offset
+    return dict(out)
+
+
+def positions_from_topics(positions: dict[str, dict[int, int]]) -> dict[TopicPartition, int]:
+    """The inverse of `positions_by_topic`."""
+    return {
+        TopicPartition(topic, partition): offset
+        for topic, parts in positions.items()
+        for partition, offset in parts.items()
+    }
+
+
+class RoundCollector:
+    """Reads rounds from an `AsyncSubscriber` assigned by hand (``subscribe=False``) and seeked."""
+
+    def __init__(self, subscriber: AsyncSubscriber, blobs: BlobStore, settings: TrainerSettings, recent: RecentIds):
+        self.subscriber = subscriber
+        self.blobs = blobs
+        self.settings = settings
+        self.recent = recent
+        self.pending = Round(start={}, end={})
+
+    async def start(self) -> None:
+        """Open the first round at the subscriber's current positions (after `assign_all`)."""
+        positions = await self._positions()
+        self.pending = Round(start=dict(positions), end=dict(positions))
+
+    async def collect(self, policy_version: int, stop: asyncio.Event) -> Round:
+        """Read until the pending round is full or due, `max_seconds` pass without a sample, or `stop`.
+
+        Returns the pending round; it stays pending (and keeps growing on the next call) until
+        `committed` is called, so records skipped in an empty round are covered by the next checkpoint.
+        """
+        rounds = self.settings.rounds
+        pending = self.pending
+        opened = time.monotonic()
+        while not stop.is_set() and len(pending.samples) < rounds.max_samples:
+            now = time.monotonic()
+            since = pending.first_sample_at if pending.first_sample_at is not None else opened
+            if now - since >= rounds.max_seconds:
+                break
+            started = time.perf_counter()
+            deliveries = await self.subscriber.fetch(rounds.max_samples - len(pending.samples), rounds.fetch_timeout_ms)
+            for delivery in deliveries:
+                await self._admit(delivery, policy_version)
+            pending.end = await self._positions()
+            if deliveries:
+                pending.consume_seconds += time.perf_counter() - started
+        TRAINER_LAG.set(sum((await self.subscriber.lag()).values()))
+        return pending
+
+    def pause(self) -> None:
+        """Stop fetching while a round trains and checkpoints: no broker traffic competes for the CPU."""
+        consumer = self.subscriber.consumer
+        consumer.pause(*consumer.assignment())
+
+    def resume(self) -> None:
+        consumer = self.subscriber.consumer
+        consumer.resume(*consumer.assignment())
+
+    def committed(self) -> None:
+        """The pending round is in a checkpoint: remember its ids and open the next round where it ended."""
+        for sample_id in self.pending.sample_ids():
+            self.recent.add(sample_id)
+        self.pending = Round(start=dict(self.pending.end), end=dict(self.pending.end))
+
+    async def _admit(self, delivery: Delivery, policy_version: int) -> None:
+        event: AcceptedSample = delivery.event
+        pending = self.pending
+        if event.sample_id in self.recent or event.sample_id in pending.admitted_ids:
+            self._skip("duplicate", event.sample_id)
+            return
+        weight = staleness_weight(event.policy_version, policy_version, self.settings.staleness)
+        if weight is None:
+            self._skip("stale_dropped", event.sample_id)
+            return
+        try:
+            sample = await asyncio.to_thread(load_sample, event, self.blobs, weight)
+        except Exception as error:  # noqa: BLE001 - any unusable sample is dead-lettered, the round goes on
+            await self.subscriber.dead_letter(delivery, error, "admit")
+            self._skip("dead_lettered", event.sample_id)
+            return
+        if weight < 1.0:
+            TRAINER_SAMPLES.labels("stale_downweighted").inc()
+        pending.samples.append(sample)
+        pending.admitted_ids.add(sample.sample_id)
+        if pending.first_sample_at is None:
+            pending.first_sample_at = time.monotonic()
+
+    def _skip(self, reason: str, sample_id: str) -> None:
+        self.pending.skipped[reason].append(sample_id)
+        TRAINER_SAMPLES.labels(reason).inc()
+
+    async def _positions(self) -> dict[TopicPartition, int]:
+        consumer = self.subscriber.consumer
+        return {tp: await consumer.position(tp) for tp in sorted(consumer.assignment())}

@@ -1,0 +1,263 @@
+"""The trainer service: micro-rounds of GRPO from accepted samples, each sample trained exactly once.
+
+Every round: read samples (`RoundCollector`), train (`GRPOEngine`), write the checkpoint atomically
+with the weights, optimiser state, next offsets and trained ids (`CheckpointStore`), then announce it
+on the checkpoints topic. On start the newest checkpoint that verifies is loaded and the partitions
+are sought to its offsets, so after a kill at any point the samples of an unfinished round are read
+again and those of a finished round never are. A checkpoint on disk whose announcement was not
+acknowledged is announced again (the same event, so consumers see a duplicate at worst).
+
+With several processes (the accelerate or DeepSpeed launcher), rank 0 alone talks to Kafka and the
+checkpoint folder; the others receive each round's samples from it and join the collective saves.
+
+Example:
+    >>> import asyncio                                                    # doctest: +SKIP
+    >>> [r.version for r in asyncio.run(run_trainer(load_settings(), max_rounds=1))]  # doctest: +SKIP
+    [1]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpe.blobstore import BlobStore
+from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
+from dpe.config import Settings
+from dpe.events import AcceptedSample, Checkpoint
+from dpe.policy.config import WarmupConfig
+from dpe.policy.warmup import RECIPE_FILE, cached_folder
+from monitoring.metrics import (
+    TRAINER_CHECKPOINT_SECONDS,
+    TRAINER_KL,
+    TRAINER_LOSS,
+    TRAINER_POLICY_VERSION,
+    TRAINER_REWARD,
+    TRAINER_REWARD_STD,
+    TRAINER_ROUND_SECONDS,
+    TRAINER_ROUNDS,
+    TRAINER_SAMPLES,
+    TRAINER_STEP_SECONDS,
+    TRAINER_TOKENS_PER_SECOND,
+    TRAINER_ZERO_STD,
+    serve_metrics,
+)
+from trainer.checkpoints import CheckpointStore, Manifest, StoredCheckpoint, folder_name
+from trainer.distributed import share_from_main
+from trainer.engine import GRPOEngine, RoundStats
+from trainer.rounds import Round, RoundCollector, positions_by_topic, positions_from_topics
+from trainer.samples import RecentIds
+
+log = logging.getLogger(__name__)
+
+METRICS_PORT = 9105
+PRODUCER = "trainer"
+
+
+def checkpoint_folder(settings: Settings) -> Path:
+    """Where the trainer's checkpoints live: the configured folder or ``<home>/checkpoints``."""
+    return settings.trainer.checkpoints.folder or settings.home / "checkpoints"
+
+
+def base_model_folder(settings: Settings) -> Path:
+    """The model folder of policy version 0: ``trainer.base_model``, else the embedded default's
+    warmed tiny model in dpe.policy's cache; a clear error when it is not there."""
+    folder = settings.trainer.base_model
+    if folder is None:
+        folder = cached_folder(WarmupConfig())
+        if not (folder / RECIPE_FILE).is_file():
+            raise FileNotFoundError(
+                f"trainer.base_model is not set and the default warmed model is not cached at {folder}: "
+                "set trainer.base_model to a local model folder, or warm the tiny model up first (dpe.policy.warmup)"
+            )
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"trainer.base_model {folder} is not a model folder (no config.json)")
+    return Path(folder)
+
+
+_METRICS_SERVED: set[tuple[str, int]] = set()
+
+
+def _serve_metrics_once(port: int, addr: str) -> None:
+    """Expose /metrics once per process and address (a second trainer run in one process reuses it)."""
+    if (addr, port) not in _METRICS_SERVED:
+        serve_metrics(port, addr)
+        _METRICS_SERVED.add((addr, port))
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """One checkpointed round: its version, size, phase times and GRPO step times."""
+
+    version: int
+    samples: int
+    consume_s: float
+    train_s: float
+    checkpoint_s: float
+    announce_s: float
+    step_seconds: tuple[float, ...]
+
+
+def round_metrics(stats: RoundStats, rnd: Round) -> dict[str, float]:
+    """The metrics a checkpoint announces: training summary, consume time, down-weighted and skipped counts."""
+    skipped = {f"skipped_{reason}": float(len(ids)) for reason, ids in rnd.skipped.items()}
+    downweighted = float(sum(sample.weight < 1.0 for sample in rnd.samples))
+    return stats.summary() | {"consume_s": rnd.consume_seconds, "stale_downweighted": downweighted} | skipped
+
+
+def observe_round(stats: RoundStats) -> None:
+    """Export a trained round's figures as Prometheus metrics."""
+    summary = stats.summary()
+    for step in stats.steps:
+        TRAINER_STEP_SECONDS.observe(step.seconds)
+    gauges = {
+        "reward_mean": TRAINER_REWARD, "reward_std": TRAINER_REWARD_STD, "frac_zero_std": TRAINER_ZERO_STD,
+        "kl": TRAINER_KL, "loss": TRAINER_LOSS, "tokens_per_s": TRAINER_TOKENS_PER_SECOND,
+    }
+    for name, gauge in gauges.items():
+        if name in summary:
+            gauge.set(summary[name])
+    TRAINER_SAMPLES.labels("trained").inc(stats.samples)
+
+
+async def run_trainer(
+    settings: Settings, stop: asyncio.Event | None = None, *, max_rounds: int | None = None
+) -> list[RoundReport]:
+    """Run the trainer until `stop` is set or `max_rounds` rounds are checkpointed; one report per round.
+
+    Serves metrics on ``settings.metrics.port_for(9105)`` (the port 0 default means 9105; tests pass
+    a port of their choosing). Blocking work (loading, training, saving) runs in a worker thread.
+    """
+    stop = stop or asyncio.Event()
+    trainer_settings = settings.trainer
+    base = base_model_folder(settings)
+    engine = await asyncio.to_thread(GRPOEngine, base, trainer_settings, settings.home / "trainer")
+    if not engine.is_main_process:
+        await asyncio.to_thread(_follow, engine)
+        return []
+    _serve_metrics_once(settings.metrics.port_for(METRICS_PORT), settings.metrics.addr)
+    store = CheckpointStore(checkpoint_folder(settings), trainer_settings.checkpoints.keep_last)
+    latest = store.latest()
+    share_from_main(latest, engine.num_processes)
+    if latest is not None:
+        await asyncio.to_thread(engine.load_checkpoint, latest.path, latest.manifest.global_step)
+        log.info("continuing from checkpoint %s (policy version %d)", latest.path, latest.version)
+    else:
+        log.info("no checkpoint in %s: starting from the base model %s (policy version 0)", store.folder, base)
+    try:
+        async with AsyncPublisher(settings, producer_name=PRODUCER) as publisher, AsyncSubscriber(
+            settings, [AcceptedSample], group_id=None, service=PRODUCER, publisher=publisher, subscribe=False
+        ) as subscriber:
+            loop = _Leader(settings, engine, store, publisher, subscriber, latest)
+            return await loop.run(stop, max_rounds)
+    finally:
+        share_from_main(None, engine.num_processes)
+
+
+class _Leader:
+    """Rank 0's round loop."""
+
+    def __init__(self, settings: Settings, engine: GRPOEngine, store: CheckpointStore, publisher: AsyncPublisher,
+                 subscriber: AsyncSubscriber, latest: StoredCheckpoint | None):
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.publisher = publisher
+        self.subscriber = subscriber
+        self.latest = latest
+        self.version = latest.version if latest else 0
+        recent = RecentIds(settings.trainer.checkpoints.dedup_window, latest.manifest.recent_ids if latest else ())
+        blobs = BlobStore(settings.blob.url, settings.blob.limits)
+        self.collector = RoundCollector(subscriber, blobs, settings.trainer, recent)
+
+    async def run(self, stop: asyncio.Event, max_rounds: int | None) -> list[RoundReport]:
+        if self.latest is not None and not self.latest.announced:
+            await self.announce(self.latest)
+        await self.subscriber.assign_all(positions_from_topics(self.latest.manifest.positions) if self.latest else {})
+        await self.collector.start()
+        TRAINER_POLICY_VERSION.set(self.version)
+        start = {f"{tp.topic}/{tp.partition}": offset for tp, offset in self.collector.pending.start.items()}
+        log.info("reading accepted samples at %s", start)
+        written: list[RoundReport] = []
+        while not stop.is_set() and (max_rounds is None or len(written) < max_rounds):
+            rnd = await self.collector.collect(self.version, stop)
+            if stop.is_set():
+                break
+            if rnd.samples:
+                self.collector.pause()
+                written.append(await self.train(rnd))
+                self.collector.resume()
+            else:
+                share_from_main([], self.engine.num_processes)  # idle: keeps the other ranks' waits short
+        return written
+
+    async def train(self, rnd: Round) -> RoundReport:
+        """Train the round, write its checkpoint, announce it."""
+        engine, store = self.engine, self.store
+        num = engine.num_processes
+        share_from_main(rnd.samples, num)
+        log.info("round: training version %d on %d samples", self.version, len(rnd.samples))
+        started = time.perf_counter()
+        stats = await asyncio.to_thread(engine.train_round, rnd.samples)
+        trained = time.perf_counter()
+        version = store.next_version()
+        staging = share_from_main(store.begin(version), num)
+        log.info("round: writing checkpoint %d to %s", version, staging)
+        await asyncio.to_thread(engine.save, staging)
+        share_from_main(None, num)
+        event = Checkpoint(
+            producer=PRODUCER,
+            policy_version=version,
+            parent_version=self.version,
+            uri=str((store.folder / folder_name(version)).resolve()),
+            trained_on=rnd.trained_on(),
+            sample_ids=rnd.sample_ids(),
+            metrics=round_metrics(stats, rnd),
+        )
+        recent = RecentIds(self.collector.recent.capacity, [*self.collector.recent.ids(), *rnd.sample_ids()])
+        manifest = Manifest(
+            event=event,
+            positions=positions_by_topic(rnd.end),
+            global_step=engine.global_step,
+            skipped=dict(rnd.skipped),
+            recent_ids=recent.ids(),
+        )
+        checkpoint = await asyncio.to_thread(store.commit, staging, manifest)
+        written = time.perf_counter()
+        log.info("round: checkpoint %d written to %s", version, checkpoint.path)
+        await self.announce(checkpoint)
+        announced = time.perf_counter()
+        self.collector.committed()
+        self.version = version
+        observe_round(stats)
+        report = RoundReport(version, len(rnd.samples), rnd.consume_seconds, trained - started, written - trained,
+                             announced - written, tuple(step.seconds for step in stats.steps))
+        for phase in ("consume", "train", "checkpoint", "announce"):
+            TRAINER_ROUND_SECONDS.labels(phase).observe(getattr(report, f"{phase}_s"))
+        TRAINER_CHECKPOINT_SECONDS.observe(report.checkpoint_s)
+        TRAINER_ROUNDS.inc()
+        TRAINER_POLICY_VERSION.set(version)
+        return report
+
+    async def announce(self, checkpoint: StoredCheckpoint) -> None:
+        """Publish the checkpoint's stored event and wait for the broker, then mark it announced."""
+        await self.publisher.publish_and_wait(checkpoint.manifest.event)
+        self.store.mark_announced(checkpoint)
+        log.info("announced policy version %d", checkpoint.version)
+
+
+def _follow(engine: GRPOEngine) -> None:
+    """A rank other than 0: load what rank 0 loads, train what it trains, join its saves, until it stops."""
+    latest: StoredCheckpoint | None = share_from_main(None, engine.num_processes)
+    if latest is not None:
+        engine.load_checkpoint(latest.path, latest.manifest.global_step)
+    while (samples := share_from_main(None, engine.num_processes)) is not None:
+        if not samples:
+            continue
+        engine.train_round(samples)
+        staging = share_from_main(None, engine.num_processes)
+        engine.save(staging)
+        share_from_main(None, engine.num_processes)
