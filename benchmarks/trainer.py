@@ -10,7 +10,8 @@ process per repetition, alternating which goes first:
 
 Reported, without the first round (and as many of TRL's first steps), which carry one-off warm-up:
 - GRPO step time, median per repetition (rollouts, scoring, backward, optimiser step), and the
-  ratio ours / TRL (target <= 1.0);
+  ratio ours / TRL (target <= 1.0); the tokens a step processed (prompt + completion: rollouts
+  differ from run to run) and the ratio of time per token;
 - round overhead share: (consume + checkpoint + announce) / round time (target <= 0.10);
 - peak RSS of each process.
 
@@ -99,6 +100,7 @@ async def ours(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
     reports = (await run_trainer(settings, max_rounds=args.rounds))[1:]
     return {
         "step_seconds": [seconds for report in reports for seconds in report.step_seconds],
+        "step_tokens": [tokens for report in reports for tokens in report.step_tokens],
         "overhead_share": sum(r.consume_s + r.checkpoint_s + r.announce_s for r in reports)
         / sum(r.consume_s + r.train_s + r.checkpoint_s + r.announce_s for r in reports),
         "consume_s": statistics.median(r.consume_s for r in reports),
@@ -122,15 +124,21 @@ def trl(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
     from trainer.settings import TrainerSettings
 
     class StepTimer(TrainerCallback):
+        """Each optimiser step's wall time, and the tokens TRL counted during it."""
+
         def __init__(self) -> None:
             self.seconds: list[float] = []
+            self.tokens: list[int] = []
             self.started = 0.0
+            self.tokens_before = 0
 
-        def on_step_begin(self, *unused: Any, **kwargs: Any) -> None:
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.started = time.perf_counter()
+            self.tokens_before = state.num_input_tokens_seen
 
-        def on_step_end(self, *unused: Any, **kwargs: Any) -> None:
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.seconds.append(time.perf_counter() - self.started)
+            self.tokens.append(int(state.num_input_tokens_seen - self.tokens_before))
 
     settings = TrainerSettings(**trainer_section(args, base_model))
     prepare_process(settings)
@@ -149,7 +157,13 @@ def trl(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
     trainer = GRPOTrainer(model=policy.model, reward_funcs=list(REWARD_FUNCS), args=config,
                           train_dataset=Dataset.from_list(rows), processing_class=policy.processor, callbacks=[timer])
     trainer.train()
-    return {"step_seconds": timer.seconds[steps_per_round:], "peak_rss_mb": peak_rss_mb()}
+    return {"step_seconds": timer.seconds[steps_per_round:], "step_tokens": timer.tokens[steps_per_round:],
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def seconds_per_token(result: dict[str, Any]) -> float:
+    """Median over steps of a step's time divided by the tokens it processed."""
+    return statistics.median(s / t for s, t in zip(result["step_seconds"], result["step_tokens"], strict=True))
 
 
 def run_worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -190,8 +204,9 @@ def main() -> None:
 
     warm_up(RECIPE, show_progress=True)
     rows: dict[str, list[float]] = {name: [] for name in (
-        "GRPO step, ours", "GRPO step, TRL", "step time ratio ours/TRL", "round overhead share", "round time",
-        "consume", "checkpoint write", "announce", "peak RSS, ours", "peak RSS, TRL")}
+        "GRPO step, ours", "GRPO step, TRL", "step time ratio ours/TRL", "tokens per step, ours",
+        "tokens per step, TRL", "time per token ratio ours/TRL", "round overhead share", "round time", "consume",
+        "checkpoint write", "announce", "peak RSS, ours", "peak RSS, TRL")}
     with EmbeddedBroker() as broker:
         args.bootstrap = broker.bootstrap_servers
         for repeat in range(args.repeats):
@@ -199,8 +214,12 @@ def main() -> None:
             results = {kind: run_worker(kind, args) for kind in order}
             mine, theirs = results["ours"], results["trl"]
             step_ours, step_trl = statistics.median(mine["step_seconds"]), statistics.median(theirs["step_seconds"])
+            tokens_ours, tokens_trl = statistics.median(mine["step_tokens"]), statistics.median(theirs["step_tokens"])
+            per_token = seconds_per_token(mine) / seconds_per_token(theirs)
             for name, value in (("GRPO step, ours", step_ours), ("GRPO step, TRL", step_trl),
                                 ("step time ratio ours/TRL", step_ours / step_trl),
+                                ("tokens per step, ours", tokens_ours), ("tokens per step, TRL", tokens_trl),
+                                ("time per token ratio ours/TRL", per_token),
                                 ("round overhead share", mine["overhead_share"]), ("round time", mine["round_s"]),
                                 ("consume", mine["consume_s"]), ("checkpoint write", mine["checkpoint_s"]),
                                 ("announce", mine["announce_s"]), ("peak RSS, ours", mine["peak_rss_mb"]),
@@ -208,14 +227,17 @@ def main() -> None:
                 rows[name].append(value)
             print(f"repeat {repeat + 1}/{args.repeats}: step ours {step_ours:.3f}s, TRL {step_trl:.3f}s, "
                   f"overhead {mine['overhead_share']:.3f}", file=sys.stderr)
-    units = {name: "s" for name in rows} | {"step time ratio ours/TRL": "x", "round overhead share": "share",
-                                            "peak RSS, ours": "MB", "peak RSS, TRL": "MB"}
+    units = {name: "s" for name in rows} | {
+        "step time ratio ours/TRL": "x", "time per token ratio ours/TRL": "x", "tokens per step, ours": "tokens",
+        "tokens per step, TRL": "tokens", "round overhead share": "share", "peak RSS, ours": "MB",
+        "peak RSS, TRL": "MB"}
     targets = {"step time ratio ours/TRL": "<= 1.0", "round overhead share": "<= 0.10"}
     setup = (f"G={args.group_size}, {args.prompts_per_step} prompts/step, {args.round_samples} samples/round, "
              f"completion <= {args.max_completion_length} tokens, ZeRO-{args.zero_stage}, {args.threads} thread(s)")
     print_table(f"GRPO trainer vs TRL GRPOTrainer ({setup})", rows, units, targets)
     print(json.dumps({
         "step_time_ratio_vs_trl": spread(rows["step time ratio ours/TRL"])["median"],
+        "time_per_token_ratio_vs_trl": spread(rows["time per token ratio ours/TRL"])["median"],
         "round_overhead_share": spread(rows["round overhead share"])["median"],
         "peak_rss_mb": max(rows["peak RSS, ours"]),
         "peak_rss_trl_mb": max(rows["peak RSS, TRL"]),
