@@ -11,12 +11,11 @@ Each repetition uses fresh topics on an embedded broker (or ``--bootstrap``):
    it (``--latency-samples`` per repetition, random gaps so publishes fall anywhere in the worker's
    report cycle).
 
-A rich table shows the median and the spread over repetitions; the last line printed is one JSON
-object with at least ``events_per_s``, ``plan_latency_p50_s`` and ``plan_latency_p99_s`` (medians
-over repetitions).
+The table (median, min, max, spread over repetitions) goes to stderr; the last line of stdout is one
+JSON object with at least ``events_per_s``, ``plan_latency_p50_s`` and ``plan_latency_p99_s``
+(medians over repetitions).
 
-Example:
-    $ python benchmarks/weakness.py --repetitions 3
+Run: ``python -m benchmarks.weakness [--events 60000] [--repetitions 3]``.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ from pathlib import Path
 import click
 import yaml
 from rich.console import Console
-from rich.table import Table
 
+from benchmarks._stats import percentile, print_table
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
@@ -132,12 +131,6 @@ def _counts(snapshot: WeaknessSnapshot | None, capability: str, counts: dict[str
     return snapshot is not None and snapshot.capabilities[capability].events >= counts[capability]
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100])."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
 async def repetition(bootstrap: str, workdir: Path, events: int, items_per_version: int, samples: int) -> dict:
     """One full measurement on fresh topics with a fresh worker process."""
     config = bench_settings(bootstrap, workdir / "home")
@@ -172,20 +165,9 @@ async def repetition(bootstrap: str, workdir: Path, events: int, items_per_versi
     }
 
 
-def report(results: list[dict], console: Console) -> dict:
-    """Print the table of medians and spreads; return the medians."""
-    table = Table(title=f"weakness stream, {len(results)} repetitions")
-    for column in ("metric", "median", "min", "max", "per repetition"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
-    medians = {}
-    for metric in results[0]:
-        values = [r[metric] for r in results]
-        medians[metric] = statistics.median(values)
-        fmt = "{:,.0f}" if metric == "events_per_s" else "{:.3f}"
-        table.add_row(metric, fmt.format(medians[metric]), fmt.format(min(values)), fmt.format(max(values)),
-                      " ".join(fmt.format(v) for v in values))
-    console.print(table)
-    return medians
+UNITS = {"events_per_s": "events/s", "throughput_window_s": "s", "plan_latency_p50_s": "s",
+         "plan_latency_p99_s": "s", "plan_latency_max_s": "s"}
+TARGETS = {"events_per_s": ">= 5,000", "plan_latency_p99_s": "<= 1"}
 
 
 @click.command()
@@ -206,9 +188,11 @@ def main(events: int, items_per_version: int, latency_samples: int, repetitions:
             result = asyncio.run(repetition(bootstrap, workdir, events, items_per_version, latency_samples))
             console.print(f"repetition {number + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items()))
             results.append(result)
-    medians = report(results, console)
-    print(json.dumps({**medians, "repetitions": repetitions, "events": events,
-                      "events_per_s_runs": [r["events_per_s"] for r in results]}))
+    rows = {metric: [r[metric] for r in results] for metric in UNITS}
+    print_table(f"weakness stream: {events:,} queued outcomes, {latency_samples} timed failures per run",
+                rows, UNITS, TARGETS)
+    medians = {metric: statistics.median(values) for metric, values in rows.items()}
+    print(json.dumps({**medians, "repetitions": repetitions, "events": events, "runs": rows}))
 
 
 if __name__ == "__main__":

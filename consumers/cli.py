@@ -54,13 +54,12 @@ def agents(state: CliState, group: str | None, backend: str | None, llm_url: str
     """Turn unlabeled items into QC-passed samples that fill the latest quota plan exactly."""
     settings = state.settings
     section = settings.agents.model_dump()
-    section.update({k: v for k, v in {"group_id": group, "concurrency": concurrency, "metrics_port": metrics_port}.items()
-                    if v is not None})
+    chosen = {"group_id": group, "concurrency": concurrency, "metrics_port": metrics_port}
+    section.update({k: v for k, v in chosen.items() if v is not None})
     if backend is not None:
         section["backends"].update(planner=backend, writer=backend, validator=backend, answerer=backend)
     section["llm"].update({k: v for k, v in {"base_url": llm_url, "model": llm_model,
                                              "concurrency": llm_concurrency}.items() if v is not None})
-    section["llm"]["api_key"] = settings.agents.llm.api_key
     if difficulty is not None:
         section["qc"]["difficulty"]["enabled"] = difficulty
     if base_policy is not None:

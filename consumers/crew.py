@@ -21,25 +21,25 @@ import asyncio
 import hashlib
 import io
 import json
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from PIL import Image
 from pydantic import ValidationError
 
 from consumers.agents.editor import Compose, ImageEditor, describe
 from consumers.agents.retriever import SearchBackend
-from consumers.agents.roles import AgentFailure, Answerer, Draft, ItemContext, Planner, TaskPlan, Validator, Writer
+from consumers.agents.roles import (AgentFailure, Answerer, Draft, ItemContext, Planner, TaskPlan, Validator, Writer,
+                                   run_role)
 from consumers.qc.checks import Candidate, QCChain
 from consumers.qc.dedup import DedupKey
-from dpe.blobstore import BlobStore, ImageRejected
+from dpe.blobstore import BlobError, BlobStore, ImageRejected
 from dpe.events import AcceptedSample, AgentStep, BlobRef, QCVerdict, RejectedSample, SampleBody, UnlabeledItem
 from dpe.world import Scene
-from monitoring.metrics import AGENT_ROLE_SECONDS
+from monitoring.metrics import QC_CHECKS
 
-T = TypeVar("T")
+INLINE_DECODE_BYTES = 64 * 1024
+"""Images up to this encoded size are decoded in the event loop rather than in a thread."""
 
 
 @dataclass(frozen=True)
@@ -97,22 +97,6 @@ def candidate_id_for(plan_id: str, item_id: str, capability: str, attempt: int) 
     return hashlib.sha256(f"{plan_id}/{item_id}/{capability}/{attempt}".encode()).hexdigest()
 
 
-def _kind(backend: str) -> str:
-    return "programmatic" if backend == "programmatic" else "llm"
-
-
-async def _timed(role: str, backend: str, call: Awaitable[T]) -> T:
-    started = time.perf_counter()
-    try:
-        return await call
-    except AgentFailure:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a broken role rejects its candidate, it never stops the crew
-        raise AgentFailure("agent_error", f"{type(exc).__name__}: {exc}"[:300]) from None
-    finally:
-        AGENT_ROLE_SECONDS.labels(role, _kind(backend)).observe(time.perf_counter() - started)
-
-
 class Crew:
     """Runs attempts for (item, capability) pairs; see the module docstring."""
 
@@ -125,8 +109,15 @@ class Crew:
         self.policy_version = policy_version
 
     async def context(self, item: UnlabeledItem) -> ItemContext:
-        """Load the item's image (hash-checked) and scene; raises the blob store's errors."""
-        image = await asyncio.to_thread(self.store.open_image, item.image)
+        """Load the item's image (hash-checked) and scene; raises the blob store's errors.
+
+        Small images are decoded in the event loop (a thread hand-off costs more than the work);
+        larger ones in a worker thread.
+        """
+        if item.image.size_bytes <= INLINE_DECODE_BYTES:
+            image = self.store.open_image(item.image)
+        else:
+            image = await asyncio.to_thread(self.store.open_image, item.image)
         try:
             scene: Scene | None = Scene.model_validate(item.metadata)
         except ValidationError:
@@ -149,16 +140,17 @@ class Crew:
         candidate_id = candidate_id_for(plan_id, ctx.item.item_id, capability, attempt)
         role = "planner"
         try:
-            plan = await _timed(role, roles.planner.backend, roles.planner.plan(ctx, capability, attempt))
-            steps.append(AgentStep(role="planner", backend=roles.planner.backend, detail=f"{capability}: {plan.focus}"[:2000]))
+            plan = await run_role(role, roles.planner.backend, roles.planner.plan(ctx, capability, attempt))
+            steps.append(AgentStep(role="planner", backend=roles.planner.backend,
+                                   detail=f"{capability}: {plan.focus}"[:2000]))
             role = "editor"
             image, ref = await self._edit(ctx, plan, steps)
             role = "writer"
-            draft = await _timed(role, roles.writer.backend, roles.writer.write(ctx, capability, plan, image, attempt))
+            writing = roles.writer.write(ctx, capability, plan, image, attempt)
+            draft = await run_role(role, roles.writer.backend, writing)
             steps.append(AgentStep(role="writer", backend=roles.writer.backend, detail=f"attempt {attempt}"))
         except AgentFailure as failure:
-            verdict = QCVerdict(check=role, passed=False, reason_code=f"{role}_{failure.reason_code}",
-                                detail=failure.detail[:2000] or None)
+            verdict = _refusal(role, f"{role}_{failure.reason_code}", failure.detail)
             return self._failed(candidate_id, ctx, capability, plan_id, steps, [verdict], None)
         body = _body(ref, draft)
         sample_id = sample_id_for(body)
@@ -166,16 +158,17 @@ class Crew:
         if first_plan == plan_id:
             return Known(sample_id)
         if first_plan is not None:
-            verdict = QCVerdict(check="duplicate", passed=False, reason_code="duplicate_sample",
-                                detail=f"accepted before as {sample_id} under plan {first_plan}")
+            detail = f"accepted before as {sample_id} under plan {first_plan}"
+            verdict = _refusal("duplicate", "duplicate_sample", detail)
             return self._failed(candidate_id, ctx, capability, plan_id, steps, [verdict], body)
-        candidate = Candidate(ctx=ctx, capability=capability, plan=plan, image=image, draft=draft, body=body, steps=steps)
+        candidate = Candidate(ctx=ctx, capability=capability, plan=plan, image=image, draft=draft, body=body,
+                              steps=steps)
         verdicts = await self.qc.run(candidate)
         if all(verdict.passed for verdict in verdicts):
             accepted = AcceptedSample(
                 producer="agents", sample_id=sample_id, capability=capability, body=body,
                 source_item_id=ctx.item.item_id, plan_id=plan_id, agents=candidate.steps, qc=verdicts,
-                policy_version=candidate.policy_version if candidate.policy_version is not None else self.policy_version(),
+                policy_version=self.policy_version() if candidate.policy_version is None else candidate.policy_version,
                 pass_rate=candidate.pass_rate,
             )
             return Passed(accepted, candidate.key())
@@ -187,19 +180,19 @@ class Crew:
         if not plan.edits:
             return ctx.image, ctx.item.image
         roles = self.roles
-        others: list[Image.Image] = []
+        refs: list[BlobRef] = []
         wanted = max((op.other + 1 for op in plan.edits if isinstance(op, Compose)), default=0)
         if wanted:
             refs = roles.search.search(ctx.item, ctx.image, wanted)
             if len(refs) < wanted:
                 raise AgentFailure("failed", f"the retriever found {len(refs)} related images, {wanted} needed")
-            others = [await asyncio.to_thread(self.store.open_image, ref) for ref in refs]
             steps.append(AgentStep(role="retriever", backend=roles.search.name, tools=[f"search.{roles.search.name}"],
                                    detail="related: " + ", ".join(ref.sha256 for ref in refs)))
         try:
+            others = [await asyncio.to_thread(self.store.open_image, related) for related in refs]
             image = await asyncio.to_thread(roles.editor.apply, ctx.image, plan.edits, others)
             ref = await asyncio.to_thread(self._store_png, image)
-        except (ImageRejected, IndexError, ValueError, OSError) as exc:
+        except (BlobError, ImageRejected, IndexError, ValueError, OSError) as exc:
             raise AgentFailure("failed", f"{type(exc).__name__}: {exc}"[:300]) from None
         steps.append(AgentStep(role="editor", backend=roles.editor.name, tools=describe(plan.edits),
                                detail=json.dumps([op.model_dump(mode="json") for op in plan.edits])[:2000]))
@@ -218,6 +211,12 @@ class Crew:
             source_item_id=ctx.item.item_id, plan_id=plan_id, agents=steps, qc=verdicts,
             reason_code=failed.reason_code, policy_version=policy_version,
         ))
+
+
+def _refusal(check: str, reason: str, detail: str) -> QCVerdict:
+    """A failed verdict from outside the QC chain (a role, the duplicate guard), counted like the chain's."""
+    QC_CHECKS.labels(check, reason).inc()
+    return QCVerdict(check=check, passed=False, reason_code=reason, detail=detail[:2000] or None)
 
 
 def _body(ref: BlobRef, draft: Draft) -> SampleBody:

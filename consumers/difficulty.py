@@ -99,7 +99,7 @@ class PolicyPassRate:
     def __init__(self, holder: PolicyHolder, settings: DifficultySettings):
         self.holder = holder
         self.settings = settings
-        self._batcher: MicroBatcher[_Rollout, int] = MicroBatcher(self._solve, max_size=settings.batch_size, window_s=0.01)
+        self._batcher: MicroBatcher[_Rollout, int] = MicroBatcher(self._solve, settings.batch_size, window_s=0.01)
 
     async def measure(self, image: Image.Image, body: SampleBody) -> tuple[int, int]:
         """(correct answers out of k, policy version); raises `PolicyUnavailable`."""

@@ -28,13 +28,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 
-from consumers.follower import Follower, now_ms
+from consumers.follower import read_topic
 from dpe.blobstore import BlobStore
 from dpe.broker import BrokerError
-from dpe.bus.aio import AsyncPublisher
 from dpe.cli import CliState, pass_state
 from dpe.config import Settings
-from dpe.events import AcceptedSample, Event
+from dpe.events import AcceptedSample
 from dpe.policy.prompts import boxed, format_question
 
 console = Console(stderr=True)
@@ -45,22 +44,8 @@ _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "ima
 async def read_accepted(settings: Settings) -> list[AcceptedSample]:
     """Every accepted sample on the topic now, in log order per partition, one per sample id."""
     samples: dict[str, AcceptedSample] = {}
-
-    async def collect(events: Sequence[Event]) -> None:
-        for event in events:
-            samples.setdefault(event.sample_id, event)
-
-    started = now_ms()
-    async with AsyncPublisher(settings, producer_name="export") as publisher:
-        follower = await Follower(settings, publisher, {AcceptedSample: collect}).start()
-        stop = asyncio.Event()
-        task = asyncio.create_task(follower.run(stop))
-        try:
-            await follower.synced(started)
-        finally:
-            stop.set()
-            await task
-            await follower.stop()
+    for sample in await read_topic(settings, AcceptedSample):
+        samples.setdefault(sample.sample_id, sample)
     return list(samples.values())
 
 

@@ -12,6 +12,7 @@ topic's owning consumer group, so N workers do not file N copies.
 Example:
     >>> follower = Follower(settings, publisher, {QuotaPlan: on_plans})   # doctest: +SKIP
     >>> await follower.start(); await follower.synced(now_ms())            # doctest: +SKIP
+    >>> plans = await read_topic(settings, QuotaPlan)                     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -104,3 +105,24 @@ class Follower:
             if self._stopped:
                 raise RuntimeError("the follower stopped before it caught up")
             await self._tick.wait()
+
+
+async def read_topic(settings: Settings, model: type[Event], timeout_s: float = 60.0) -> list[Event]:
+    """Every event of `model`'s topic written before the call, all partitions, no consumer group."""
+    events: list[Event] = []
+
+    async def collect(batch: Sequence[Event]) -> None:
+        events.extend(batch)
+
+    started = now_ms()
+    async with AsyncPublisher(settings, producer_name="reader") as publisher:
+        follower = await Follower(settings, publisher, {model: collect}).start()
+        stop = asyncio.Event()
+        task = asyncio.create_task(follower.run(stop))
+        try:
+            await asyncio.wait_for(follower.synced(started), timeout_s)
+        finally:
+            stop.set()
+            await task
+            await follower.stop()
+    return events

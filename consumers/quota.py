@@ -30,7 +30,7 @@ from dpe.events import QuotaPlan
 
 
 def split_quota(quota: int, partitions: int, capability: str) -> list[int]:
-    """A capability's quota over partitions: equal shares, the remainder starting at a capability-dependent partition."""
+    """A capability's quota over partitions: equal shares, the remainder from a capability-dependent partition on."""
     base, extra = divmod(quota, partitions)
     start = zlib.crc32(capability.encode()) % partitions
     return [base + (1 if (p - start) % partitions < extra else 0) for p in range(partitions)]

@@ -74,7 +74,7 @@ class QCSettings(_Section):
     near_duplicate: bool = True
     image_distance: int = Field(default=20, ge=0, le=255, description="Bits of the 256-bit pHash that may differ.")
     colour_distance: float = Field(default=6.0, ge=0, description="Mean colour difference of a 4 x 4 layout.")
-    text_similarity: float = Field(default=0.8, ge=0, le=1, description="Question shingle similarity of a near-duplicate.")
+    text_similarity: float = Field(default=0.8, ge=0, le=1, description="Question similarity of a near-duplicate.")
     difficulty: DifficultySettings = Field(default_factory=DifficultySettings)
 
 
@@ -85,10 +85,10 @@ class AgentSettings(_Section):
     backends: RoleBackends = Field(default_factory=RoleBackends)
     llm: LLMSettings = Field(default_factory=LLMSettings)
     qc: QCSettings = Field(default_factory=QCSettings)
-    attempts_per_item: int = Field(default=3, ge=1, description="Candidates per item and capability (1 + regenerations).")
+    attempts_per_item: int = Field(default=3, ge=1, description="Candidates per item and capability (1 + retries).")
     samples_per_item: int = Field(default=1, ge=1, description="Capabilities one item may serve.")
     edit_rate: float = Field(default=0.25, ge=0, le=1, description="Share of programmatic plans that edit the image.")
     concurrency: int = Field(default=16, ge=1, description="Items in flight per worker.")
     batch_size: int = Field(default=64, ge=1, description="Unlabeled records fetched at once.")
-    retrieval_pool: int = Field(default=2000, ge=1, description="Recent images the retriever searches.")
+    retrieval_pool: int = Field(default=256, ge=1, description="Recent images the retriever searches.")
     metrics_port: int = Field(default=9104, ge=0, le=65535, description="Prometheus port; 0 disables it.")

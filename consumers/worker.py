@@ -53,10 +53,11 @@ from consumers.agents.retriever import SEARCH_BACKENDS
 from consumers.crew import Crew, Failed, Known, Passed, Roles
 from consumers.difficulty import PolicyHolder, PolicyPassRate
 from consumers.follower import Follower, now_ms
-from consumers.qc.checks import AgreementCheck, AnswerabilityCheck, Check, DifficultyCheck, NearDuplicateCheck, QCChain, SchemaCheck
+from consumers.agents.roles import ItemContext
+from consumers.qc.checks import (AgreementCheck, AnswerabilityCheck, Check, DifficultyCheck, NearDuplicateCheck,
+                                 QCChain, SchemaCheck)
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
 from consumers.quota import QuotaLedger, Reservation, item_slice
-from consumers.agents.roles import ItemContext
 from dpe.blobstore import BlobError, BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.bus.delivery import Delivery
@@ -153,7 +154,8 @@ class AgentWorker:
         """Work until `stop` is set; `ready` is set once the worker follows the plan and has joined the group."""
         settings = self.settings
         llm = LLMClient(settings.agents.llm) if "llm" in settings.agents.backends.model_dump().values() else None
-        estimator = PolicyPassRate(self.holder, settings.agents.qc.difficulty) if settings.agents.qc.difficulty.enabled else None
+        difficulty = settings.agents.qc.difficulty
+        estimator = PolicyPassRate(self.holder, difficulty) if difficulty.enabled else None
         roles = self._roles or build_roles(settings, llm)
         async with AsyncPublisher(settings, producer_name="agents") as publisher:
             self.publisher = publisher
@@ -220,7 +222,8 @@ class AgentWorker:
         keys = []
         for sample in samples:
             try:
-                keys.append((sample.sample_id, DedupKey.of(self.store.open_image(sample.body.image), sample.body.question)))
+                image = self.store.open_image(sample.body.image)
+                keys.append((sample.sample_id, DedupKey.of(image, sample.body.question)))
             except (BlobError, OSError, ValueError) as exc:
                 log.warning("accepted sample %s: no near-duplicate key (%s)", sample.sample_id, exc)
         return keys
@@ -295,7 +298,8 @@ class AgentWorker:
         try:
             offsets = {}
             for tp in {TopicPartition(d.topic, d.partition) for d in deliveries}:
-                pending = [d.offset for d in deliveries if d.partition == tp.partition and (d.partition, d.offset) not in done]
+                pending = [d.offset for d in deliveries
+                           if d.partition == tp.partition and (d.partition, d.offset) not in done]
                 offsets[tp] = min(pending) if pending else await consumer.position(tp)
             self._rewind(deliveries, done)
             await consumer.commit(offsets)
@@ -331,12 +335,12 @@ class AgentWorker:
     async def _handle_item(self, delivery: Delivery) -> None:
         item: UnlabeledItem = delivery.event
         slice_ = delivery.partition
-        if item_slice(item.item_id, self.ledger.partitions) != slice_:
+        keyed_to = item_slice(item.item_id, self.ledger.partitions)
+        if keyed_to != slice_:
             AGENT_ITEMS.labels("dead_lettered").inc()
             await self.items.dead_letter(delivery, MisroutedItem(
-                f"item {item.item_id} is keyed to partition {item_slice(item.item_id, self.ledger.partitions)} by "
-                f"Kafka's default partitioner but arrived on {slice_}; publish UnlabeledItems keyed by item_id "
-                "with the default (murmur2) partitioner"), "route")
+                f"item {item.item_id} is keyed to partition {keyed_to} by Kafka's default partitioner but arrived "
+                f"on {slice_}; publish UnlabeledItems keyed by item_id with the default (murmur2) partitioner"), "route")
             return
         ctx = await self.crew.context(item)
         possible = self.crew.capabilities(ctx)
@@ -368,9 +372,9 @@ class AgentWorker:
                 return True
             if isinstance(outcome, Passed):
                 sample = outcome.sample
+                await asyncio.shield(self.publisher.publish(sample))
                 self.ledger.record(sample.plan_id, sample.capability, sample.source_item_id, sample.sample_id)
                 self.index.add(sample.sample_id, outcome.key)
-                await asyncio.shield(self.publisher.publish(sample))
                 AGENT_SAMPLES.labels(sample.capability, "accepted").inc()
                 self._report_remaining()
                 return True

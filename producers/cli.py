@@ -32,11 +32,15 @@ console = Console()
 
 @click.command()
 @click.argument("folders", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--manifest", "manifests", multiple=True, help="JSONL manifest file, or '-' for standard input.")
+@click.option("--manifest", "manifests", multiple=True,
+              help="JSONL manifest file, or '-' for standard input; its entries must lie under the allowed roots "
+                   "(default: the manifest's folder).")
 @click.option("--synthetic", is_flag=True, help="Ingest scenes of the synthetic world.")
-@click.option("--count", type=click.IntRange(min=0), default=None, help="Synthetic scenes to ingest (default: endless).")
+@click.option("--count", type=click.IntRange(min=0), default=None,
+              help="Synthetic scenes to ingest (default: endless).")
 @click.option("--rate", type=click.FloatRange(min=0), default=0.0, help="Inputs per second at most (0: no limit).")
-@click.option("--seed", type=click.IntRange(min=0), default=None, help="Synthetic stream seed (default ingest.synthetic_seed).")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Synthetic stream seed (default ingest.synthetic_seed).")
 @click.option("--start", type=click.IntRange(min=0), default=0, help="First synthetic scene index.")
 @click.option("--watch", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep polling this folder for new images.")

@@ -37,7 +37,8 @@ class PublishedIndex:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("ingest index %s is unreadable (%s); already published images will be published again", path, exc)
+            log.warning("ingest index %s is unreadable (%s); already published images will be published again",
+                        path, exc)
 
     def __contains__(self, sha256: str) -> bool:
         return sha256 in self._hashes

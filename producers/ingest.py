@@ -139,7 +139,7 @@ class Ingestor:
                                  metadata=entry.metadata, producer="ingest")
             future = await self.publisher.publish(item)
         except ValidationError as exc:
-            return Outcome(entry.source, "invalid_item", ref.sha256, detail=str(exc.errors(include_url=False)[0]["msg"]))
+            return Outcome(entry.source, "invalid_item", ref.sha256, detail=exc.errors(include_url=False)[0]["msg"])
         except InvalidEvent as exc:
             return Outcome(entry.source, "event_too_large", ref.sha256, detail=exc.message)
         self._pending.append((ref.sha256, future))

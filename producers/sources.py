@@ -105,7 +105,7 @@ def manifest_entries(
         try:
             parsed = ManifestLine.model_validate(json.loads(line))
         except (ValueError, RecursionError) as exc:
-            detail = exc.errors(include_url=False, include_input=False)[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            detail = exc.errors(include_url=False)[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
             yield Refused(label, "bad_manifest_line", f"not a manifest entry: {detail[:300]}")
             continue
         yield located_entry(parsed.image, base, roots, max_bytes, text=parsed.text, metadata=parsed.metadata)

@@ -119,5 +119,7 @@ class Aggregator:
                                          weakness=summarise(state, self.params))
             for capability, state in states.items() if state is not None
         }
-        await self.outbox.send(PartialWeakness(producer=SERVICE, worker=self.worker, seq=self.seq, reports=reports))
-        self.seq += 1
+        if reports:
+            await self.outbox.send(PartialWeakness(producer=SERVICE, worker=self.worker, seq=self.seq,
+                                                   reports=reports))
+            self.seq += 1

@@ -9,31 +9,15 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from PIL import Image
 
-from consumers.follower import Follower, now_ms
+from consumers.follower import read_topic
 from dpe.bus.aio import AsyncPublisher
 from dpe.config import Settings
 from dpe.events import Event, QuotaPlan
 
 
 async def read_all(settings: Settings, model: type[Event]) -> list[Event]:
-    """Every event of `model`'s topic written so far (all partitions, no consumer group)."""
-    events: list[Event] = []
-
-    async def collect(batch: Sequence[Event]) -> None:
-        events.extend(batch)
-
-    started = now_ms()
-    async with AsyncPublisher(settings, producer_name="test") as publisher:
-        follower = await Follower(settings, publisher, {model: collect}).start()
-        stop = asyncio.Event()
-        task = asyncio.create_task(follower.run(stop))
-        try:
-            await asyncio.wait_for(follower.synced(started), 30)
-        finally:
-            stop.set()
-            await task
-            await follower.stop()
-    return events
+    """Every event of `model`'s topic written so far."""
+    return await read_topic(settings, model)
 
 
 async def publish_all(settings: Settings, events: Sequence[Event]) -> None:

@@ -154,22 +154,14 @@ def test_every_variable_has_a_default_or_is_required() -> None:
 
 
 def _resolves(args: list[str]) -> bool:
-    """Whether `dpe ARGS` parses with the real command line (names and options)."""
-    import click
+    """Whether `dpe ARGS` names a real dpe command (every group level resolves, then its --help runs)."""
+    from click.testing import CliRunner
 
     from dpe.cli import main
 
-    try:
-        context = main.make_context("dpe", list(args), resilient_parsing=False)
-        while isinstance(context.command, click.Group) and context.protected_args:
-            name, *rest = [*context.protected_args, *context.args]
-            command = context.command.get_command(context, name)
-            if command is None:
-                return False
-            context = command.make_context(name, rest, parent=context)
-    except click.UsageError:
-        return False
-    return True
+    result = CliRunner().invoke(main, [*args, "--help"])
+    return result.exit_code == 0
+
 
 
 def test_dpe_services_build_the_project_image_and_run_dpe_subcommands(

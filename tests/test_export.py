@@ -11,16 +11,11 @@ from click.testing import CliRunner
 from datasets import load_dataset
 from PIL import Image
 
-from consumers.export import samples as samples_group
 from dpe.blobstore import BlobStore
 from dpe.cli import main
 from dpe.events import AcceptedSample, AgentStep, QCVerdict, SampleBody
 from dpe.world import generate_scene, render_scene
 from tests.agent_helpers import png, publish_all
-
-if "samples" not in main.commands:
-    main.add_command(samples_group)
-
 
 def accepted(store: BlobStore, seed: int, capability: str, **body) -> AcceptedSample:
     ref = store.put_image(png(render_scene(generate_scene("shapes", 2, seed=seed))))

@@ -7,7 +7,11 @@ import hashlib
 import json
 import os
 import random
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -21,16 +25,11 @@ from dpe.bus.aio import AsyncPublisher
 from dpe.cli import main
 from dpe.events import UnlabeledItem
 from dpe.topics import topic_for
-from producers.cli import ingest as ingest_command
 from producers.index import PublishedIndex
 from producers.ingest import Ingestor, index_path
 from producers.paths import Roots
 from producers.sources import FolderWatcher, folder_entries, manifest_entries
 from tests.agent_helpers import png, read_all
-
-if "ingest" not in main.commands:
-    main.add_command(ingest_command)
-
 
 def noisy(seed: int, size: int = 48) -> Image.Image:
     rng = random.Random(seed)
@@ -195,3 +194,27 @@ def test_cli_ingests_synthetic_scenes_then_a_manifest_from_stdin(settings, tmp_p
     synthetic = [item for item in items if item.source.startswith("synthetic:3/")]
     assert len(synthetic) == 12 and all(item.metadata["kind"] for item in synthetic)
     assert topic_for(UnlabeledItem, settings.kafka.topic_prefix).endswith("unlabeled")
+
+
+def test_watch_mode_publishes_new_files_until_sigterm(settings, tmp_path):
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    args = [sys.executable, "-m", "dpe", "--bootstrap", settings.kafka.bootstrap_servers, "--topic-prefix",
+            settings.kafka.topic_prefix, "--home", str(settings.home), "ingest", "--watch", str(watched),
+            "--metrics-port", "0"]
+    env = os.environ | {"DPE_BLOB__URL": settings.blob.url, "DPE_INGEST__POLL_INTERVAL_S": "0.2"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        (watched / "first.png").write_bytes(png(noisy(40)))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not asyncio.run(read_all(settings, UnlabeledItem)):
+            time.sleep(0.5)
+        (watched / "broken.png").write_bytes(b"\x89PNG broken")
+        time.sleep(1.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "ingest summary" in output and "corrupt" in output
+    assert [item.source.endswith("first.png") for item in asyncio.run(read_all(settings, UnlabeledItem))] == [True]

@@ -12,7 +12,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from consumers.agents.editor import Compose, Flip, Recolor, Rotate, Zoom
-from consumers.agents.programmatic import REGION_PREFIX, ProgrammaticAnswerer, ProgrammaticValidator, ProgrammaticWriter
+from consumers.agents.programmatic import ProgrammaticAnswerer, ProgrammaticValidator, ProgrammaticWriter
 from consumers.agents.roles import ItemContext, Question, TaskPlan
 from consumers.difficulty import PolicyHolder, PolicyPassRate
 from consumers.qc.checks import (AgreementCheck, AnswerabilityCheck, Candidate, DifficultyCheck, QCChain, SchemaCheck,

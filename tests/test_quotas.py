@@ -6,12 +6,16 @@ import math
 import random
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
+from dpe.config import load_settings
 from dpe.events import CapabilityWeakness, WeaknessSnapshot
 from streams.beta import credible_interval
+from streams.contracts import CapabilityReport
+from streams.planner import build_snapshot, export_metrics, newer
 from streams.quotas import STRATEGIES, allocate, plan_quotas, step_weight
-from streams.settings import QuotaSettings
+from streams.settings import QuotaSettings, ScoringSettings
 
 
 def weakness(error_rate: float, n: float = 200.0, trend: float = 0.0) -> CapabilityWeakness:
@@ -151,3 +155,52 @@ def test_plan_names_its_snapshot_and_policy_version():
     assert (plan.snapshot_id, plan.policy_version, plan.round, plan.strategy, plan.budget, plan.producer) == \
         (snap.snapshot_id, 9, 12, "proportional", 40, "test")
     assert plan_quotas(snap, QuotaSettings(strategy="proportional", budget=40), round=12).quotas == plan.quotas
+
+
+# --- the planner's merge of worker reports (pure parts) ------------------------------------------
+
+
+def report(revision: int, error_rate: float = 0.5, policy_version: int = 1) -> CapabilityReport:
+    return CapabilityReport(revision=revision, policy_version=policy_version, weakness=weakness(error_rate, n=10))
+
+
+def test_the_newest_revision_of_a_capability_wins():
+    old, new = report(3), report(4)
+    assert newer(None, old) and newer(old, new) and newer(new, new)
+    assert not newer(new, old), "a stale report from a worker that lost the partition changes nothing"
+
+
+def test_snapshots_cover_the_taxonomy_with_the_prior_for_unseen_capabilities():
+    params = ScoringSettings(taxonomy=("chart", "color", "counting"), prior_errors=1.0, prior_successes=3.0)
+    reports = {"chart": report(2, 0.4, policy_version=4), "counting": report(9, 0.1, policy_version=2),
+               "juggling": report(1)}
+    snap = build_snapshot(reports, params, seq=7)
+    assert list(snap.capabilities) == ["chart", "color", "counting"], "closed taxonomy: juggling is left out"
+    assert snap.capabilities["chart"] == reports["chart"].weakness
+    assert snap.capabilities["color"].events == 0 and snap.capabilities["color"].error_rate == 0.25
+    assert (snap.seq, snap.policy_version, snap.events_total) == (7, 4, 20)
+    opened = build_snapshot(reports, params.model_copy(update={"open_taxonomy": True}), seq=8)
+    assert "juggling" in opened.capabilities
+
+
+def test_metrics_follow_the_latest_snapshot_and_plan():
+    snap = snapshot({"metrics_a": weakness(0.4, n=50), "metrics_b": weakness(0.1, n=80)})
+    plan = plan_quotas(snap, QuotaSettings(strategy="proportional", budget=50), round=0)
+    before = REGISTRY.get_sample_value("dpe_quota_plans_total", {"strategy": "proportional"}) or 0.0
+    export_metrics(snap, plan)
+    sample = REGISTRY.get_sample_value
+    assert sample("dpe_weakness_error_rate", {"capability": "metrics_a"}) == 0.4
+    assert sample("dpe_weakness_effective_n", {"capability": "metrics_b"}) == 80
+    assert sample("dpe_weakness_error_rate_credible_bound", {"capability": "metrics_a", "bound": "low"}) == \
+        snap.capabilities["metrics_a"].ci_low
+    assert sample("dpe_quota_samples", {"capability": "metrics_a"}) == plan.quotas["metrics_a"] == 40
+    assert sample("dpe_quota_plans_total", {"strategy": "proportional"}) == before + 1
+
+
+def test_stream_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DPE_STREAM__QUOTAS__STRATEGY", "uniform")
+    monkeypatch.setenv("DPE_STREAM__SCORING__TAXONOMY", '["chart", "color"]')
+    settings = load_settings()
+    assert settings.stream.quotas.strategy == "uniform"
+    assert settings.stream.scoring.taxonomy == ("chart", "color")
+    assert settings.stream.metrics_port == 9101

@@ -23,6 +23,7 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
+from faust.types import TP
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.config import Settings, load_settings
@@ -30,6 +31,7 @@ from dpe.events import BlobRef, DeadLetter, Divergence, EvalOutcome, Event, Quot
 from dpe.topics import topic_for
 from streams.beta import credible_interval
 from streams.contracts import PartialWeakness, partial_topic
+from streams.runtime import fetched_end_offsets
 from streams.scoring import divergence_evidence, load_state, outcome_evidence, replay, summarise
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,11 +46,11 @@ def outcome(version: int, item: str, correct: bool, capability: str = "counting"
                        score=1.0 if correct else 0.0)
 
 
-def divergence(version: int, probe: str, capability: str) -> Divergence:
+def divergence(version: int, probe: str, capability: str, strength: float = 1.0) -> Divergence:
     image = BlobRef(sha256="b" * 64, media_type="image/png", size_bytes=10, width=8, height=8)
     return Divergence(policy_version=version, item_id="img", probe_id=probe, capability=capability, question="?",
                       image=image, target_answer="3", reference_answers={"r1": "4", "r2": "4"},
-                      consensus_answer="4", consensus_strength=1.0)
+                      consensus_answer="4", consensus_strength=strength)
 
 
 class Worker:
@@ -258,9 +260,11 @@ async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(stream_settin
     start_worker()
     async with AsyncPublisher(settings) as pub, await watch(settings, pub) as sub:
         w = Watch(sub)
-        await w.until(lambda w: len(w.letters) == len(bad) and w.latest is not None
-                      and w.latest[0].capabilities["counting"].events == 2, what="dead letters and a plan")
+        await w.until(lambda w: len({(d.origin_topic, d.origin_partition, d.origin_offset) for d in w.letters})
+                      == len(bad) and w.latest is not None and w.latest[0].capabilities["counting"].events == 2,
+                      what="dead letters and a plan")
     by_payload = {base64.b64decode(letter.payload_b64): letter for letter in w.letters}
+    assert len(by_payload) == len(bad), "one dead letter per bad record (repeats allowed: at least once)"
     for expected_class, (topic, key, value) in bad.items():
         letter = by_payload[value]
         assert letter.error_class == expected_class.replace("Divergence", "")
@@ -273,14 +277,16 @@ async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(stream_settin
     assert w.latest[0].capabilities["counting"].error_rate == 0.5, "the valid events around the bad ones count"
 
 
-def workload(versions: range, per_version: int, seed_offset: int = 0) -> list[EvalOutcome]:
-    """Outcomes for every taxonomy capability over several versions, with duplicates and re-runs."""
-    events = []
+def workload(versions: range, per_version: int, seed_offset: int = 0) -> list[Event]:
+    """Outcomes and divergences for every taxonomy capability over several versions, with duplicates and re-runs."""
+    events: list[Event] = []
     for version in versions:
         batch = [outcome(version, f"i{i}", (i * 7 + version + seed_offset) % 3 == 0, TAXONOMY[i % len(TAXONOMY)])
                  for i in range(per_version)]
         reruns = [outcome(version, f"i{i}", True, TAXONOMY[i % len(TAXONOMY)]) for i in range(0, per_version, 17)]
-        events += batch + batch[::50] + reruns
+        divergences = [divergence(version, f"p{i}", TAXONOMY[i % len(TAXONOMY)], strength=0.5 + (i % 3) / 4)
+                       for i in range(per_version // 50)]
+        events += batch + batch[::50] + reruns + divergences + divergences[::3]
     return events
 
 
@@ -355,3 +361,28 @@ async def test_two_workers_share_partitions_and_one_takes_over(stream_settings, 
         await publish(settings, workload(range(2, 5), per_version=400, seed_offset=2))
         await w.until(matches(await recomputed(settings), settings), what="the survivor's global snapshot")
     assert second.proc.poll() is None
+
+
+async def test_end_offsets_come_from_the_fetch_high_water_mark(settings):
+    """Table recovery reads changelogs up to their end offsets: they must count every record."""
+    topic = topic_for(EvalOutcome, settings.kafka.topic_prefix)
+    bootstrap = settings.kafka.bootstrap_servers
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for size in (5, 1, 3):  # record batches of several records, as a producer with linger writes them
+            batch = producer.create_batch()
+            for i in range(size):
+                batch.append(key=None, value=b"%d" % i, timestamp=None)
+            await (await producer.send_batch(batch, topic, partition=0))
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        listed = await consumer.end_offsets([TopicPartition(topic, 0), TopicPartition(topic, 1)])
+    finally:
+        await consumer.stop()
+    reported = {TP(topic, p): listed[TopicPartition(topic, p)] for p in (0, 1)}
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=10)
+    assert await fetched_end_offsets(probe, reported) == {TP(topic, 0): 9, TP(topic, 1): 0}

@@ -112,6 +112,10 @@ def test_answers_match_the_scene():
         present = {(obj.color, obj.shape) for obj in existence.scene.objects}
         assert (existence.answer == "yes") == (asked in present)
 
+        easy = make_item("existence", 1, index)
+        color = easy.question.removeprefix("Is there a ").removesuffix(" shape in the image?")
+        assert (easy.answer == "yes") == any(obj.color == color for obj in easy.scene.objects)
+
         text = make_item("text_reading", 2, index)
         assert text.answer == text.scene.text.text
 

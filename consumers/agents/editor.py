@@ -58,9 +58,9 @@ class Box(_Op):
     @field_validator("right", "bottom")
     @classmethod
     def _ordered(cls, value: float, info: Any) -> float:
-        start = info.data.get("left" if info.field_name == "right" else "top", 0.0)
-        if value <= start:
-            raise ValueError(f"{info.field_name} must be greater than {'left' if info.field_name == 'right' else 'top'}")
+        start_name = "left" if info.field_name == "right" else "top"
+        if value <= info.data.get(start_name, 0.0):
+            raise ValueError(f"{info.field_name} must be greater than {start_name}")
         return value
 
 

@@ -125,7 +125,7 @@ class LLMClient:
                         max_tokens=settings.max_tokens, timeout=settings.timeout_s, **extra,
                     )
             except openai.APIStatusError as exc:
-                reason = "rate_limited" if exc.status_code == 429 else "server_error" if exc.status_code >= 500 else None
+                reason = {429: "rate_limited"}.get(exc.status_code, "server_error" if exc.status_code >= 500 else None)
                 if reason is None:
                     LLM_REQUESTS.labels(role, "request_refused").inc()
                     raise AgentFailure("request_refused", f"{role}: HTTP {exc.status_code}") from None

@@ -156,7 +156,8 @@ def _edit_problem(op: EditOp, words: set[str]) -> str | None:
         return "overlaid text adds content the question may be about"
     if isinstance(op, Rotate) and op.degrees % 90 and not op.expand:
         return "a rotation that is not a right angle cuts the corners off"
-    if isinstance(op, (Rotate, Flip)) and words & set(_RELATION_WORDS) and not (isinstance(op, Rotate) and op.degrees % 360 == 0):
+    moves = isinstance(op, Flip) or (isinstance(op, Rotate) and op.degrees % 360 != 0)
+    if moves and words & set(_RELATION_WORDS):
         return f"the {op.op} edit changes the positions the question asks about"
     if isinstance(op, Recolor) and op.mode != "grayscale" and words & set(COLORS):
         return "recolouring changes the colours the question asks about"
@@ -176,7 +177,8 @@ def _visibility(scene: Scene, scale: float) -> Verdict:
         if scene.text.x < 0 or scene.text.y < 0 or scene.text.x >= scene.width or scene.text.y >= scene.height:
             return Verdict(answerable=False, reason="the text starts outside the image")
         if scene.text.font_size * scale < MIN_FEATURE_PX * 2:
-            return Verdict(answerable=False, reason=f"the text is too small to read ({scene.text.font_size * scale:.1f}px)")
+            size = scene.text.font_size * scale
+            return Verdict(answerable=False, reason=f"the text is too small to read ({size:.1f}px)")
     return Verdict(answerable=True, reason=f"all content inside the image at scale {scale:.2f}")
 
 
@@ -213,6 +215,23 @@ def _as_option(value: str, options: Sequence[str] | None) -> str:
 _PLURALS = {f"{shape}es" if shape.endswith("s") else f"{shape}s": shape for shape in SHAPES}
 
 
+def _known(color: str | None = None, shape: str | None = None) -> None:
+    """Refuse words outside the world's vocabulary: a template this answerer misreads must not get an answer."""
+    if (color is not None and color not in COLORS) or (shape is not None and shape not in SHAPES):
+        raise AgentFailure("not_applicable", f"unknown colour or shape in {color!r} {shape!r}")
+
+
+def _exists(scene: Scene, color: str, shape: str | None) -> str:
+    _known(color, shape)
+    found = any(obj.color == color and (shape is None or obj.shape == shape) for obj in scene.objects)
+    return "yes" if found else "no"
+
+
+def _count_colour(scene: Scene, color: str) -> str:
+    _known(color)
+    return str(sum(obj.color == color for obj in scene.objects))
+
+
 def _find(scene: Scene, color: str, shape: str):
     found = [obj for obj in scene.objects if obj.color == color and obj.shape == shape]
     if len(found) != 1:
@@ -227,6 +246,7 @@ def _count(scene: Scene, word: str) -> str:
 
 
 def _colour_of(scene: Scene, shape: str) -> str:
+    _known(shape=shape)
     found = [obj for obj in scene.objects if obj.shape == shape]
     if len(found) != 1:
         raise AgentFailure("not_applicable", f"not exactly one {shape}")
@@ -280,15 +300,16 @@ def _text(scene: Scene) -> str:
 
 _TEMPLATES: list[tuple[re.Pattern[str], Callable[..., str]]] = [
     (re.compile(r"How many shapes are in the image\?"), lambda s: str(len(s.objects))),
-    (re.compile(r"How many (\w+) shapes are in the image\?"), lambda s, c: str(sum(o.color == c for o in s.objects))),
+    (re.compile(r"How many (\w+) shapes are in the image\?"), _count_colour),
     (re.compile(r"How many (\w+) are in the image\?"), _count),
     (re.compile(r"What colour is the (\w+)\?"), _colour_of),
     (re.compile(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?"), _where),
-    (re.compile(r"Is there a (\w+) (\w+) in the image\?"),
-     lambda s, c, sh: "yes" if any(o.color == c and o.shape == sh for o in s.objects) else "no"),
+    (re.compile(r"Is there a (\w+) shape in the image\?"), lambda s, c: _exists(s, c, None)),
+    (re.compile(r"Is there a (\w+) (\w+) in the image\?"), _exists),
     (re.compile(r"What word is written in the image\?"), _text),
     (re.compile(r"What is the value of the (\w+) bar\?"), lambda s, c: str(_bar(s, c))),
-    (re.compile(r"How much taller is the (\w+) bar than the (\w+) bar\?"), lambda s, a, b: str(_bar(s, a) - _bar(s, b))),
+    (re.compile(r"How much taller is the (\w+) bar than the (\w+) bar\?"),
+     lambda s, a, b: str(_bar(s, a) - _bar(s, b))),
     (re.compile(r"Which bar is the (tallest|shortest)\?"), _extreme),
     (re.compile(r"What is the result of the expression in the image\?"), _evaluate),
 ]

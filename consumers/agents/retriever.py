@@ -45,14 +45,14 @@ class SearchBackend(Protocol):
 
 
 def metadata_tokens(item: UnlabeledItem) -> frozenset[str]:
-    """Lower-case words from an item's metadata values and text (bounded; data only, never interpreted).
+    """Lower-case words from an item's metadata values (not its keys) and text (bounded; data only, never interpreted).
 
     Example:
         >>> from dpe.events import BlobRef
         >>> ref = BlobRef(sha256="0" * 64, media_type="image/png", size_bytes=1, width=1, height=1)
         >>> sorted(metadata_tokens(UnlabeledItem(item_id="i", image=ref, source="s", text="A red Bus",
         ...                                      metadata={"objects": [{"color": "red"}]})))
-        ['bus', 'color', 'objects', 'red']
+        ['bus', 'red']
     """
     words: set[str] = set()
     for text in _strings(item.metadata, depth=0):
@@ -70,8 +70,7 @@ def _strings(value: Any, depth: int) -> Iterator[str]:
     if isinstance(value, str):
         yield value[:200]
     elif isinstance(value, dict):
-        for key, inner in list(value.items())[:50]:
-            yield str(key)[:50]
+        for inner in list(value.values())[:50]:
             yield from _strings(inner, depth + 1)
     elif isinstance(value, list):
         for inner in value[:50]:
@@ -97,7 +96,7 @@ class MetadataSearch:
 
     name = "metadata"
 
-    def __init__(self, pool: int = 2000):
+    def __init__(self, pool: int = 256):
         self._pool = _Pool(pool)
 
     def add(self, item: UnlabeledItem, image: Image.Image) -> None:
@@ -134,7 +133,7 @@ class EmbeddingSearch:
 
     name = "embedding"
 
-    def __init__(self, pool: int = 2000):
+    def __init__(self, pool: int = 256):
         self._pool = _Pool(pool)
 
     def add(self, item: UnlabeledItem, image: Image.Image) -> None:

@@ -5,7 +5,9 @@ to make, the retriever for related images (for compositions), the editor to appl
 writer for a question with its answer, then, during quality control, the validator whether the
 question is answerable from the image and an independent answerer for its own answer (it never
 sees the written answer). Each role is code (`consumers.agents.programmatic`) or a model behind an
-OpenAI-compatible endpoint (`consumers.agents.llm`).
+OpenAI-compatible endpoint (`consumers.agents.llm`). The retriever and the editor are tools with
+pluggable backends of their own: `consumers.agents.retriever.SearchBackend` and
+`consumers.agents.editor.ImageEditor`.
 
 A role that cannot do its job raises `AgentFailure` with a bounded reason code; the crew turns it
 into a rejection with that reason, never a crash.
@@ -17,8 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Annotated, Literal, Protocol, TypeVar
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,10 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from consumers.agents.editor import EditOp
 from dpe.events import AnswerType, UnlabeledItem
 from dpe.world import Scene
+from monitoring.metrics import AGENT_ROLE_SECONDS
 
-FailureReason = str
-"""One of: not_applicable, invalid_output, timeout, rate_limited, server_error, connection_error,
-request_refused, edit_failed, agent_error."""
+T = TypeVar("T")
+
+FailureReason = Literal["not_applicable", "invalid_output", "timeout", "rate_limited", "server_error",
+                        "connection_error", "request_refused", "failed", "agent_error"]
+"""Why a role failed; the rejection's reason is ``<role>_<reason>``, e.g. ``writer_not_applicable``."""
 
 
 class AgentFailure(Exception):
@@ -39,6 +46,20 @@ class AgentFailure(Exception):
         super().__init__(f"{reason_code}: {detail}" if detail else reason_code)
         self.reason_code = reason_code
         self.detail = detail
+
+
+async def run_role(role: str, backend: str, call: Awaitable[T]) -> T:
+    """Await one role's call and time it; any error but `AgentFailure` becomes ``agent_error`` (never a crash)."""
+    started = time.perf_counter()
+    try:
+        return await call
+    except AgentFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken role rejects its candidate, it never stops the crew
+        raise AgentFailure("agent_error", f"{type(exc).__name__}: {exc}"[:300]) from None
+    finally:
+        kind = "programmatic" if backend == "programmatic" else "llm"
+        AGENT_ROLE_SECONDS.labels(role, kind).observe(time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -70,7 +91,7 @@ class Draft(_Output):
     question: str = Field(min_length=1, max_length=1000)
     answer: str = Field(min_length=1, max_length=200)
     answer_type: AnswerType
-    options: list[str] | None = Field(default=None, max_length=26)
+    options: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=26)
     tolerance: float = Field(default=0.0, ge=0.0, le=1e6)
 
 
@@ -106,7 +127,9 @@ class Writer(Protocol):
 
     backend: str
 
-    async def write(self, ctx: ItemContext, capability: str, plan: TaskPlan, image: Image.Image, attempt: int) -> Draft: ...
+    async def write(
+        self, ctx: ItemContext, capability: str, plan: TaskPlan, image: Image.Image, attempt: int
+    ) -> Draft: ...
 
 
 class Validator(Protocol):

@@ -25,20 +25,19 @@ from __future__ import annotations
 
 import math
 import string
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from PIL import Image
 
-from consumers.agents.roles import AgentFailure, Answerer, Draft, ItemContext, Question, TaskPlan, Validator
+from consumers.agents.roles import AgentFailure, Answerer, Draft, ItemContext, Question, TaskPlan, Validator, run_role
 from consumers.difficulty import PolicyPassRate, PolicyUnavailable
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
 from consumers.settings import DifficultySettings
 from dpe.events import AgentStep, QCVerdict, SampleBody
 from dpe.grading import grade, normalize_text, parse_number
-from monitoring.metrics import AGENT_ROLE_SECONDS, QC_CHECKS
+from monitoring.metrics import QC_CHECKS
 
 OK = "ok"
 
@@ -73,7 +72,7 @@ class Check(Protocol):
     async def __call__(self, candidate: Candidate) -> QCVerdict: ...
 
 
-def _verdict(check: str, reason: str, detail: str = "", score: float | None = None) -> QCVerdict:
+def _verdict(check: str, reason: str = OK, detail: str = "", score: float | None = None) -> QCVerdict:
     return QCVerdict(check=check, passed=reason == OK, reason_code=reason, detail=detail[:2000] or None, score=score)
 
 
@@ -136,11 +135,7 @@ class NearDuplicateCheck:
 
     async def __call__(self, candidate: Candidate) -> QCVerdict:
         twin = self.index.find(candidate.key())
-        return _verdict(self.name, "near_duplicate", f"like accepted sample {twin}") if twin else _verdict(self.name, OK)
-
-
-def _backend_kind(backend: str) -> str:
-    return "programmatic" if backend == "programmatic" else "llm"
+        return _verdict(self.name, "near_duplicate", f"like accepted sample {twin}") if twin else _verdict(self.name)
 
 
 class AnswerabilityCheck:
@@ -152,15 +147,14 @@ class AnswerabilityCheck:
         self.validator = validator
 
     async def __call__(self, candidate: Candidate) -> QCVerdict:
-        started = time.perf_counter()
+        backend = self.validator.backend
+        call = self.validator.validate(candidate.ctx, candidate.plan, candidate.image, candidate.draft)
         try:
-            verdict = await self.validator.validate(candidate.ctx, candidate.plan, candidate.image, candidate.draft)
+            verdict = await run_role("validator", backend, call)
         except AgentFailure as failure:
-            candidate.steps.append(AgentStep(role="validator", backend=self.validator.backend, detail=str(failure)[:2000]))
+            candidate.steps.append(AgentStep(role="validator", backend=backend, detail=str(failure)[:2000]))
             return _verdict(self.name, f"validator_{failure.reason_code}", failure.detail)
-        finally:
-            AGENT_ROLE_SECONDS.labels("validator", _backend_kind(self.validator.backend)).observe(time.perf_counter() - started)
-        candidate.steps.append(AgentStep(role="validator", backend=self.validator.backend, detail=verdict.reason or None))
+        candidate.steps.append(AgentStep(role="validator", backend=backend, detail=verdict.reason or None))
         return _verdict(self.name, OK if verdict.answerable else "unanswerable", verdict.reason)
 
 
@@ -173,18 +167,16 @@ class AgreementCheck:
         self.answerer = answerer
 
     async def __call__(self, candidate: Candidate) -> QCVerdict:
-        body = candidate.body
+        body, backend = candidate.body, self.answerer.backend
         question = Question(body.question, body.answer_type, tuple(body.options) if body.options else None)
-        started = time.perf_counter()
         try:
-            text = await self.answerer.answer(candidate.ctx, candidate.plan, candidate.image, question)
+            text = await run_role("answerer", backend,
+                                  self.answerer.answer(candidate.ctx, candidate.plan, candidate.image, question))
         except AgentFailure as failure:
-            candidate.steps.append(AgentStep(role="answerer", backend=self.answerer.backend, detail=str(failure)[:2000]))
+            candidate.steps.append(AgentStep(role="answerer", backend=backend, detail=str(failure)[:2000]))
             return _verdict(self.name, f"answerer_{failure.reason_code}", failure.detail)
-        finally:
-            AGENT_ROLE_SECONDS.labels("answerer", _backend_kind(self.answerer.backend)).observe(time.perf_counter() - started)
         result = grade(text, body.answer, body.answer_type, body.tolerance, body.options)
-        candidate.steps.append(AgentStep(role="answerer", backend=self.answerer.backend, detail=f"answered {text[:200]!r}"))
+        candidate.steps.append(AgentStep(role="answerer", backend=backend, detail=f"answered {text[:200]!r}"))
         if result.correct:
             return _verdict(self.name, OK, f"answerer said {result.extracted!r}")
         return _verdict(self.name, "disagree", f"answerer said {(result.extracted or '')[:200]!r} ({result.reason})")

@@ -50,7 +50,7 @@ _DCT = np.cos(np.pi * (2 * np.arange(_THUMB)[None, :] + 1) * np.arange(_THUMB)[:
 
 
 def phash(image: Image.Image) -> int:
-    """A 256-bit perceptual hash: which of the lowest 16 x 16 DCT coefficients of a 32 x 32 thumbnail exceed their median.
+    """A 256-bit perceptual hash: which of the 16 x 16 lowest DCT frequencies of a 32 x 32 thumbnail beat their median.
 
     Example:
         >>> from PIL import ImageDraw
@@ -61,7 +61,8 @@ def phash(image: Image.Image) -> int:
     """
     pixels = np.asarray(image.convert("L").resize((_THUMB, _THUMB), Image.BILINEAR), dtype=np.float64)
     low = (_DCT @ pixels @ _DCT.T)[:_KEEP, :_KEEP].ravel()
-    return int.from_bytes(np.packbits(low > np.median(low[1:])).tobytes(), "big")
+    median = np.partition(low[1:], HASH_BITS // 2 - 1)[HASH_BITS // 2 - 1]
+    return int.from_bytes(np.packbits(low > median).tobytes(), "big")
 
 
 def colour_layout(image: Image.Image, side: int = 4) -> np.ndarray:

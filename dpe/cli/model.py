@@ -114,7 +114,7 @@ def init_tiny(output: Path, **fields: Any) -> None:
 @click.option("--batch-size", type=int, default=None, help="Items per step (default 32).")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate (default 3e-3).")
 @click.option("--mix", default=None, help="Capability weights, e.g. color=0.5,counting=0.1 (default: skewed).")
-@click.option("--levels", default=None, help="Difficulty levels to train on, e.g. 1,2,3 (default 1,2).")
+@click.option("--levels", default=None, help="Difficulty levels to train on, e.g. 1,2 (default 1,2,3).")
 @click.option("--family", type=click.Choice(FAMILIES), default=None, help="Qwen family of the tiny model.")
 @click.option("--seed", type=int, default=None, help="Data and initialisation seed (default 0).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

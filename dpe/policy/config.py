@@ -77,7 +77,7 @@ class WarmupConfig(BaseModel):
 
     model: TinyVLMConfig = Field(default_factory=TinyVLMConfig)
     mix: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MIX))
-    levels: tuple[int, ...] = Field((1, 2), description="Difficulty levels trained on; harder ones stay blind spots.")
+    levels: tuple[int, ...] = Field((1, 2, 3), description="Difficulty levels trained on; harder ones stay blind spots.")
     steps: int = Field(800, ge=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(3e-3, gt=0)

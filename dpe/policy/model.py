@@ -77,6 +77,7 @@ class Policy:
             self.processor.save_pretrained(staging)
             for name, text in (extra_files or {}).items():
                 (staging / Path(name).name).write_text(text)
+            staging.chmod(0o755)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(staging, folder)

@@ -27,7 +27,7 @@ from dpe.policy.model import Policy, build_tiny_policy, load_policy
 from dpe.policy.sft import train_sft
 from dpe.world import training_stream
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 """Bump when the world, the tokenizer or the training code change what a recipe produces."""
 
 RECIPE_FILE = "recipe.json"

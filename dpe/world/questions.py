@@ -157,6 +157,8 @@ def _spatial(scene: Scene, rng: random.Random) -> Question:
 def _existence(scene: Scene, rng: random.Random) -> Question:
     if not scene.objects:
         raise QuestionNotPossible("no objects in the scene")
+    if scene.difficulty == 1:
+        return _color_existence(scene, rng)
     knobs = knobs_for(scene.difficulty)
     present = {(obj.shape, obj.color) for obj in scene.objects}
     absent = [
@@ -175,6 +177,16 @@ def _existence(scene: Scene, rng: random.Random) -> Question:
         obj = rng.choice(scene.objects)
         shape, color, answer = obj.shape, obj.color, "yes"
     return Question(f"Is there a {color} {shape} in the image?", answer, "yes_no")
+
+
+def _color_existence(scene: Scene, rng: random.Random) -> Question:
+    present = {obj.color for obj in scene.objects}
+    absent = [color for color in list(COLORS)[: knobs_for(scene.difficulty).colors] if color not in present]
+    if absent and rng.random() < 0.5:
+        color, answer = rng.choice(absent), "no"
+    else:
+        color, answer = rng.choice(sorted(present)), "yes"
+    return Question(f"Is there a {color} shape in the image?", answer, "yes_no")
 
 
 def _text_reading(scene: Scene, rng: random.Random) -> Question:

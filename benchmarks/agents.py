@@ -1,0 +1,309 @@
+"""Agent crew throughput and acceptance on the embedded broker.
+
+Measures, over several repetitions, each on fresh topics fed the same pre-ingested synthetic images:
+
+- accepted samples/s with the programmatic agents and no difficulty check: one worker that has
+  already joined its group, from publishing a quota plan to the plan being filled;
+- accepted samples/s with the difficulty check: the warmed tiny policy (`dpe.policy.warmup`,
+  cached by recipe) rolls out k=9 answers per sample and keeps those it solves 3-7 times, the
+  reference band; the plan is capped in time, since some capabilities rarely land in the band;
+- the LLM path's scaling with concurrency 1, 2, 4, 8: validator and answerer behind the local
+  OpenAI-compatible server (its own process, serving the tiny random model, which writes
+  nonsense, so every candidate ends as a rejection): candidates/s and requests/s, after a
+  warm-up run that is not counted;
+- the acceptance rate by reason code on the programmatic and the difficulty runs.
+
+Run: `python -m benchmarks.agents [--items 3000] [--repeats 3]`. Tables go to stderr; the last
+line of stdout is one JSON object with the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+from prometheus_client import REGISTRY
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks._stats import print_table, spread
+from consumers.follower import read_topic
+from consumers.worker import AgentWorker
+from dpe.broker import EmbeddedBroker
+from dpe.bus.admin import ensure_topics
+from dpe.bus.aio import AsyncPublisher
+from dpe.config import Settings, load_settings
+from dpe.events import Checkpoint, Event, QuotaPlan, RejectedSample, UnlabeledItem
+from dpe.world import CAPABILITIES
+from producers.ingest import Ingestor
+from producers.sources import synthetic_entries
+
+CONCURRENCY = (1, 2, 4, 8)
+REFERENCE_BAND = {"enabled": True, "samples": 9, "min_correct": 3, "max_correct": 7}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One repetition: samples accepted per second, and every candidate's outcome (accepted or a reason)."""
+
+    rate: float
+    outcomes: collections.Counter
+
+
+def fresh_settings(bootstrap: str, work: Path, **agents: Any) -> Settings:
+    """Settings on new topics and a new consumer group, sharing one blob store."""
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    settings = load_settings(overrides={
+        "home": str(work / "home"), "blob": {"url": str(work / "blobs")},
+        "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": prefix},
+        "agents": {"group_id": f"{prefix}agents", "metrics_port": 0, **agents},
+    })
+    ensure_topics(settings, bootstrap)
+    return settings
+
+
+async def publish(settings: Settings, events: list[Event]) -> None:
+    async with AsyncPublisher(settings, producer_name="bench") as publisher:
+        for event in events:
+            await publisher.publish(event)
+        await publisher.flush()
+
+
+async def prepare_items(bootstrap: str, work: Path, count: int) -> tuple[list[UnlabeledItem], float]:
+    """Ingest `count` synthetic scenes once; their events (re-published to each run) and ingest items/s."""
+    settings = fresh_settings(bootstrap, work)
+    async with AsyncPublisher(settings, producer_name="bench") as publisher:
+        started = time.perf_counter()
+        report = await Ingestor.from_settings(settings, publisher).ingest(synthetic_entries(count, seed=11))
+        seconds = time.perf_counter() - started
+    return await read_topic(settings, UnlabeledItem), report.published / seconds
+
+
+@contextlib.asynccontextmanager
+async def joined_worker(settings: Settings) -> AsyncIterator[AgentWorker]:
+    """A worker that follows the topics and owns its partitions (the group join is not timed)."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    worker = AgentWorker(settings)
+    task = asyncio.create_task(worker.run(stop, ready))
+    await asyncio.wait_for(ready.wait(), 300)
+    while not worker.items.consumer.assignment() or worker.revoking:
+        await asyncio.sleep(0.05)
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await task
+
+
+def quota_plan(per_capability: int) -> QuotaPlan:
+    quotas = {capability: per_capability for capability in CAPABILITIES}
+    return QuotaPlan(round=0, strategy="bench", budget=sum(quotas.values()), quotas=quotas, weights={},
+                     snapshot_id="bench", policy_version=0)
+
+
+async def fill(settings: Settings, items: list[UnlabeledItem], per_capability: int, limit_s: float,
+               before: list[Event] = ()) -> Run:
+    """Time from publishing a plan to its being filled (or `limit_s`); the outcomes of every candidate."""
+    await publish(settings, [*before, *items])
+    plan = quota_plan(per_capability)
+    async with joined_worker(settings) as worker:
+        started = time.perf_counter()
+        await publish(settings, [plan])
+        while time.perf_counter() - started < limit_s:
+            ledger = worker.ledger
+            if ledger.plan is not None and ledger.plan.plan_id == plan.plan_id and not any(ledger.remaining().values()):
+                break
+            await asyncio.sleep(0.005)
+        seconds = time.perf_counter() - started
+        accepted = sum(worker.ledger.filled(capability, plan_id=plan.plan_id) for capability in plan.quotas)
+    outcomes = collections.Counter(rejected.reason_code for rejected in await read_topic(settings, RejectedSample))
+    outcomes["accepted"] = accepted
+    return Run(accepted / seconds, outcomes)
+
+
+def _metric_total(name: str, skip: dict[str, str] | None = None) -> float:
+    """Sum of a counter over its labels, leaving out samples whose labels match `skip`."""
+    return sum(sample.value for metric in REGISTRY.collect() for sample in metric.samples
+               if sample.name == name and not (skip and skip.items() <= sample.labels.items()))
+
+
+def _http_requests() -> float:
+    """Requests sent to the endpoint (an invalid reply is counted once more under result=invalid_output)."""
+    return _metric_total("dpe_agent_llm_requests_total", skip={"result": "invalid_output"})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def llm_server(max_new_tokens: int) -> AsyncIterator[str]:
+    """The local OpenAI-compatible server as its own process; yields its base URL."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "consumers.agents.local_server", "--port", str(port),
+                             "--max-new-tokens", str(max_new_tokens)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(600):
+                try:
+                    if (await client.get(f"{url}/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError("the local LLM server did not start")
+        yield f"{url}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def llm_run(bootstrap: str, work: Path, items: list[UnlabeledItem], url: str, concurrency: int,
+                  max_new_tokens: int) -> tuple[float, float]:
+    """Candidates/s and requests/s of the LLM validator and answerer at `concurrency` requests in flight."""
+    settings = fresh_settings(
+        bootstrap, work, concurrency=concurrency, attempts_per_item=1,
+        backends={"validator": "llm", "answerer": "llm"},
+        llm={"base_url": url, "concurrency": concurrency, "output_retries": 1, "max_tokens": max_new_tokens},
+    )
+    await publish(settings, list(items))
+    async with joined_worker(settings):
+        handled, made, requests = (_metric_total("dpe_agent_items_total"), _metric_total("dpe_agent_samples_total"),
+                                   _http_requests())
+        started = time.perf_counter()
+        await publish(settings, [quota_plan(len(items))])
+        while _metric_total("dpe_agent_items_total") - handled < len(items):
+            await asyncio.sleep(0.01)
+        seconds = time.perf_counter() - started
+        candidates = _metric_total("dpe_agent_samples_total") - made
+        sent = _http_requests() - requests
+    return candidates / seconds, sent / seconds
+
+
+def reasons_table(title: str, outcomes: collections.Counter) -> Table:
+    table = Table("outcome", "candidates", "share", title=title)
+    total = sum(outcomes.values()) or 1
+    for reason, n in sorted(outcomes.items(), key=lambda kv: (kv[0] != "accepted", -kv[1])):
+        table.add_row(reason, str(n), f"{n / total:.1%}")
+    return table
+
+
+def shares(outcomes: collections.Counter) -> dict[str, float]:
+    total = sum(outcomes.values()) or 1
+    return {reason: round(n / total, 4) for reason, n in outcomes.most_common()}
+
+
+def warmed_policy_folder(steps: int, cache_dir: str | None) -> str:
+    from dpe.policy.config import WarmupConfig
+    from dpe.policy.warmup import warm_up
+
+    return str(warm_up(WarmupConfig(steps=steps), cache_dir=cache_dir, show_progress=False).folder)
+
+
+async def bench(args: argparse.Namespace, bootstrap: str, work: Path) -> dict[str, Any]:
+    console = Console(stderr=True)
+    items, ingest_rate = await prepare_items(bootstrap, work, args.items)
+    console.print(f"ingested {len(items)} synthetic images ({ingest_rate:,.0f} items/s)")
+    programmatic = []
+    for _ in range(args.repeats):
+        settings = fresh_settings(bootstrap, work, samples_per_item=4)
+        programmatic.append(await fill(settings, items, args.per_capability, limit_s=120))
+        console.print(f"programmatic: {programmatic[-1].rate:,.0f} accepted/s")
+
+    difficulty = []
+    if args.difficulty_repeats:
+        checkpoint = Checkpoint(policy_version=1, uri=warmed_policy_folder(args.warmup_steps, args.model_cache))
+    for _ in range(args.difficulty_repeats):
+        settings = fresh_settings(bootstrap, work, samples_per_item=4, qc={"difficulty": REFERENCE_BAND})
+        difficulty.append(await fill(settings, items, args.difficulty_per_capability, args.difficulty_seconds,
+                                     before=[checkpoint]))
+        console.print(f"with difficulty: {difficulty[-1].rate:,.2f} accepted/s")
+
+    llm_items = items[: args.llm_items]
+    candidates: dict[int, list[float]] = collections.defaultdict(list)
+    requests: dict[int, list[float]] = collections.defaultdict(list)
+    async with llm_server(args.max_new_tokens) if args.llm_repeats else contextlib.nullcontext() as url:
+        if args.llm_repeats:
+            await llm_run(bootstrap, work, llm_items[:8], url, max(CONCURRENCY), args.max_new_tokens)
+        for _ in range(args.llm_repeats):
+            for concurrency in CONCURRENCY:
+                rate, sent = await llm_run(bootstrap, work, llm_items, url, concurrency, args.max_new_tokens)
+                candidates[concurrency].append(rate)
+                requests[concurrency].append(sent)
+                console.print(f"LLM path, concurrency {concurrency}: {rate:,.2f} candidates/s, {sent:,.2f} requests/s")
+
+    rows = {"accepted/s, programmatic": [run.rate for run in programmatic],
+            "accepted/s, difficulty band 3-7 of 9": [run.rate for run in difficulty],
+            "ingest (synthetic)": [ingest_rate]}
+    units = {"accepted/s, programmatic": "samples/s", "accepted/s, difficulty band 3-7 of 9": "samples/s",
+             "ingest (synthetic)": "items/s"}
+    for concurrency in CONCURRENCY:
+        rows[f"LLM candidates, concurrency {concurrency}"] = candidates[concurrency]
+        rows[f"LLM requests, concurrency {concurrency}"] = requests[concurrency]
+        units[f"LLM candidates, concurrency {concurrency}"] = "candidates/s"
+        units[f"LLM requests, concurrency {concurrency}"] = "requests/s"
+    print_table("agent crew", {name: values for name, values in rows.items() if values}, units,
+                {"accepted/s, programmatic": ">= 200"})
+    programmatic_outcomes = sum((run.outcomes for run in programmatic), collections.Counter())
+    difficulty_outcomes = sum((run.outcomes for run in difficulty), collections.Counter())
+    for title, outcomes in (("programmatic", programmatic_outcomes), ("difficulty band 3-7 of 9", difficulty_outcomes)):
+        if outcomes:
+            console.print(reasons_table(f"acceptance by reason, {title}", outcomes))
+    return {
+        "accepted_per_s": _median([run.rate for run in programmatic]),
+        "accepted_per_s_with_difficulty": _median([run.rate for run in difficulty]),
+        "ingest_items_per_s": ingest_rate,
+        "llm_candidates_per_s": {str(c): _median(candidates[c]) for c in CONCURRENCY},
+        "llm_requests_per_s": {str(c): _median(requests[c]) for c in CONCURRENCY},
+        "acceptance_by_reason": {"programmatic": shares(programmatic_outcomes),
+                                 "difficulty": shares(difficulty_outcomes)},
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    return spread(values)["median"] if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=3000, help="Synthetic images ingested once, fed to every run.")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-capability", type=int, default=300, help="Quota per capability, programmatic runs.")
+    parser.add_argument("--difficulty-repeats", type=int, default=2)
+    parser.add_argument("--difficulty-per-capability", type=int, default=6)
+    parser.add_argument("--difficulty-seconds", type=float, default=60.0, help="Time cap of a difficulty run.")
+    parser.add_argument("--warmup-steps", type=int, default=120, help="SFT steps of the warmed policy (cached).")
+    parser.add_argument("--model-cache", default=None, help="Warm-up cache folder (default $DPE_MODEL_CACHE).")
+    parser.add_argument("--llm-items", type=int, default=24)
+    parser.add_argument("--llm-repeats", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dpe-bench-agents-"))
+    try:
+        with EmbeddedBroker() as broker:
+            result = asyncio.run(bench(args, broker.bootstrap_servers, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
