@@ -63,8 +63,16 @@ class QuotaLedger:
         self._changed = asyncio.Event()
 
     def use_plan(self, plan: QuotaPlan) -> bool:
-        """Follow `plan` from now on; False when it is the plan already followed."""
-        if self.plan is not None and plan.plan_id == self.plan.plan_id:
+        """Follow `plan` from now on; False when it is the plan already followed.
+
+        A plan that repeats the followed one (same quotas for the same policy version: the weakness
+        stream re-plans on every snapshot) continues it rather than starting a new budget. Every
+        worker reads the plans in the same order, so all of them keep the same plan id.
+        """
+        if self.plan is not None and (
+            plan.plan_id == self.plan.plan_id
+            or (plan.quotas == self.plan.quotas and plan.policy_version == self.plan.policy_version)
+        ):
             return False
         self.plan = plan
         self._targets = {

@@ -191,3 +191,13 @@ async def test_a_worker_killed_with_sigkill_loses_no_item_and_the_plan_is_still_
 
 async def _accepted_at_least(settings, n: int) -> bool:
     return len(await read_all(settings, AcceptedSample)) >= n
+
+
+def test_a_republished_plan_continues_the_followed_one():
+    ledger = QuotaLedger(partitions=2)
+    first = plan({"counting": 4, "color": 2})
+    assert ledger.use_plan(first)
+    assert not ledger.use_plan(plan({"counting": 4, "color": 2}, round=7)), "same quotas, same version: continue"
+    assert ledger.plan.plan_id == first.plan_id
+    assert ledger.use_plan(plan({"counting": 4, "color": 2}, policy_version=1)), "a new policy version is a new round"
+    assert ledger.use_plan(plan({"counting": 3, "color": 3}, policy_version=1)), "changed quotas are a new plan"

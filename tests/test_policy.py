@@ -251,10 +251,11 @@ def test_cli_init_tiny_sft_and_accuracy(tmp_path, no_network):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_default_warm_up_leaves_uneven_blind_spots_but_samples_correct_answers(tmp_path):
     result = warm_up(WarmupConfig(), cache_dir=tmp_path, show_progress=False)
     table = measure_accuracy(result.policy, diagnostic_sample(0, 140, seed=0, levels=(1, 2, 3)))
     assert all(row["format"] > 0.9 for row in table.values())
-    assert all(row["pass_at_k"] > 0.2 for row in table.values())
+    assert all(row["pass_at_k"] > 0.1 for row in table.values())
     greedy = sorted(row["greedy"] for row in table.values())
     assert greedy[-1] - greedy[0] > 0.3

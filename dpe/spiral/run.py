@@ -121,7 +121,7 @@ def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]
     ]
     if options.auditor:
         specs.append(ServiceSpec("auditor", ["serve", "auditor"]))
-    return specs
+    return [ServiceSpec(spec.name, ["--log-level", "INFO", *spec.args]) for spec in specs]
 
 
 def _write_config(settings: Settings, path: Path) -> None:
