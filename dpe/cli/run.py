@@ -1,4 +1,8 @@
-"""`dpe run`: the spiral on one machine (embedded broker unless Kafka is configured)."""
+"""`dpe run` and `dpe spiral` on one machine (embedded broker unless Kafka is configured).
+
+`dpe run` brings the bus up (broker, topics) and shows its health. `dpe spiral` drives the whole
+spiral; until it completes rounds end to end it is separate, and `dpe run` will become it.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,28 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from dpe.bus.admin import ensure_topics, existing_topics
 from dpe.cli import CliState, pass_state
-from dpe.spiral.run import SpiralOptions, run_spiral
+from dpe.spiral.run import SpiralOptions, bus_for, run_spiral
 
 console = Console()
+
+
+@click.command()
+@pass_state
+def run(state: CliState) -> None:
+    """Bring up the bus (embedded broker unless Kafka is configured) and its topics, and show health."""
+    settings = state.settings
+    with bus_for(settings, settings.home / "broker.log") as bootstrap:
+        statuses = ensure_topics(settings, bootstrap)
+        present = existing_topics(settings, bootstrap)
+    table = Table("topic", "event", "partitions", "ready", title=f"dpe-stream bus at {bootstrap}")
+    for status in statuses:
+        table.add_row(status.name, status.spec.model.__name__, str(status.partitions),
+                      "[green]yes[/]" if status.name in present else "[red]no[/]")
+    console.print(table)
+    if any(status.name not in present for status in statuses):
+        sys.exit(1)
 
 
 @click.command()
@@ -25,7 +47,7 @@ console = Console()
 @click.option("--live/--no-live", default=True, show_default=True, help="Live table of the spiral.")
 @click.option("--timeout", "timeout_s", type=float, default=1800.0, show_default=True, help="Give up after seconds.")
 @pass_state
-def run(state: CliState, rounds: int, forever: bool, strategy: str | None, budget: int | None, runs_dir: Path,
+def spiral(state: CliState, rounds: int, forever: bool, strategy: str | None, budget: int | None, runs_dir: Path,
         run_id: str | None, live: bool, timeout_s: float) -> None:
     """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds."""
     state.overrides.setdefault("stream", {"quotas": {"strategy": strategy, "budget": budget}})
