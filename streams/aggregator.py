@@ -26,26 +26,24 @@ from dpe.events import Event
 from dpe.topics import MODEL_TOPIC
 from monitoring.metrics import HANDLE_SECONDS, WEAKNESS_EVENTS
 from streams.contracts import CapabilityReport, PartialWeakness
-from streams.runtime import Outbox
+from streams.topics import SERVICE, StreamTopics
 from streams.scoring import Applied, CapabilityState, Evidence, apply, dump_state, load_state, summarise
 from streams.settings import ScoringSettings
 from streams.tables import store
 
 ToEvidence = Callable[[Event, ScoringSettings], Evidence]
 
-SERVICE = "weakness"
-
 
 class Aggregator:
     """Owns the capability-state table of one worker and reports what changed."""
 
-    def __init__(self, settings: Settings, states: CollectionT, outbox: Outbox, worker: str):
+    def __init__(self, settings: Settings, states: CollectionT, topics: StreamTopics, worker: str):
         self.params = settings.stream.scoring
         self.every_events = settings.stream.snapshot_every_events
         self.every_s = settings.stream.snapshot_every_s
         self.max_event_bytes = settings.kafka.max_event_bytes
         self.states = states
-        self.outbox = outbox
+        self.topics = topics
         self.worker = worker
         self.changed: set[str] = set()
         self.pending_events = 0
@@ -93,7 +91,7 @@ class Aggregator:
             state.revision += 1
             store(self.states, capability, dump_state(state), event)
         for letter in letters:
-            await self.outbox.dead_letter(letter)
+            await self.topics.dead_letter(letter)
         topic = events[0].message.topic
         for result, count in results.items():
             WEAKNESS_EVENTS.labels(topic, result.value).inc(count)
@@ -120,6 +118,6 @@ class Aggregator:
             for capability, state in states.items() if state is not None
         }
         if reports:
-            await self.outbox.send(PartialWeakness(producer=SERVICE, worker=self.worker, seq=self.seq,
+            await self.topics.send(PartialWeakness(producer=SERVICE, worker=self.worker, seq=self.seq,
                                                    reports=reports))
             self.seq += 1

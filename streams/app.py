@@ -28,7 +28,8 @@ from dpe.events import Divergence, EvalOutcome, Event
 from dpe.topics import TOPICS
 from streams.aggregator import Aggregator, ToEvidence
 from streams.planner import Planner
-from streams.runtime import Outbox, WeaknessApp, faust_options
+from streams.runtime import WeaknessApp, faust_options
+from streams.topics import StreamTopics
 from streams.scoring import divergence_evidence, outcome_evidence
 
 Agent = Callable[[StreamT], Coroutine[Any, Any, None]]
@@ -66,19 +67,19 @@ def planner_agent(settings: Settings, planner: Planner) -> Agent:
 def create_app(settings: Settings, bootstrap: str) -> faust.App:
     """The weakness stream's Faust app for `settings`, talking to `bootstrap`."""
     app = WeaknessApp(**faust_options(settings, bootstrap))
-    outbox = Outbox(app, settings)
+    topics = StreamTopics(app, settings)
     evidence_partitions = settings.kafka.partitions_override or TOPICS["eval_outcomes"].partitions
     states = app.Table("capability_states", partitions=evidence_partitions, key_type=str, value_type=bytes)
     view = app.Table("planner_view", partitions=1, key_type=str)
     rounds = app.Table("planner_rounds", partitions=1, key_type=str)
 
-    aggregator = Aggregator(settings, states, outbox, worker_name())
+    aggregator = Aggregator(settings, states, topics, worker_name())
     app.on_partitions_revoked.connect(aggregator.on_partitions_revoked)
-    planner = Planner(settings, view, rounds, outbox)
-    app.agent(outbox.source(EvalOutcome), name="outcomes")(
+    planner = Planner(settings, view, rounds, topics)
+    app.agent(topics.source(EvalOutcome), name="outcomes")(
         evidence_agent(settings, aggregator, EvalOutcome, outcome_evidence))
-    app.agent(outbox.source(Divergence), name="divergences")(
+    app.agent(topics.source(Divergence), name="divergences")(
         evidence_agent(settings, aggregator, Divergence, divergence_evidence))
-    app.agent(outbox.partials, name="planner")(planner_agent(settings, planner))
+    app.agent(topics.partials, name="planner")(planner_agent(settings, planner))
     app.timer(settings.stream.snapshot_every_s, name="report")(aggregator.report_if_due)
     return app

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 from faust.types import CollectionT, EventT
 
-from dpe.bus.codec import decode
+from dpe.bus.codec import InvalidEvent, decode
 from dpe.bus.deadletter import dead_letter_for
 from dpe.config import Settings
 from dpe.events import QuotaPlan, WeaknessSnapshot
@@ -34,12 +34,11 @@ from monitoring.metrics import (
 )
 from streams.contracts import CapabilityReport, PartialWeakness
 from streams.quotas import plan_quotas
-from streams.runtime import Outbox
+from streams.topics import SERVICE, StreamTopics
 from streams.scoring import CapabilityState, summarise
 from streams.settings import ScoringSettings
 from streams.tables import store
 
-SERVICE = "weakness"
 ROUND_KEY = "round"
 
 
@@ -86,13 +85,13 @@ def export_metrics(snapshot: WeaknessSnapshot, plan: QuotaPlan) -> None:
 class Planner:
     """Merges reports into its view table and publishes a snapshot and a plan per changed batch."""
 
-    def __init__(self, settings: Settings, view: CollectionT, rounds: CollectionT, outbox: Outbox):
+    def __init__(self, settings: Settings, view: CollectionT, rounds: CollectionT, topics: StreamTopics):
         self.scoring = settings.stream.scoring
         self.quotas = settings.stream.quotas
         self.max_event_bytes = settings.kafka.max_event_bytes
         self.view = view
         self.rounds = rounds
-        self.outbox = outbox
+        self.topics = topics
 
     def reports(self) -> dict[str, CapabilityReport]:
         """The latest report per capability."""
@@ -105,8 +104,8 @@ class Planner:
         for event in events:
             try:
                 partial = decode(PartialWeakness, event.value, self.max_event_bytes)
-            except Exception as error:  # noqa: BLE001 - a bad report is dead-lettered, never stops the planner
-                await self.outbox.dead_letter(dead_letter_for(event.message, error, f"{SERVICE}.plan", SERVICE))
+            except InvalidEvent as error:
+                await self.topics.dead_letter(dead_letter_for(event.message, error, f"{SERVICE}.plan", SERVICE))
                 continue
             for name, report in partial.reports.items():
                 if newer(reports.get(name), report):
@@ -120,7 +119,7 @@ class Planner:
         store(self.rounds, ROUND_KEY, round_number, events[-1])
         snapshot = build_snapshot(reports, self.scoring, seq=round_number)
         plan = plan_quotas(snapshot, self.quotas, round_number, producer=SERVICE)
-        await self.outbox.send(snapshot)
-        await self.outbox.send(plan)
+        await self.topics.send(snapshot)
+        await self.topics.send(plan)
         export_metrics(snapshot, plan)
 

@@ -162,7 +162,7 @@ def allocate(weights: Weights, params: QuotaSettings) -> dict[str, int]:
     return quotas
 
 
-def plan_quotas(snapshot: WeaknessSnapshot, params: QuotaSettings, round: int, *, producer: str = "weakness") -> QuotaPlan:
+def plan_quotas(snapshot: WeaknessSnapshot, params: QuotaSettings, round: int, *, producer: str = "dpe") -> QuotaPlan:
     """The quota plan of `params.strategy` for `snapshot`, naming the snapshot it came from."""
     weights = STRATEGIES[params.strategy](snapshot, params)
     return QuotaPlan(

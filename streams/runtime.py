@@ -1,4 +1,4 @@
-"""Faust plumbing for the weakness stream: the app class, its options from `Settings`, and publishing.
+"""Faust plumbing for the weakness stream: the app class and its options from `Settings`.
 
 Four deliberate departures from a stock `faust.App`:
 
@@ -37,16 +37,10 @@ import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.auth import Credentials
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import TP, TopicT
+from faust.types import TP
 
-from dpe.bus.codec import encode, headers_for
 from dpe.bus.options import aiokafka_options
 from dpe.config import KafkaSettings, Settings
-from dpe.events import DeadLetter, Divergence, EvalOutcome, Event, QuotaPlan, WeaknessSnapshot
-from dpe.topics import MODEL_TOPIC, topic_for
-from monitoring.metrics import DEADLETTERS
-from streams.contracts import PartialWeakness, partial_topic
-
 
 async def fetched_end_offsets(probe: AIOKafkaConsumer, reported: Mapping[TP, int | None],
                               timeout_s: float = 10.0) -> dict[TP, int | None]:
@@ -168,34 +162,3 @@ def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "datadir": str(settings.home / "faust"),
         "web_enabled": False,
     }
-
-
-class Outbox:
-    """The topics the stream writes to, and how events reach them (registry contract, envelope headers)."""
-
-    def __init__(self, app: faust.App, settings: Settings):
-        self.max_event_bytes = settings.kafka.max_event_bytes
-        prefix = settings.kafka.topic_prefix
-        self._topics: dict[type[Event], TopicT] = {
-            model: app.topic(topic_for(model, prefix), key_serializer="raw", value_serializer="raw")
-            for model in (EvalOutcome, Divergence, WeaknessSnapshot, QuotaPlan, DeadLetter)
-        }
-        self.partials = app.topic(partial_topic(prefix), partitions=1, internal=True,
-                                  key_serializer="raw", value_serializer="raw")
-        self._topics[PartialWeakness] = self.partials
-
-    def source(self, model: type[Event]) -> TopicT:
-        """The topic of `model` events, for an agent to consume (values stay raw bytes)."""
-        return self._topics[model]
-
-    async def send(self, event: Event) -> None:
-        """Queue `event` on its topic (delivery is confirmed before the next offset commit)."""
-        spec = MODEL_TOPIC.get(type(event))
-        max_bytes = spec.max_bytes(self.max_event_bytes) if spec else self.max_event_bytes
-        await self._topics[type(event)].send(key=event.key().encode(), value=encode(event, max_bytes),
-                                             headers=headers_for(event))
-
-    async def dead_letter(self, letter: DeadLetter) -> None:
-        """Send a dead letter and count it."""
-        await self.send(letter)
-        DEADLETTERS.labels(letter.origin_topic, letter.stage, letter.error_class).inc()

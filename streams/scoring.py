@@ -4,18 +4,22 @@ Evidence: an `EvalOutcome` is one observation with error ``1 - score`` and weigh
 (AuditDM) is an error with weight ``divergence_weight * consensus_strength``. Each has an idempotency
 key (``outcome_id`` / ``divergence_id``) and a last-writer-wins stamp ``(ts, event_id)``.
 
-State (`CapabilityState`): for the newest `keep_versions` policy versions (the window), the winning
-observation per key. A duplicate changes nothing, a re-run of the same (policy version, suite, item)
-replaces the earlier one, and any delivery order gives the same state. When a version leaves the
-window, its observations are folded, in version order, into decayed sums and a short per-version
-history (for the trend), so the state stays bounded. Evidence for an already folded version can no
-longer be deduplicated and is ignored (`Applied.LATE`).
+State (`CapabilityState`): one ledger per evidence source (outcomes, divergences), because the two
+arrive on separate topics that a worker may read at different speeds. A ledger keeps, for the newest
+`keep_versions` policy versions of its source (the window), the winning observation per key. A
+duplicate changes nothing, a re-run of the same (policy version, suite, item) replaces the earlier
+one, and any delivery order of a source's evidence, interleaved in any way with the other source,
+gives the same state. When a version leaves a ledger's window its observations are folded, in
+version order, into decayed sums and a short per-version history (for the trend), so the state
+stays bounded. Evidence for a version its ledger has already folded can no longer be deduplicated
+and is ignored (`Applied.LATE`): with versions published in order, only a replay from far back
+produces it.
 
 Summary (`summarise`): an exponentially decayed error rate with a half-life in policy versions (age
-= versions behind the newest) or in events (age = number of newer observations); the effective
-sample count (the decayed weight); an equal-tailed credible interval of the Beta posterior with
-prior ``Beta(prior_errors, prior_successes)``; and the trend, the weighted least-squares slope of
-per-version error rates (negative: improving).
+= versions behind the newest version of any source) or in events (age = number of newer
+observations of the same source); the effective sample count (the decayed weight); an equal-tailed
+credible interval of the Beta posterior with prior ``Beta(prior_errors, prior_successes)``; and the
+trend, the weighted least-squares slope of per-version error rates (negative: improving).
 
 Example:
     >>> from dpe.events import EvalOutcome
@@ -53,9 +57,10 @@ Observation = tuple[float, str, float, float]
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    """One observation about one capability, with its idempotency key and policy version."""
+    """One observation about one capability from one source, with its idempotency key and policy version."""
 
     capability: str
+    source: str
     key: str
     version: int
     observation: Observation
@@ -95,7 +100,7 @@ def outcome_evidence(outcome: EvalOutcome, params: ScoringSettings) -> Evidence:
     """An eval outcome as evidence: error ``1 - score``, weight 1, keyed by its ``outcome_id``."""
     capability = _known_capability(outcome.capability, params)
     score = _unit_interval(outcome.score, "score")
-    return Evidence(capability, "o:" + outcome.outcome_id, outcome.policy_version,
+    return Evidence(capability, "outcome", outcome.outcome_id, outcome.policy_version,
                     (outcome.ts.timestamp(), outcome.event_id, 1.0 - score, 1.0))
 
 
@@ -103,8 +108,27 @@ def divergence_evidence(divergence: Divergence, params: ScoringSettings) -> Evid
     """A divergence as evidence: an error weighted by ``divergence_weight * consensus_strength``."""
     capability = _known_capability(divergence.capability, params)
     strength = _unit_interval(divergence.consensus_strength, "consensus_strength")
-    return Evidence(capability, "d:" + divergence.divergence_id, divergence.policy_version,
+    return Evidence(capability, "divergence", divergence.divergence_id, divergence.policy_version,
                     (divergence.ts.timestamp(), divergence.event_id, 1.0, params.divergence_weight * strength))
+
+
+@dataclass
+class Ledger:
+    """The evidence of one source about one capability: a window of recent versions plus folded sums."""
+
+    newest: int = -1
+    folded_through: int = -1
+    window: dict[int, dict[str, Observation]] = field(default_factory=dict)
+    folded_weight: float = 0.0
+    folded_errors: float = 0.0
+    folded_version: int = -1
+    folded_count: int = 0
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+
+    @property
+    def events(self) -> int:
+        """Distinct observations, folded or not."""
+        return self.folded_count + sum(len(observations) for observations in self.window.values())
 
 
 @dataclass
@@ -115,32 +139,31 @@ class CapabilityState:
     it is not part of the scoring state, so it is left out of equality.
     """
 
-    newest: int = -1
-    folded_through: int = -1
-    window: dict[int, dict[str, Observation]] = field(default_factory=dict)
-    folded_weight: float = 0.0
-    folded_errors: float = 0.0
-    folded_version: int = -1
-    folded_count: int = 0
-    history: list[tuple[int, float, float]] = field(default_factory=list)
+    ledgers: dict[str, Ledger] = field(default_factory=dict)
     revision: int = field(default=0, compare=False)
+
+    @property
+    def newest(self) -> int:
+        """Newest policy version in any source's evidence (-1: none)."""
+        return max((ledger.newest for ledger in self.ledgers.values()), default=-1)
 
 
 def apply(state: CapabilityState, evidence: Evidence, params: ScoringSettings) -> Applied:
     """Add `evidence` to `state` in place (idempotent: duplicates and older re-runs change nothing)."""
-    if evidence.version <= state.folded_through:
+    ledger = state.ledgers.setdefault(evidence.source, Ledger())
+    if evidence.version <= ledger.folded_through:
         return Applied.LATE
-    observations = state.window.setdefault(evidence.version, {})
+    observations = ledger.window.setdefault(evidence.version, {})
     current = observations.get(evidence.key)
     if current is not None and current >= evidence.observation:
         return Applied.DUPLICATE if current == evidence.observation else Applied.SUPERSEDED
     observations[evidence.key] = evidence.observation
-    if evidence.version > state.newest:
-        state.newest = evidence.version
-        limit = state.newest - params.keep_versions
-        for version in sorted(v for v in state.window if v <= limit):
-            _fold(state, version, state.window.pop(version), params)
-        state.folded_through = max(state.folded_through, limit)
+    if evidence.version > ledger.newest:
+        ledger.newest = evidence.version
+        limit = ledger.newest - params.keep_versions
+        for version in sorted(v for v in ledger.window if v <= limit):
+            _fold(ledger, version, ledger.window.pop(version), params)
+        ledger.folded_through = max(ledger.folded_through, limit)
     return Applied.APPLIED
 
 
@@ -157,49 +180,63 @@ def _decay(age: float, params: ScoringSettings) -> float:
     return 2.0 ** (-age / params.half_life)
 
 
-def _fold(state: CapabilityState, version: int, observations: dict[str, Observation], params: ScoringSettings) -> None:
+def _fold(ledger: Ledger, version: int, observations: dict[str, Observation], params: ScoringSettings) -> None:
     weight = math.fsum(obs[3] for obs in observations.values())
     errors = math.fsum(obs[3] * obs[2] for obs in observations.values())
-    state.history = [*state.history, (version, weight, errors)][-params.trend_versions:]
-    state.folded_count += len(observations)
+    ledger.history = [*ledger.history, (version, weight, errors)][-params.trend_versions:]
+    ledger.folded_count += len(observations)
     if params.half_life_unit == "versions":
-        carried = _decay(version - state.folded_version, params)
+        carried = _decay(version - ledger.folded_version, params)
     else:
         ranked = _newest_first({version: observations})
         carried = _decay(len(ranked), params)
         weight = math.fsum(obs[3] * _decay(rank, params) for rank, obs in enumerate(ranked))
         errors = math.fsum(obs[3] * obs[2] * _decay(rank, params) for rank, obs in enumerate(ranked))
-    state.folded_weight = state.folded_weight * carried + weight
-    state.folded_errors = state.folded_errors * carried + errors
-    state.folded_version = version
+    ledger.folded_weight = ledger.folded_weight * carried + weight
+    ledger.folded_errors = ledger.folded_errors * carried + errors
+    ledger.folded_version = version
 
 
-def _decayed_terms(state: CapabilityState, params: ScoringSettings) -> list[tuple[float, float]]:
-    """(weight, weighted error) of every window observation and of the folded sums, decayed to now."""
+def _decayed_terms(ledger: Ledger, newest: int, params: ScoringSettings) -> list[tuple[float, float]]:
+    """(weight, weighted error) of every window observation and of the folded sums, decayed to now.
+
+    In versions, age counts from `newest` (of any source); in events, from the ledger's own newest.
+    """
     if params.half_life_unit == "versions":
         terms = [
             (obs[3] * factor, obs[3] * obs[2] * factor)
-            for version, observations in state.window.items()
-            for factor in (_decay(state.newest - version, params),)
+            for version, observations in ledger.window.items()
+            for factor in (_decay(newest - version, params),)
             for obs in observations.values()
         ]
-        folded = _decay(state.newest - state.folded_version, params)
+        folded = _decay(newest - ledger.folded_version, params)
     else:
         terms = [(obs[3] * _decay(rank, params), obs[3] * obs[2] * _decay(rank, params))
-                 for rank, obs in enumerate(_newest_first(state.window))]
+                 for rank, obs in enumerate(_newest_first(ledger.window))]
         folded = _decay(len(terms), params)
-    terms.append((state.folded_weight * folded, state.folded_errors * folded))
+    terms.append((ledger.folded_weight * folded, ledger.folded_errors * folded))
     return terms
+
+
+def _per_version(ledger: Ledger) -> list[tuple[int, float, float]]:
+    """(version, weight, weighted errors) of every version the ledger remembers, undecayed."""
+    window = [
+        (version, math.fsum(o[3] for o in obs.values()), math.fsum(o[3] * o[2] for o in obs.values()))
+        for version, obs in ledger.window.items()
+    ]
+    return [*ledger.history, *window]
 
 
 def _trend(state: CapabilityState, params: ScoringSettings) -> float:
     """Weighted least-squares slope of per-version error rates over the last `trend_versions` versions."""
-    window = [
-        (version, math.fsum(o[3] for o in obs.values()), math.fsum(o[3] * o[2] for o in obs.values()))
-        for version, obs in state.window.items()
-    ]
-    points = [p for p in sorted([*state.history, *window]) if p[1] > 0][-params.trend_versions:]
-    if len({p[0] for p in points}) < 2:
+    by_version: dict[int, list[tuple[float, float]]] = {}
+    for ledger in state.ledgers.values():
+        for version, weight, errors in _per_version(ledger):
+            by_version.setdefault(version, []).append((weight, errors))
+    points = [(version, math.fsum(w for w, _ in sums), math.fsum(e for _, e in sums))
+              for version, sums in sorted(by_version.items())]
+    points = [p for p in points if p[1] > 0][-params.trend_versions:]
+    if len(points) < 2:
         return 0.0
     total = math.fsum(w for _, w, _ in points)
     mean_x = math.fsum(w * v for v, w, _ in points) / total
@@ -211,7 +248,8 @@ def _trend(state: CapabilityState, params: ScoringSettings) -> float:
 
 def summarise(state: CapabilityState, params: ScoringSettings) -> CapabilityWeakness:
     """The rolling weakness of one capability (a state without evidence gives the prior)."""
-    terms = _decayed_terms(state, params)
+    newest = state.newest
+    terms = [term for ledger in state.ledgers.values() for term in _decayed_terms(ledger, newest, params)]
     weight = math.fsum(w for w, _ in terms)
     errors = min(math.fsum(e for _, e in terms), weight)
     prior_errors, prior_successes = params.prior_errors, params.prior_successes
@@ -222,13 +260,13 @@ def summarise(state: CapabilityState, params: ScoringSettings) -> CapabilityWeak
         effective_n=weight,
         ci_low=low,
         ci_high=high,
-        events=state.folded_count + sum(len(obs) for obs in state.window.values()),
+        events=sum(ledger.events for ledger in state.ledgers.values()),
         trend=_trend(state, params),
     )
 
 
 def replay(evidence: Iterable[Evidence], params: ScoringSettings) -> dict[str, CapabilityState]:
-    """States from a sequence of evidence, e.g. recomputed from a topic's log.
+    """States from a sequence of evidence, e.g. recomputed from the topics' logs.
 
     >>> replay([], ScoringSettings(taxonomy=("counting",)))
     {}
@@ -241,30 +279,22 @@ def replay(evidence: Iterable[Evidence], params: ScoringSettings) -> dict[str, C
 
 def dump_state(state: CapabilityState) -> bytes:
     """Compact JSON of a state (the table changelog value); `load_state` reads it back exactly."""
-    return json.dumps(
-        {
-            "newest": state.newest,
-            "folded_through": state.folded_through,
-            "window": {str(version): obs for version, obs in state.window.items()},
-            "folded": [state.folded_weight, state.folded_errors, state.folded_version, state.folded_count],
-            "history": state.history,
-            "revision": state.revision,
-        },
-        separators=(",", ":"),
-    ).encode()
+    ledgers = {
+        source: {
+            "newest": ledger.newest,
+            "folded_through": ledger.folded_through,
+            "window": {str(version): obs for version, obs in ledger.window.items()},
+            "folded": [ledger.folded_weight, ledger.folded_errors, ledger.folded_version, ledger.folded_count],
+            "history": ledger.history,
+        }
+        for source, ledger in state.ledgers.items()
+    }
+    return json.dumps({"ledgers": ledgers, "revision": state.revision}, separators=(",", ":")).encode()
 
 
-def load_state(raw: bytes) -> CapabilityState:
-    """The state `dump_state` wrote.
-
-    >>> s = CapabilityState(newest=2, window={2: {"o:2/s/i": (1.5, "e", 1.0, 1.0)}}, revision=7)
-    >>> restored = load_state(dump_state(s))
-    >>> restored == s, restored.revision
-    (True, 7)
-    """
-    data = json.loads(raw)
+def _load_ledger(data: dict) -> Ledger:
     weight, errors, version, count = data["folded"]
-    return CapabilityState(
+    return Ledger(
         newest=data["newest"],
         folded_through=data["folded_through"],
         window={int(v): {key: tuple(obs) for key, obs in observations.items()}
@@ -274,5 +304,18 @@ def load_state(raw: bytes) -> CapabilityState:
         folded_version=version,
         folded_count=count,
         history=[tuple(point) for point in data["history"]],
-        revision=data["revision"],
     )
+
+
+def load_state(raw: bytes) -> CapabilityState:
+    """The state `dump_state` wrote.
+
+    >>> ledger = Ledger(newest=2, window={2: {"2/s/i": (1.5, "e", 1.0, 1.0)}})
+    >>> s = CapabilityState(ledgers={"outcome": ledger}, revision=7)
+    >>> restored = load_state(dump_state(s))
+    >>> restored == s, restored.revision
+    (True, 7)
+    """
+    data = json.loads(raw)
+    return CapabilityState(ledgers={source: _load_ledger(ledger) for source, ledger in data["ledgers"].items()},
+                           revision=data["revision"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 
 
 def default_taxonomy() -> tuple[str, ...]:
@@ -29,7 +29,7 @@ class ScoringSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     taxonomy: tuple[str, ...] = Field(default_factory=default_taxonomy, description="Known capabilities.")
-    open_taxonomy: bool = Field(False, description="Accept capabilities outside the taxonomy instead of dead-lettering.")
+    open_taxonomy: bool = Field(False, description="Accept capabilities outside the taxonomy, not dead-letter them.")
     half_life: float = Field(1.0, gt=0, description="Evidence this old (in `half_life_unit`) counts half.")
     half_life_unit: Literal["versions", "events"] = Field(
         "versions", description="'versions': age in policy versions behind the newest; 'events': newer observations."
@@ -39,7 +39,7 @@ class ScoringSettings(BaseModel):
     credible_level: float = Field(0.9, gt=0, lt=1, description="Mass of the equal-tailed credible interval.")
     divergence_weight: float = Field(0.5, ge=0, description="Weight of one divergence (times its consensus strength).")
     keep_versions: int = Field(
-        3, ge=1, description="Newest policy versions kept per item (re-runs overwrite); older ones are folded into sums."
+        3, ge=1, description="Newest policy versions kept item by item (re-runs overwrite); older ones are folded."
     )
     trend_versions: int = Field(8, ge=2, description="Policy versions the trend (error-rate slope) is fitted over.")
 
@@ -60,8 +60,8 @@ class QuotaSettings(BaseModel):
     budget: int = Field(1000, ge=0, description="Samples per round, over all capabilities.")
     floor: int = Field(1, ge=0, description="Fewest samples per capability (at least 1 whenever the budget allows).")
     cap: int | None = Field(None, ge=1, description="Most samples per capability (None: no cap).")
-    floors: dict[str, int] = Field(default_factory=dict, description="Per-capability floors overriding `floor`.")
-    caps: dict[str, int] = Field(default_factory=dict, description="Per-capability caps overriding `cap`.")
+    floors: dict[str, NonNegativeInt] = Field(default_factory=dict, description="Per-capability floors over `floor`.")
+    caps: dict[str, NonNegativeInt] = Field(default_factory=dict, description="Per-capability caps over `cap`.")
     exploration: float = Field(
         0.25, ge=0, description="learning_progress: weight share a weak capability keeps without measured progress."
     )
@@ -78,13 +78,6 @@ class QuotaSettings(BaseModel):
             raise ValueError(f"unknown quota strategy {value!r}; known: {sorted(STRATEGIES)}")
         return value
 
-    @field_validator("floors", "caps")
-    @classmethod
-    def _non_negative(cls, value: dict[str, int]) -> dict[str, int]:
-        if any(v < 0 for v in value.values()):
-            raise ValueError("per-capability floors and caps must be >= 0")
-        return value
-
 
 class StreamSettings(BaseModel):
     """The weakness stream service: scoring, planning, batching and publishing cadence."""
@@ -95,7 +88,7 @@ class StreamSettings(BaseModel):
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     app_id: str = Field("weakness", pattern=r"^[A-Za-z0-9._-]+$", description="Faust app id (after the topic prefix).")
     batch_size: int = Field(1000, ge=1, description="Most events handled per batch (`take_events`).")
-    batch_within_s: float = Field(0.05, gt=0, lt=5, description="Longest wait to fill a batch (well under the session timeout).")
+    batch_within_s: float = Field(0.05, gt=0, lt=5, description="Longest wait to fill a batch (< session timeout).")
     snapshot_every_events: int = Field(2000, ge=1, description="Publish weakness after this many events...")
     snapshot_every_s: float = Field(0.25, gt=0, description="...or this many seconds, whichever comes first.")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus endpoint port (0: none).")

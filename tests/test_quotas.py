@@ -20,7 +20,8 @@ from streams.settings import QuotaSettings, ScoringSettings
 
 def weakness(error_rate: float, n: float = 200.0, trend: float = 0.0) -> CapabilityWeakness:
     low, high = credible_interval(1 + error_rate * n, 1 + (1 - error_rate) * n, 0.9)
-    return CapabilityWeakness(error_rate=error_rate, effective_n=n, ci_low=low, ci_high=high, events=int(n), trend=trend)
+    return CapabilityWeakness(error_rate=error_rate, effective_n=n, ci_low=low, ci_high=high, events=int(n),
+                              trend=trend)
 
 
 def snapshot(capabilities: dict[str, CapabilityWeakness], policy_version: int = 3) -> WeaknessSnapshot:

@@ -205,18 +205,37 @@ def test_folding_old_versions_does_not_change_the_summary(unit):
     bounded = ScoringSettings(**base, keep_versions=2)
     events = random_log(random.Random(3), range(10), per_version=10, reruns=2)
     kept, folded = state_of(events, everything), state_of(events, bounded)
-    assert len(kept.window) == 10 and len(folded.window) == 2
+    assert len(kept.ledgers["outcome"].window) == 10 and len(folded.ledgers["outcome"].window) == 2
     a, b = summarise(kept, everything), summarise(folded, bounded)
     assert b.events == a.events
     for field in ("error_rate", "effective_n", "ci_low", "ci_high", "trend"):
         assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize("unit", ["versions", "events"])
+def test_sources_read_at_different_speeds_give_the_same_state(unit):
+    """Outcomes and divergences come on two topics: either may run many versions ahead of the other."""
+    params = ScoringSettings(taxonomy=("counting",), keep_versions=2, half_life_unit=unit, trend_versions=20)
+    rng = random.Random(13)
+    outcomes = [outcome_evidence(e, params) for e in random_log(rng, range(8), per_version=6, reruns=2)]
+    divergences = [divergence_evidence(divergence(v, f"p{i}", rng.random()), params)
+                   for v in range(8) for i in range(3)]
+    reference = replay(outcomes + divergences, params)["counting"]
+    assert replay(divergences + outcomes, params)["counting"] == reference
+    for _ in range(50):  # random interleavings that keep each source's own order
+        merged, pending = [], {"o": list(outcomes), "d": list(divergences)}
+        while pending["o"] or pending["d"]:
+            merged.append(pending[rng.choice([k for k, rest in pending.items() if rest])].pop(0))
+        assert replay(merged, params)["counting"] == reference
+    assert summarise(reference, params).events == len({e.key for e in outcomes}) + len(divergences)
+
+
 def test_state_stays_bounded_and_late_evidence_is_ignored():
     params = ScoringSettings(taxonomy=("counting",), keep_versions=3, trend_versions=4)
     state = state_of(random_log(random.Random(5), range(40), per_version=5, reruns=1), params)
-    assert sorted(state.window) == [37, 38, 39]
-    assert len(state.history) == 4 and state.folded_through == 36
+    ledger = state.ledgers["outcome"]
+    assert sorted(ledger.window) == [37, 38, 39]
+    assert len(ledger.history) == 4 and ledger.folded_through == 36
     before = load_state(dump_state(state))
     assert apply(state, outcome_evidence(outcome(10, "late", 0.0), params), params) is Applied.LATE
     assert state == before

@@ -1,4 +1,4 @@
-"""The weakness stream end to end: real embedded broker, worker processes started with `python -m streams.cli`.
+"""The weakness stream end to end: real embedded broker, workers started as `python -m dpe serve weakness`.
 
 Every expectation is recomputed from the published log with the pure scoring functions, so "right
 numbers" means: what `streams.scoring.replay` + `summarise` give for the events on the topics.
@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+import faust
 import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -31,7 +32,7 @@ from dpe.events import BlobRef, DeadLetter, Divergence, EvalOutcome, Event, Quot
 from dpe.topics import topic_for
 from streams.beta import credible_interval
 from streams.contracts import PartialWeakness, partial_topic
-from streams.runtime import fetched_end_offsets
+from streams.runtime import broker_credentials, fetched_end_offsets
 from streams.scoring import divergence_evidence, load_state, outcome_evidence, replay, summarise
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,10 +57,10 @@ def divergence(version: int, probe: str, capability: str, strength: float = 1.0)
 class Worker:
     """One stream worker process."""
 
-    def __init__(self, config: Path, log: Path):
+    def __init__(self, config: Path, log: Path, flags: tuple[str, ...] = ()):
         self.log = log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "--config", str(config)],
-                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        command = [sys.executable, "-m", "dpe", "--config", str(config), "serve", "weakness", *flags]
+        self.proc = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
 
     def kill9(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
@@ -96,8 +97,8 @@ def start_worker(stream_settings, tmp_path):
     """Starts worker processes; all are stopped at teardown."""
     started: list[Worker] = []
 
-    def start() -> Worker:
-        worker = Worker(stream_settings[1], tmp_path / f"worker{len(started)}.log")
+    def start(*flags: str) -> Worker:
+        worker = Worker(stream_settings[1], tmp_path / f"worker{len(started)}.log", flags)
         started.append(worker)
         return worker
 
@@ -137,7 +138,8 @@ class Watch:
                     self.letters.append(event)
 
 
-async def watch(settings: Settings, publisher: AsyncPublisher) -> AsyncSubscriber:
+def follow(settings: Settings, publisher: AsyncPublisher) -> AsyncSubscriber:
+    """A subscriber to snapshots, plans and dead letters (no group: every partition from the start)."""
     return AsyncSubscriber(settings, [WeaknessSnapshot, QuotaPlan, DeadLetter], group_id=None, service="test",
                            publisher=publisher)
 
@@ -155,8 +157,8 @@ async def read_all(settings: Settings, topic: str, quiet_s: float = 1.5) -> list
                                 fetch_max_wait_ms=10)
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or
-                                                               await _partitions(consumer, topic))]
+        assert topic in await consumer.topics(), f"topic {topic} not found"
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         records: list = []
@@ -169,16 +171,6 @@ async def read_all(settings: Settings, topic: str, quiet_s: float = 1.5) -> list
         return sorted(records, key=lambda r: (r.partition, r.offset))
     finally:
         await consumer.stop()
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    for _ in range(50):
-        await consumer._client.force_metadata_update()
-        found = consumer.partitions_for_topic(topic)
-        if found:
-            return found
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"topic {topic} not found")
 
 
 async def recomputed(settings: Settings) -> dict:
@@ -210,7 +202,7 @@ async def test_outcomes_in_snapshot_and_plan_out_with_the_right_numbers(stream_s
     rerun = outcome(1, "c9", correct=False, capability="color")  # re-graded: now 2 of 10 wrong
     await publish(settings, [*counting, *color, counting[0], counting[1], rerun])
     start_worker()
-    async with AsyncPublisher(settings) as pub, await watch(settings, pub) as sub:
+    async with AsyncPublisher(settings) as pub, follow(settings, pub) as sub:
         w = Watch(sub)
         await w.until(lambda w: w.latest is not None and w.latest[0].capabilities["color"].error_rate == 0.2
                       and w.latest[0].capabilities["counting"].events == 10, what="a plan with every outcome")
@@ -257,8 +249,8 @@ async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(stream_settin
     finally:
         await producer.stop()
 
-    start_worker()
-    async with AsyncPublisher(settings) as pub, await watch(settings, pub) as sub:
+    start_worker("--strategy", "uniform", "--budget", "40")
+    async with AsyncPublisher(settings) as pub, follow(settings, pub) as sub:
         w = Watch(sub)
         await w.until(lambda w: len({(d.origin_topic, d.origin_partition, d.origin_offset) for d in w.letters})
                       == len(bad) and w.latest is not None and w.latest[0].capabilities["counting"].events == 2,
@@ -275,6 +267,8 @@ async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(stream_settin
     assert "juggling" in by_payload[bad["UnknownCapability"][2]].error_message
     assert "score" in by_payload[bad["SchemaViolation"][2]].error_message
     assert w.latest[0].capabilities["counting"].error_rate == 0.5, "the valid events around the bad ones count"
+    plan = w.latest[1]
+    assert (plan.strategy, plan.budget, set(plan.quotas.values())) == ("uniform", 40, {10}), "flags reach the planner"
 
 
 def workload(versions: range, per_version: int, seed_offset: int = 0) -> list[Event]:
@@ -302,20 +296,21 @@ async def test_recovery_after_kill9_equals_recomputation_from_the_log(stream_set
     settings, _ = stream_settings
     await publish(settings, workload(range(6), per_version=4000))
     first = start_worker()
-    async with AsyncPublisher(settings) as pub, await watch(settings, pub) as sub:
+    async with AsyncPublisher(settings) as pub, follow(settings, pub) as sub:
         w = Watch(sub)
         await w.until(lambda w: w.latest is not None, what="the first plan")
         first.kill9()
         killed_at = w.latest[0].events_total
         await publish(settings, workload(range(5, 8), per_version=800, seed_offset=1))
         expected = await recomputed(settings)
-        assert killed_at < sum(s.folded_count + sum(map(len, s.window.values())) for s in expected.values()), \
+        assert killed_at < sum(summarise(s, settings.stream.scoring).events for s in expected.values()), \
             "the worker must die mid-stream for this test to mean anything"
         start_worker()
         await w.until(matches(expected, settings), what="the recomputed weakness after restart")
     changelog = await latest_changelog_states(settings)
     assert changelog == expected, "the table after recovery equals the recomputation from the log"
-    assert all(len(state.window) <= settings.stream.scoring.keep_versions for state in changelog.values())
+    assert all(len(ledger.window) <= settings.stream.scoring.keep_versions
+               for state in changelog.values() for ledger in state.ledgers.values())
 
 
 async def group_members(settings: Settings) -> tuple[str, int]:
@@ -349,7 +344,7 @@ async def test_two_workers_share_partitions_and_one_takes_over(stream_settings, 
         await asyncio.sleep(0.5)
 
     await publish(settings, workload(range(3), per_version=400))
-    async with AsyncPublisher(settings) as pub, await watch(settings, pub) as sub:
+    async with AsyncPublisher(settings) as pub, follow(settings, pub) as sub:
         w = Watch(sub)
         await w.until(matches(await recomputed(settings), settings), what="the global snapshot of two workers")
         by_worker = await reports_by_worker(settings)
@@ -386,3 +381,16 @@ async def test_end_offsets_come_from_the_fetch_high_water_mark(settings):
     reported = {TP(topic, p): listed[TopicPartition(topic, p)] for p in (0, 1)}
     probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=10)
     assert await fetched_end_offsets(probe, reported) == {TP(topic, 0): 9, TP(topic, 1): 0}
+
+
+def test_faust_gets_the_configured_security_settings():
+    kafka = load_settings(overrides={"kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                                               "sasl_username": "stream", "sasl_password": "s3cret"}}).kafka
+    credentials = broker_credentials(kafka, "k1:9093")
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert (credentials.username, credentials.password, credentials.mechanism.value) == \
+        ("stream", "s3cret", "SCRAM-SHA-512")
+    assert credentials.ssl_context is not None and credentials.protocol.value == "SASL_SSL"
+    ssl_only = kafka.model_copy(update={"security_protocol": "SSL"})
+    assert isinstance(broker_credentials(ssl_only, "k1:9093"), faust.SSLCredentials)
+    assert broker_credentials(kafka.model_copy(update={"security_protocol": "PLAINTEXT"}), "k1:9092") is None
