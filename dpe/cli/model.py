@@ -168,21 +168,12 @@ def sft(
 
 def _fine_tune(base: Path, output: Path | None, config: WarmupConfig) -> Any:
     from dpe.policy.model import load_policy
-    from dpe.policy.sft import train_sft
-    from dpe.world import training_stream
+    from dpe.policy.warmup import train_on_recipe
 
     if output is None:
         raise click.UsageError("--base needs --output")
     policy = load_policy(base)
-    train_sft(
-        policy,
-        training_stream(config.mix, config.seed, levels=config.levels, image_size=config.model.image_size),
-        steps=config.steps,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-    )
+    train_on_recipe(policy, config)
     policy.save(output)
     console.print(f"fine-tuned {base} for {config.steps} steps: {output}")
     return policy

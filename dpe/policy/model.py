@@ -173,18 +173,24 @@ def _qwen2_vl_config(config: TinyVLMConfig, tokenizer: PreTrainedTokenizerBase) 
     )
 
 
+def _merger_vision_config(config: TinyVLMConfig) -> dict[str, Any]:
+    """Vision settings shared by Qwen2.5-VL and Qwen3-VL (both project to the text width with a merger)."""
+    return {
+        "depth": config.vision_depth,
+        "hidden_size": config.vision_dim,
+        "intermediate_size": config.vision_dim * 2,
+        "num_heads": config.vision_heads,
+        "out_hidden_size": config.hidden_size,
+        "patch_size": config.patch_size,
+        "spatial_merge_size": config.merge_size,
+        "temporal_patch_size": 2,
+    }
+
+
 def _qwen2_5_vl_config(config: TinyVLMConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     return Qwen2_5_VLConfig(
         text_config=_text_config(config, tokenizer, _mrope_section(config, 0.25)),
-        vision_config={
-            "depth": config.vision_depth,
-            "hidden_size": config.vision_dim,
-            "intermediate_size": config.vision_dim * 2,
-            "num_heads": config.vision_heads,
-            "out_hidden_size": config.hidden_size,
-            "patch_size": config.patch_size,
-            "spatial_merge_size": config.merge_size,
-            "temporal_patch_size": 2,
+        vision_config=_merger_vision_config(config) | {
             "window_size": config.image_size // 2,
             "fullatt_block_indexes": [config.vision_depth - 1],
         },
@@ -199,15 +205,7 @@ def _qwen3_vl_config(config: TinyVLMConfig, tokenizer: PreTrainedTokenizerBase) 
     grid = config.image_size // config.patch_size
     return Qwen3VLConfig(
         text_config=text,
-        vision_config={
-            "depth": config.vision_depth,
-            "hidden_size": config.vision_dim,
-            "intermediate_size": config.vision_dim * 2,
-            "num_heads": config.vision_heads,
-            "out_hidden_size": config.hidden_size,
-            "patch_size": config.patch_size,
-            "spatial_merge_size": config.merge_size,
-            "temporal_patch_size": 2,
+        vision_config=_merger_vision_config(config) | {
             "num_position_embeddings": grid * grid,
             "deepstack_visual_indexes": [config.vision_depth - 1],
         },

@@ -54,6 +54,22 @@ def cached_folder(config: WarmupConfig, cache_dir: str | Path | None = None) -> 
     return root / f"{config.model.family}-{config.recipe_hash(RECIPE_VERSION)}"
 
 
+def train_on_recipe(policy: Policy, config: WarmupConfig, *, show_progress: bool = True,
+                    description: str = "SFT") -> list[float]:
+    """SFT `policy` on the recipe's skewed training stream; returns the per-step losses."""
+    return train_sft(
+        policy,
+        training_stream(config.mix, config.seed, levels=config.levels, image_size=config.model.image_size),
+        steps=config.steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        show_progress=show_progress,
+        description=description,
+    )
+
+
 def warm_up(
     config: WarmupConfig = WarmupConfig(), *, cache_dir: str | Path | None = None, show_progress: bool = True
 ) -> WarmupResult:
@@ -66,17 +82,7 @@ def warm_up(
         if (folder / RECIPE_FILE).exists():
             return WarmupResult(load_policy(folder), folder, True, time.perf_counter() - started)
         policy = build_tiny_policy(config.model)
-        losses = train_sft(
-            policy,
-            training_stream(config.mix, config.seed, levels=config.levels, image_size=config.model.image_size),
-            steps=config.steps,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            weight_decay=config.weight_decay,
-            show_progress=show_progress,
-            description="warm-up SFT",
-        )
+        losses = train_on_recipe(policy, config, show_progress=show_progress, description="warm-up SFT")
         seconds = time.perf_counter() - started
         recipe = {
             "version": RECIPE_VERSION,
