@@ -5,11 +5,14 @@ trainer process at several points with a ledger that shows every sample trained 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import itertools
 import json
+import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +25,7 @@ import pytest
 import torch
 import yaml
 from aiokafka import AIOKafkaProducer
+from PIL import Image
 from prometheus_client import REGISTRY
 
 from dpe.blobstore import BlobStore
@@ -35,6 +39,7 @@ from dpe.policy.warmup import warm_up
 from dpe.topics import topic_for
 from dpe.world import make_item
 from trainer.checkpoints import ANNOUNCED, CheckpointStore, verify
+from trainer.distributed import build_deepspeed_ops
 from trainer.engine import GRPOEngine, step_batches
 from trainer.samples import RecentIds, TrainingSample, staleness_weight
 from trainer.service import RoundReport, checkpoint_folder, run_trainer
@@ -158,6 +163,21 @@ def test_step_batches_repeat_each_prompt_group_size_times_and_shard_across_ranks
     assert [[r["prompt"] for r in step] for step in steps] == [["a", "a", "b", "b"], ["c", "c", "d", "d"], ["e", "e"]]
     shards = [step_batches(rows[:2], 2, 4, rank=rank, world_size=2)[0] for rank in (0, 1)]
     assert [[r["prompt"] for r in shard] for shard in shards] == [["a"] * 4, ["b"] * 4]
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_stall_the_next_trainer(tmp_path):
+    """torch waits forever on a `lock` file a killed op build left; dpe removes it under its own lock."""
+    shared = ROOT / ".cache" / "torch_extensions"
+    build_deepspeed_ops(shared)
+    folder = tmp_path / "extensions"
+    shutil.copytree(shared, folder)
+    leftovers = [path / "lock" for path in folder.iterdir() if path.is_dir()]
+    assert leftovers, "DeepSpeed built no op to leave a lock in"
+    for lock in leftovers:
+        lock.touch()
+    build = "import sys; from pathlib import Path; from trainer.distributed import build_deepspeed_ops as b; b(Path(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", build, str(folder)], check=True, timeout=240, cwd=ROOT, env=CLEAN_ENV)
+    assert not any(lock.exists() for lock in leftovers)
 
 
 def test_staleness_weight_and_recent_ids():
@@ -310,6 +330,18 @@ async def test_zero_weight_samples_do_not_move_the_policy(settings, base_model, 
     assert all(torch.equal(a, b) for a, b in zip(before, engine.policy.model.parameters(), strict=True))
     engine.train_round([training_sample(i, weight=1.0) for i in range(4, 8)])
     assert not all(torch.equal(a, b) for a, b in zip(before, engine.policy.model.parameters(), strict=True))
+
+
+async def test_a_round_mixing_image_sizes_and_question_lengths_trains(settings, base_model, tmp_path):
+    """Edited images (crops, side-by-side compositions) give prompts different numbers of image tokens."""
+    configured = load_settings(overrides=overrides(settings, base_model)).trainer
+    engine = GRPOEngine(base_model, configured, tmp_path / "w")
+    square, wide = training_sample(0), training_sample(1)
+    canvas = Image.new("RGB", (wide.image.width * 2, wide.image.height), "white")
+    canvas.paste(wide.image, (0, 0))
+    wide = dataclasses.replace(wide, image=canvas, question="Look only at the left half of the image. " + wide.question)
+    stats = engine.train_round([square, wide, training_sample(2), training_sample(3)])
+    assert stats.steps and math.isfinite(stats.summary()["loss"])
 
 
 def adam_state(engine: GRPOEngine) -> dict[str, torch.Tensor | int]:

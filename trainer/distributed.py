@@ -15,8 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +29,8 @@ from dpe.broker import free_port
 from trainer.settings import TrainerSettings
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def deepspeed_config(settings: TrainerSettings) -> dict[str, Any]:
@@ -69,10 +73,36 @@ def prepare_process(settings: TrainerSettings) -> None:
         torch.set_num_threads(settings.torch_threads)
         os.environ["OMP_NUM_THREADS"] = str(settings.torch_threads)  # else accelerate resets the thread count
     if settings.deepspeed.enabled:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(settings.extensions_dir).resolve()))
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(settings.extensions_dir).expanduser().resolve()))
         os.environ.update(single_process_env())
+        build_deepspeed_ops(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     else:
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # inherited from a DeepSpeed parent, it would switch it on
+
+
+def build_deepspeed_ops(folder: Path) -> None:
+    """Build (or load the cached build of) the op DeepSpeed's torch backend loads when it starts.
+
+    torch marks a build in progress with a ``lock`` file in the op's folder; a build that is killed
+    leaves it behind, and every later process waits on it forever. dpe builds only while holding an
+    exclusive lock on ``folder/.dpe-builds.lock``, so once it has that lock any ``lock`` file left is
+    stale and is removed. The build runs here, before any rendezvous, so ranks never wait on each
+    other while one of them holds the lock.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not builder.is_compatible(verbose=False):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".dpe-builds.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for stale in folder.glob("*/lock"):
+            log.warning("removing %s, left by a build of a DeepSpeed op that was killed", stale)
+            stale.unlink(missing_ok=True)
+        if not any(folder.glob(f"{builder.NAME}/*.so")):
+            log.info("building DeepSpeed's %s op into %s (once per machine, about a minute)", builder.NAME, folder)
+        builder.load(verbose=False)
 
 
 def use_vllm(rollout: str, *, cuda_available: bool, vllm_installed: bool) -> bool:

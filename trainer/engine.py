@@ -171,6 +171,9 @@ class GRPOEngine:
         # The config comes first: with ZeRO-3 it makes the model load partitioned.
         args = grpo_config(settings, output_dir, suppressed_token_ids(processor.tokenizer), world_size=world_size)
         self.policy: Policy = load_policy(model_folder)
+        # TRL left-pads prompts and takes mm_token_type_ids from the processor's own padding: they
+        # only line up when the processor pads on the left too (as processors TRL loads itself do).
+        self.policy.processor.tokenizer.padding_side = "left"
         self.trainer = WeightedGRPOTrainer(
             model=self.policy.model,
             reward_funcs=list(REWARD_FUNCS),

@@ -159,5 +159,6 @@ class TrainerSettings(BaseModel):
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None keeps torch's default.")
     extensions_dir: Path = Field(
-        Path(".cache/torch_extensions"), description="TORCH_EXTENSIONS_DIR for the ops DeepSpeed builds."
+        default_factory=lambda: Path.home() / ".cache" / "dpe" / "torch_extensions",
+        description="TORCH_EXTENSIONS_DIR for the ops DeepSpeed builds (once per machine; $TORCH_EXTENSIONS_DIR wins).",
     )
