@@ -125,11 +125,16 @@ def _redact(value: Any, model: Any) -> Any:
     return value
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` laid over it, nested mappings merged key by key.
+
+    >>> deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}})
+    {'a': {'b': 1, 'c': 3}}
+    """
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -148,8 +153,26 @@ def load_settings(config_file: str | Path | None = None, overrides: dict[str, An
     )
     merged: dict[str, Any] = {}
     for layer in layers:
-        merged = _deep_merge(merged, layer)
+        merged = deep_merge(merged, layer)
     return Settings(**merged)
+
+
+def with_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    """`settings` with `overrides` laid over it (secrets kept; `None` values dropped)."""
+    return Settings(**deep_merge(settings.model_dump(), _drop_none(overrides)))
+
+
+def secret_env(model: BaseModel, prefix: str = "DPE_") -> dict[str, str]:
+    """Every secret in `model` as the ``DPE_*`` variable that sets it: how child processes get secrets,
+    never through a written config file."""
+    env: dict[str, str] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            env[f"{prefix}{name.upper()}"] = value.get_secret_value()
+        elif isinstance(value, BaseModel):
+            env |= secret_env(value, f"{prefix}{name.upper()}__")
+    return env
 
 
 def _read_yaml(path: str | Path | None) -> dict[str, Any]:

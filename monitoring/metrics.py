@@ -99,7 +99,7 @@ AGENT_POLICY_VERSION = Gauge("dpe_agent_policy_version", "Policy version the dif
 
 WEAKNESS_EVENTS = Counter(
     "dpe_weakness_events_total",
-    "Evidence events handled by the weakness stream, by topic and result (applied, duplicate, superseded, late).",
+    "Evidence events handled by the weakness stream, by topic and result (applied, duplicate, superseded, late, measure_only).",
     ["topic", "result"],
 )
 WEAKNESS_ERROR_RATE = Gauge(

@@ -5,7 +5,7 @@ hold these, so they come from the same YAML file, ``DPE_EVALUATOR__*`` / ``DPE_A
 environment variables and CLI flags as everything else. For instance, in the YAML file::
 
     evaluator:
-      synthetic: {round_items: 140, heldout_items: 70}
+      synthetic: {round_items: 140, heldout_items: 210}
       benchmarks:
         - name: mmstar
           path: /data/MMStar.tsv
@@ -94,7 +94,7 @@ class SyntheticSuites(_Config):
     round_suite: str = Field("synthetic", pattern=ID_PATTERN)
     round_items: int = Field(140, ge=0, description="Items per policy version (0: no round suite).")
     heldout_suite: str = Field("heldout", pattern=ID_PATTERN)
-    heldout_items: int = Field(70, ge=0, description="Fixed items, the same every version (0: none).")
+    heldout_items: int = Field(210, ge=0, description="Fixed items, the same every version (0: none).")
     seed: int = Field(0, ge=0)
     capabilities: tuple[str, ...] = CAPABILITIES
     image_size: int = Field(64, ge=16, le=1024)

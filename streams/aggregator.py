@@ -31,7 +31,7 @@ from streams.scoring import Applied, CapabilityState, Evidence, apply, dump_stat
 from streams.settings import ScoringSettings
 from streams.tables import store
 
-ToEvidence = Callable[[Event, ScoringSettings], Evidence]
+ToEvidence = Callable[[Event, ScoringSettings], Evidence | None]
 
 
 class Aggregator:
@@ -79,7 +79,8 @@ class Aggregator:
         for event in events:
             try:
                 evidence = to_evidence(decode(model, event.value, max_bytes), self.params)
-                result = apply(self._state(evidence.capability), evidence, self.params)
+                result = Applied.MEASURE_ONLY if evidence is None else apply(
+                    self._state(evidence.capability), evidence, self.params)
             except Exception as error:  # noqa: BLE001 - a bad event is dead-lettered, never stops the stream
                 letters.append(dead_letter_for(event.message, error, f"{SERVICE}.handle", SERVICE))
                 continue
@@ -114,6 +115,7 @@ class Aggregator:
         states = {capability: self._stored(capability) for capability in changed}
         reports = {
             capability: CapabilityReport(revision=state.revision, policy_version=state.newest,
+                                         outcomes_at_version=state.outcomes_at(state.newest),
                                          weakness=summarise(state, self.params))
             for capability, state in states.items() if state is not None
         }

@@ -4,7 +4,7 @@ Topics: eval outcomes and divergences in (co-partitioned by capability, raw valu
 registry contracts); the internal report topic between workers and the planner; snapshots, plans
 and dead letters out. Tables (memory store, changelog, no windows): ``capability_states`` (the
 serialized `CapabilityState` per capability, partitioned like the evidence), ``planner_view`` (latest
-report per capability) and ``planner_rounds`` (the plan counter), both on the report topic's single
+report per capability) and ``planner_rounds`` (the snapshot and round counters), both on the report topic's single
 partition. Any number of workers can run with the same settings: they share the partitions, and a
 restarted worker recovers its tables from the changelogs.
 

@@ -34,6 +34,7 @@ class CapabilityReport(BaseModel):
 
     revision: int = Field(ge=0, description="Writes of this capability's state so far; newer wins.")
     policy_version: int = Field(ge=0, description="Newest policy version in this capability's evidence.")
+    outcomes_at_version: int = Field(0, ge=0, description="Eval outcomes of that version (how far its diagnosis is).")
     weakness: CapabilityWeakness
 
 

@@ -3,8 +3,13 @@
 It consumes the single-partition report topic (so exactly one worker plans at a time), keeps the
 latest report per capability in a table (the highest revision wins, so a stale report from a worker
 that lost a partition cannot undo its successor's), and for every batch that changed something
-publishes a `WeaknessSnapshot` of all capabilities and the `QuotaPlan` that names it. Capabilities of
-a closed taxonomy that have no evidence yet appear with the prior.
+publishes a `WeaknessSnapshot` of all capabilities. Capabilities of a closed taxonomy that have no
+evidence yet appear with the prior.
+
+Plans: with ``quotas.round_evidence`` 0 every snapshot also gets a `QuotaPlan` (round = snapshot
+seq). Otherwise a round is one policy version: its plan is published once, by the first snapshot
+in which the newest version has at least ``round_evidence`` graded outcomes, so a round's mixture
+comes from the diagnosis of the policy it will train and not from its predecessors'.
 
 Example:
     >>> from dpe.events import CapabilityWeakness
@@ -39,7 +44,9 @@ from streams.scoring import CapabilityState, summarise
 from streams.settings import ScoringSettings
 from streams.tables import store
 
+SEQ_KEY = "seq"
 ROUND_KEY = "round"
+PLANNED_KEY = "planned_version"
 
 
 def newer(current: CapabilityReport | None, incoming: CapabilityReport) -> bool:
@@ -70,13 +77,22 @@ def build_snapshot(reports: Mapping[str, CapabilityReport], params: ScoringSetti
     )
 
 
-def export_metrics(snapshot: WeaknessSnapshot, plan: QuotaPlan) -> None:
-    """Set the weakness and quota gauges from the latest snapshot and plan."""
+def diagnosed(reports: Mapping[str, CapabilityReport], version: int) -> int:
+    """Graded outcomes of policy `version` over all capabilities whose newest evidence is of it."""
+    return sum(report.outcomes_at_version for report in reports.values() if report.policy_version == version)
+
+
+def export_weakness(snapshot: WeaknessSnapshot) -> None:
+    """Set the weakness gauges from the latest snapshot."""
     for name, weakness in snapshot.capabilities.items():
         WEAKNESS_ERROR_RATE.labels(name).set(weakness.error_rate)
         WEAKNESS_EFFECTIVE_N.labels(name).set(weakness.effective_n)
         WEAKNESS_CREDIBLE_BOUND.labels(name, "low").set(weakness.ci_low)
         WEAKNESS_CREDIBLE_BOUND.labels(name, "high").set(weakness.ci_high)
+
+
+def export_plan(plan: QuotaPlan) -> None:
+    """Set the quota gauges from the latest plan."""
     for name, quota in plan.quotas.items():
         QUOTA_SAMPLES.labels(name).set(quota)
     QUOTA_PLANS.labels(plan.strategy).inc()
@@ -115,11 +131,27 @@ class Planner:
             return
         for name, event in last_event.items():
             store(self.view, name, reports[name].model_dump(mode="json"), event)
-        round_number = self.rounds.data.get(ROUND_KEY, -1) + 1
-        store(self.rounds, ROUND_KEY, round_number, events[-1])
-        snapshot = build_snapshot(reports, self.scoring, seq=round_number)
-        plan = plan_quotas(snapshot, self.quotas, round_number, producer=SERVICE)
+        seq = self.rounds.data.get(SEQ_KEY, -1) + 1
+        store(self.rounds, SEQ_KEY, seq, events[-1])
+        snapshot = build_snapshot(reports, self.scoring, seq=seq)
         await self.topics.send(snapshot)
+        export_weakness(snapshot)
+        round_number = self.round_due(reports, snapshot, seq)
+        if round_number is None:
+            return
+        if self.quotas.round_evidence:
+            store(self.rounds, ROUND_KEY, round_number, events[-1])
+            store(self.rounds, PLANNED_KEY, snapshot.policy_version, events[-1])
+        plan = plan_quotas(snapshot, self.quotas, round_number, producer=SERVICE)
         await self.topics.send(plan)
-        export_metrics(snapshot, plan)
+        export_plan(plan)
+
+    def round_due(self, reports: Mapping[str, CapabilityReport], snapshot: WeaknessSnapshot, seq: int) -> int | None:
+        """The round number `snapshot` should be planned as, or None when it brings no plan."""
+        if not self.quotas.round_evidence:
+            return seq
+        version = snapshot.policy_version
+        if self.rounds.data.get(PLANNED_KEY, -1) >= version or diagnosed(reports, version) < self.quotas.round_evidence:
+            return None
+        return self.rounds.data.get(ROUND_KEY, -1) + 1
 

@@ -51,6 +51,9 @@ from dpe.events import CapabilityWeakness, Divergence, EvalOutcome
 from streams.beta import credible_interval
 from streams.settings import ScoringSettings
 
+OUTCOME = "outcome"
+"""The evidence source of eval outcomes (divergences are the other)."""
+
 Observation = tuple[float, str, float, float]
 """``(ts, event_id, error, weight)``; tuples compare in last-writer-wins order."""
 
@@ -73,6 +76,7 @@ class Applied(str, Enum):
     DUPLICATE = "duplicate"
     SUPERSEDED = "superseded"
     LATE = "late"
+    MEASURE_ONLY = "measure_only"
 
 
 class RejectedEvidence(InvalidEvent):
@@ -96,11 +100,14 @@ def _unit_interval(value: float, name: str) -> float:
     return float(value)
 
 
-def outcome_evidence(outcome: EvalOutcome, params: ScoringSettings) -> Evidence:
-    """An eval outcome as evidence: error ``1 - score``, weight 1, keyed by its ``outcome_id``."""
+def outcome_evidence(outcome: EvalOutcome, params: ScoringSettings) -> Evidence | None:
+    """An eval outcome as evidence: error ``1 - score``, weight 1, keyed by its ``outcome_id``
+    (None for a suite in `measure_only_suites`)."""
     capability = _known_capability(outcome.capability, params)
+    if outcome.suite in params.measure_only_suites:
+        return None
     score = _unit_interval(outcome.score, "score")
-    return Evidence(capability, "outcome", outcome.outcome_id, outcome.policy_version,
+    return Evidence(capability, OUTCOME, outcome.outcome_id, outcome.policy_version,
                     (outcome.ts.timestamp(), outcome.event_id, 1.0 - score, 1.0))
 
 
@@ -146,6 +153,11 @@ class CapabilityState:
     def newest(self) -> int:
         """Newest policy version in any source's evidence (-1: none)."""
         return max((ledger.newest for ledger in self.ledgers.values()), default=-1)
+
+    def outcomes_at(self, version: int) -> int:
+        """Distinct eval outcomes of `version` (0 once that version has been folded)."""
+        ledger = self.ledgers.get(OUTCOME)
+        return len(ledger.window.get(version, {})) if ledger is not None else 0
 
 
 def apply(state: CapabilityState, evidence: Evidence, params: ScoringSettings) -> Applied:

@@ -42,6 +42,9 @@ class ScoringSettings(BaseModel):
         3, ge=1, description="Newest policy versions kept item by item (re-runs overwrite); older ones are folded."
     )
     trend_versions: int = Field(8, ge=2, description="Policy versions the trend (error-rate slope) is fitted over.")
+    measure_only_suites: tuple[str, ...] = Field(
+        ("heldout",), description="Evaluation suites that only measure the policy (held-out): they never steer quotas."
+    )
 
     @field_validator("taxonomy")
     @classmethod
@@ -67,6 +70,10 @@ class QuotaSettings(BaseModel):
     )
     progress_confidence_n: float = Field(
         20.0, gt=0, description="learning_progress: effective n at which a measured trend is trusted half-way."
+    )
+    round_evidence: int = Field(
+        0, ge=0, description="Outcomes of a new policy version to wait for before planning its round, once per "
+        "version (0: re-plan on every snapshot)."
     )
 
     @field_validator("strategy")

@@ -3,12 +3,13 @@
 `start_prometheus` is a fixture factory: call it with scrape targets (job name -> "host:port" list) to
 start Debian's `prometheus` on a free loopback port with a 1 s scrape interval and the project's
 rules; every server it started is stopped after the test. Use it to scrape any dpe service, e.g.
-a short `dpe run` serving its metrics on a known port.
+a short `dpe run` serving its metrics on known ports (the last test here).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,7 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prometheus_server import PrometheusServer, free_port, stop_process, wait_until
+
+from dpe.policy.config import WarmupConfig
+from dpe.policy.warmup import warm_up
+from dpe.world import CAPABILITIES
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = sorted((ROOT / "monitoring/prometheus/rules").glob("*.yml"))
@@ -119,3 +125,40 @@ def test_prometheus_evaluates_the_recording_rules_on_scraped_metrics(
     total = sum(QUOTAS.values())
     assert by_capability(shares) == pytest.approx({name: n / total for name, n in QUOTAS.items()})
     assert by_capability(weakness) == ERROR_RATES
+
+
+def test_a_short_dpe_run_completes_a_round_and_prometheus_has_weakness_per_capability(
+    start_prometheus: StartPrometheus, tmp_path: Path
+) -> None:
+    """The README's first command, shortened (one round of 24 samples, a quickly warmed base model):
+    every service as its own process, scraped by a real Prometheus while it runs."""
+    base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
+    ports = {"weakness": free_port(), "agents": free_port(), "ingest": free_port()}
+    config = tmp_path / "dpe.yaml"
+    config.write_text(yaml.safe_dump({
+        "stream": {"metrics_port": ports["weakness"]},
+        "agents": {"metrics_port": ports["agents"]},
+        "ingest": {"metrics_port": ports["ingest"]},
+    }))
+    targets = {name: [f"127.0.0.1:{port}"] for name, port in ports.items()}
+    server = start_prometheus(targets | {"trainer": ["127.0.0.1:9105"], "evaluator": ["127.0.0.1:9102"]})
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")}
+    command = [sys.executable, "-m", "dpe", "--config", str(config), "run", "--rounds", "1", "--round-samples", "24",
+               "--base-model", str(base_model), "--no-live", "--runs-dir", str(tmp_path / "runs"), "--run-id", "short",
+               "--timeout", "600"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=720)
+    run_dir = tmp_path / "runs" / "short"
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] is True
+    assert [r["policy_version"] for r in summary["rounds"]] == [0, 1]
+    assert summary["rounds"][1]["samples_trained"] == 24
+    assert all(r["heldout_items"] == 210 for r in summary["rounds"]), "both versions graded on the held-out suite"
+    assert sum(summary["rounds"][0]["quota_plan"].values()) == 24
+    assert (run_dir / "report.html").stat().st_size > 10_000, "the report holds its plots"
+
+    weakness = by_capability(server.query('last_over_time(dpe_weakness_error_rate{job="weakness"}[30m])'))
+    assert set(weakness) == set(CAPABILITIES) and all(0.0 <= rate <= 1.0 for rate in weakness.values())
+    trained = server.query('max_over_time(dpe_trainer_policy_version{job="trainer"}[30m])')
+    assert [float(series["value"][1]) for series in trained] and float(trained[0]["value"][1]) >= 1.0

@@ -13,7 +13,7 @@ from dpe.config import load_settings
 from dpe.events import CapabilityWeakness, WeaknessSnapshot
 from streams.beta import credible_interval
 from streams.contracts import CapabilityReport
-from streams.planner import build_snapshot, export_metrics, newer
+from streams.planner import build_snapshot, export_plan, export_weakness, newer
 from streams.quotas import STRATEGIES, allocate, plan_quotas, step_weight
 from streams.settings import QuotaSettings, ScoringSettings
 
@@ -188,7 +188,8 @@ def test_metrics_follow_the_latest_snapshot_and_plan():
     snap = snapshot({"metrics_a": weakness(0.4, n=50), "metrics_b": weakness(0.1, n=80)})
     plan = plan_quotas(snap, QuotaSettings(strategy="proportional", budget=50), round=0)
     before = REGISTRY.get_sample_value("dpe_quota_plans_total", {"strategy": "proportional"}) or 0.0
-    export_metrics(snap, plan)
+    export_weakness(snap)
+    export_plan(plan)
     sample = REGISTRY.get_sample_value
     assert sample("dpe_weakness_error_rate", {"capability": "metrics_a"}) == 0.4
     assert sample("dpe_weakness_effective_n", {"capability": "metrics_b"}) == 80

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+import pytest
 from rich.console import Console
+
+from dpe.config import load_settings, secret_env
 
 from dpe.events import AcceptedSample, BlobRef, CapabilityWeakness, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample
 from dpe.events import QCVerdict, SampleBody, WeaknessSnapshot
+from dpe.spiral.experiment import MEAN, ExperimentOptions, ExperimentResult, RunOutcome, statistics, write_results
 from dpe.spiral.report import write_report
+from dpe.spiral.run import SpiralOptions, run_settings
 from dpe.spiral.state import SpiralState
-from dpe.spiral.view import render
+from dpe.spiral.view import render, rounds_table
 
 BLOB = BlobRef(sha256="c" * 64, media_type="image/png", size_bytes=9, width=8, height=8)
 
@@ -98,3 +104,51 @@ def test_report_writes_summary_and_plots(tmp_path):
     page = report_path.read_text()
     assert page.count("data:image/png;base64,") == 3
     assert "<td>0.67</td>" in page
+
+
+def test_final_table_has_accuracy_per_version_and_the_change():
+    console = Console(record=True, width=140)
+    console.print(rounds_table(folded().rounds(), title="run r1"))
+    text = console.export_text()
+    assert re.search(r"counting\s+│\s+0\.33\s+│\s+0\.67\s+│\s+\+0\.33", text), text
+    assert re.search(r"samples trained\s+│\s+0\s+│\s+2", text), text
+
+
+def outcome_of(arm: str, seed: int, final: dict[str, float]) -> RunOutcome:
+    return RunOutcome(arm=arm, seed=seed, run_dir=Path(f"r/{arm}/seed{seed}"), completed=True, seconds=100.0,
+                      base={"color": 0.5, "counting": 0.1}, final=final)
+
+
+def test_experiment_statistics_are_over_seeds_with_the_mean_over_capabilities():
+    runs = [outcome_of("uniform", 0, {"color": 0.6, "counting": 0.2}),
+            outcome_of("uniform", 1, {"color": 0.4, "counting": 0.4})]
+    table = statistics(runs)
+    assert table["counting"] == pytest.approx({"mean": 0.3, "std": 0.1414213562, "min": 0.2, "max": 0.4,
+                                               "base": 0.1, "gain": 0.2})
+    assert table[MEAN]["mean"] == pytest.approx(0.4) and table[MEAN]["base"] == pytest.approx(0.3)
+    assert statistics([outcome_of("uniform", 0, {})]) == {}, "a run that did not finish its rounds has no final"
+
+
+def test_experiment_writes_a_summary_per_arm_the_overview_and_a_plot(tmp_path):
+    options = ExperimentOptions(arms=("dpe_step", "uniform"), seeds=(0, 1), runs_dir=tmp_path, experiment_id="e")
+    arms = {"dpe_step": [outcome_of("dpe_step", s, {"color": 0.5, "counting": 0.3 + s / 10}) for s in (0, 1)],
+            "uniform": [outcome_of("uniform", s, {"color": 0.6, "counting": 0.1}) for s in (0, 1)]}
+    write_results(ExperimentResult(options.folder, arms), options)
+    overview = json.loads((tmp_path / "e" / "experiment.json").read_text())
+    assert overview["arms"]["dpe_step"]["counting"]["mean"] == pytest.approx(0.35)
+    assert overview["arms"]["uniform"]["counting"]["gain"] == pytest.approx(0.0)
+    per_arm = json.loads((tmp_path / "e" / "uniform" / "summary.json").read_text())
+    assert [run["seed"] for run in per_arm["runs"]] == [0, 1] and per_arm["round_samples"] == options.round_samples
+    assert (tmp_path / "e" / "experiment.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_aligns_the_quota_budget_the_trainer_round_and_the_diagnosis(tmp_path):
+    settings = load_settings(overrides={"agents": {"llm": {"api_key": "sk-secret"}}})
+    options = SpiralOptions(round_samples=48, strategy="uniform", runs_dir=tmp_path, run_id="r")
+    configured = run_settings(settings, options, "127.0.0.1:9092", tmp_path / "model")
+    assert configured.stream.quotas.budget == configured.trainer.rounds.max_samples == 48
+    assert configured.stream.quotas.strategy == "uniform"
+    assert configured.stream.quotas.round_evidence == configured.evaluator.synthetic.round_items
+    assert configured.evaluator.synthetic.heldout_suite in configured.stream.scoring.measure_only_suites
+    assert configured.agents.llm.api_key.get_secret_value() == "sk-secret"
+    assert secret_env(configured)["DPE_AGENTS__LLM__API_KEY"] == "sk-secret", "child services get secrets by env"

@@ -41,8 +41,8 @@ TAXONOMY = ("counting", "color", "spatial", "chart")
 pytestmark = pytest.mark.timeout(300)
 
 
-def outcome(version: int, item: str, correct: bool, capability: str = "counting") -> EvalOutcome:
-    return EvalOutcome(policy_version=version, suite="diag", item_id=item, capability=capability,
+def outcome(version: int, item: str, correct: bool, capability: str = "counting", suite: str = "diag") -> EvalOutcome:
+    return EvalOutcome(policy_version=version, suite=suite, item_id=item, capability=capability,
                        answer_type="number", expected="3", predicted="3" if correct else "4", correct=correct,
                        score=1.0 if correct else 0.0)
 
@@ -180,7 +180,7 @@ async def recomputed(settings: Settings) -> dict:
     for model, to_evidence in ((EvalOutcome, outcome_evidence), (Divergence, divergence_evidence)):
         for record in await read_all(settings, topic_for(model, settings.kafka.topic_prefix)):
             evidence.append(to_evidence(model.model_validate_json(record.value), params))
-    return replay(evidence, params)
+    return replay([e for e in evidence if e is not None], params)
 
 
 def matches(expected: dict, settings: Settings) -> Callable[[Watch], bool]:
@@ -221,6 +221,39 @@ async def test_outcomes_in_snapshot_and_plan_out_with_the_right_numbers(stream_s
     assert (plan.snapshot_id, plan.strategy, plan.budget, plan.policy_version) == \
         (snapshot.snapshot_id, "dpe_step", 100, 1)
     assert [p.round for p in w.plans] == list(range(len(w.plans))), "plan rounds count up from 0"
+
+
+async def test_with_round_evidence_each_version_is_planned_once_after_its_diagnosis(stream_settings,
+                                                                                  start_worker):
+    settings, path = stream_settings
+    config = yaml.safe_load(path.read_text())
+    config["stream"]["quotas"]["round_evidence"] = 8
+    path.write_text(yaml.safe_dump(config))
+    heldout = [outcome(0, f"h{i}", correct=False, capability="chart", suite="heldout") for i in range(6)]
+    await publish(settings, [outcome(0, f"a{i}", correct=i % 2 == 0) for i in range(5)] + heldout)
+    start_worker()
+    async with AsyncPublisher(settings) as pub, follow(settings, pub) as sub:
+        w = Watch(sub)
+
+        def snapshot_with(events: int, version: int) -> Callable[[Watch], bool]:
+            return lambda w: any(s.events_total == events and s.policy_version == version
+                                 for s in w.snapshots.values())
+
+        await w.until(snapshot_with(5, 0), what="a snapshot of the 5 round outcomes (held-out ones measure only)")
+        assert not w.plans, "5 graded outcomes of version 0 are not yet its diagnosis"
+        await publish(settings, [outcome(0, f"b{i}", correct=False, capability="color") for i in range(3)])
+        await w.until(lambda w: len(w.plans) == 1, what="the plan of round 0")
+        await publish(settings, [outcome(1, f"c{i}", correct=True) for i in range(4)])
+        await w.until(snapshot_with(12, 1), what="a snapshot with half the diagnosis of version 1")
+        await publish(settings, [outcome(0, "late", correct=True, capability="spatial"), *heldout])
+        await w.until(snapshot_with(13, 1), what="a snapshot with the late version-0 outcome")
+        assert len(w.plans) == 1, "version 1 has 4 of 8 outcomes, version 0 is planned already"
+        await publish(settings, [outcome(1, f"d{i}", correct=False, capability="color") for i in range(4)])
+        await w.until(lambda w: len(w.plans) == 2, what="the plan of round 1")
+        await w.until(snapshot_with(17, 1), timeout_s=5, what="the last snapshot")
+    assert [(p.round, p.policy_version) for p in w.plans] == [(0, 0), (1, 1)]
+    assert w.snapshots[w.plans[0].snapshot_id].capabilities["chart"].events == 0, "held-out outcomes never steer"
+    assert w.plans[1].quotas["color"] > w.plans[1].quotas["counting"], "round 1 is planned from version 1's errors"
 
 
 async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(stream_settings, start_worker):

@@ -59,7 +59,7 @@ COMMANDS = {
     "publish": "dpe.cli.bus:publish",
     "doctor": "dpe.cli.bus:doctor",
     "run": "dpe.cli.run:run",
-    "spiral": "dpe.cli.run:spiral",
+    "experiment": "dpe.cli.run:experiment",
     "eval": "producers.eval_cli:eval_command",
     "ingest": "producers.cli:ingest",
     "model": "dpe.cli.model:model",

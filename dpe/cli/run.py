@@ -1,8 +1,5 @@
-"""`dpe run` and `dpe spiral` on one machine (embedded broker unless Kafka is configured).
-
-`dpe run` brings the bus up (broker, topics) and shows its health. `dpe spiral` drives the whole
-spiral; until it completes rounds end to end it is separate, and `dpe run` will become it.
-"""
+"""`dpe run`: the whole spiral on one machine (embedded broker unless Kafka is configured);
+`dpe experiment`: the spiral under several quota strategies and seeds, compared."""
 
 from __future__ import annotations
 
@@ -13,54 +10,73 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dpe.bus.admin import ensure_topics, existing_topics
 from dpe.cli import CliState, pass_state
-from dpe.spiral.run import SpiralOptions, bus_for, run_spiral
+from dpe.spiral.experiment import MEAN, ExperimentOptions, run_experiment, statistics
+from dpe.spiral.run import SpiralOptions, run_spiral
+from dpe.spiral.view import rounds_table
+from streams.quotas import STRATEGIES
 
 console = Console()
 
 
 @click.command()
-@pass_state
-def run(state: CliState) -> None:
-    """Bring up the bus (embedded broker unless Kafka is configured) and its topics, and show health."""
-    settings = state.settings
-    with bus_for(settings, settings.home / "broker.log") as bootstrap:
-        statuses = ensure_topics(settings, bootstrap)
-        present = existing_topics(settings, bootstrap)
-    table = Table("topic", "event", "partitions", "ready", title=f"dpe-stream bus at {bootstrap}")
-    for status in statuses:
-        table.add_row(status.name, status.spec.model.__name__, str(status.partitions),
-                      "[green]yes[/]" if status.name in present else "[red]no[/]")
-    console.print(table)
-    if any(status.name not in present for status in statuses):
-        sys.exit(1)
-
-
-@click.command()
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Training rounds to run.")
 @click.option("--forever", is_flag=True, help="Always on: keep training until Ctrl-C.")
-@click.option("--strategy", default=None, help="Quota strategy (default: stream.quotas.strategy).")
-@click.option("--budget", type=click.IntRange(min=1), default=None, help="Samples per round (default: config).")
+@click.option("--strategy", type=click.Choice(sorted(STRATEGIES)), default=None,
+              help="Quota strategy (default: stream.quotas.strategy).")
+@click.option("--round-samples", type=click.IntRange(min=1), default=SpiralOptions.round_samples, show_default=True,
+              help="Samples per round: the quota budget and the trainer's round size.")
+@click.option("--base-model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local model folder to start from (default: the warmed tiny model, built on first use).")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--run-id", default=None, help="Folder name under --runs-dir (default: time + random).")
 @click.option("--live/--no-live", default=True, show_default=True, help="Live table of the spiral.")
 @click.option("--timeout", "timeout_s", type=float, default=1800.0, show_default=True, help="Give up after seconds.")
 @pass_state
-def spiral(state: CliState, rounds: int, forever: bool, strategy: str | None, budget: int | None, runs_dir: Path,
-        run_id: str | None, live: bool, timeout_s: float) -> None:
+def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round_samples: int,
+        base_model: Path | None, runs_dir: Path, run_id: str | None, live: bool, timeout_s: float) -> None:
     """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds."""
-    state.overrides.setdefault("stream", {"quotas": {"strategy": strategy, "budget": budget}})
-    options = SpiralOptions(rounds=None if forever else rounds, runs_dir=runs_dir, live=live,
-                            timeout_s=None if forever else timeout_s,
+    options = SpiralOptions(rounds=None if forever else rounds, round_samples=round_samples, strategy=strategy,
+                            base_model=base_model, runs_dir=runs_dir, live=live, timeout_s=None if forever else timeout_s,
                             **({"run_id": run_id} if run_id else {}))
     result = run_spiral(state.settings, options, console)
-    table = Table("policy version", "held-out accuracy", "samples trained", title=f"run {options.run_id}")
-    for record in result.rounds:
-        accuracy = "  ".join(f"{cap} {acc:.2f}" for cap, acc in record.heldout_accuracy.items())
-        table.add_row(str(record.policy_version), accuracy, str(record.samples_trained))
-    console.print(table)
+    console.print(rounds_table(result.rounds, title=f"run {options.run_id}"))
     console.print(f"{'completed' if result.completed else 'stopped'} in {result.seconds:.0f}s; "
-                  f"report: {result.run_dir / 'report.html'}")
+                  f"summary: {result.run_dir / 'summary.json'}; report: {result.run_dir / 'report.html'}")
     if not result.completed and not forever:
+        sys.exit(1)
+
+
+@click.command()
+@click.option("--arm", "arms", multiple=True, type=click.Choice(sorted(STRATEGIES)),
+              default=ExperimentOptions.arms, show_default=True, help="Quota strategies to compare (repeat).")
+@click.option("--seed", "seeds", multiple=True, type=int, default=ExperimentOptions.seeds, show_default=True,
+              help="Seeds of the unlabeled stream and the trainer (repeat).")
+@click.option("--rounds", type=click.IntRange(min=1), default=ExperimentOptions.rounds, show_default=True)
+@click.option("--round-samples", type=click.IntRange(min=1), default=ExperimentOptions.round_samples,
+              show_default=True, help="Samples per round, the same for every arm.")
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--live/--no-live", default=False, show_default=True, help="Live table of each run.")
+@pass_state
+def experiment(state: CliState, arms: tuple[str, ...], seeds: tuple[int, ...], rounds: int, round_samples: int,
+               runs_dir: Path, live: bool) -> None:
+    """Compare quota strategies at equal budget: held-out accuracy per capability per arm over seeds."""
+    options = ExperimentOptions(arms=arms, seeds=seeds, rounds=rounds, round_samples=round_samples,
+                                runs_dir=runs_dir, live=live)
+    result = run_experiment(state.settings, options, console)
+    table = Table(title=f"held-out accuracy after round {rounds}: mean ± std over seeds {list(seeds)} (min–max)")
+    table.add_column("capability")
+    table.add_column("base", justify="right")
+    for arm in arms:
+        table.add_column(arm, justify="right")
+    per_arm = {arm: statistics(runs) for arm, runs in result.arms.items()}
+    for capability in sorted({cap for rows in per_arm.values() for cap in rows}, key=lambda cap: (cap == MEAN, cap)):
+        rows = [per_arm[arm].get(capability) for arm in arms]
+        base = next((row["base"] for row in rows if row), float("nan"))
+        table.add_row(capability, f"{base:.3f}", *(
+            f"{row['mean']:.3f} ± {row['std']:.3f} ({row['min']:.2f}–{row['max']:.2f})" if row else "–"
+            for row in rows))
+    console.print(table)
+    console.print(f"results: {result.folder / 'experiment.json'}; plot: {result.folder / 'experiment.png'}")
+    if not all(run.completed for runs in result.arms.values() for run in runs):
         sys.exit(1)

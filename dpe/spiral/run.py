@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
-from pydantic import SecretStr
 from rich.console import Console
 from rich.live import Live
 
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.config import Settings, load_settings
+from dpe.config import Settings, secret_env, with_overrides
 from dpe.events import AcceptedSample, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample, WeaknessSnapshot
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
@@ -48,6 +47,8 @@ class SpiralOptions:
     """What one run does; the services' own behaviour comes from `Settings`."""
 
     rounds: int | None = 3
+    round_samples: int = 240
+    strategy: str | None = None
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
     runs_dir: Path = Path("runs")
     ingest_rate: float = 40.0
@@ -55,6 +56,8 @@ class SpiralOptions:
     live: bool = True
     timeout_s: float | None = 1800.0
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    base_model: Path | None = None
+    """A local model folder to start from instead of the warmed tiny model."""
 
     @property
     def run_dir(self) -> Path:
@@ -80,34 +83,26 @@ def bus_for(settings: Settings, log_path: Path) -> Iterator[str]:
         yield broker.bootstrap_servers
 
 
-def _secret_env(settings: Settings) -> dict[str, str]:
-    """Secrets travel to child services by environment, never in the written config file."""
-    env = {}
-    for name in ("sasl_password", "ssl_password"):
-        value = getattr(settings.kafka, name)
-        if isinstance(value, SecretStr):
-            env[f"DPE_KAFKA__{name.upper()}"] = value.get_secret_value()
-    return env
-
-
 def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, base_model: Path) -> Settings:
-    """The settings every service of this run reads: the user's, plus the run's bus, folders and model."""
+    """The settings every service of this run reads: the user's, plus the run's bus, folders, model and rounds.
+
+    A round is one policy version: its plan is made once the evaluator has graded the version's
+    round suite, and the trainer closes it when the plan's `round_samples` samples have arrived.
+    """
     home = options.run_dir / "home"
+    synthetic = settings.evaluator.synthetic
+    quotas: dict[str, Any] = {"budget": options.round_samples,
+                              "round_evidence": synthetic.round_items if synthetic is not None else 0}
+    if options.strategy is not None:
+        quotas["strategy"] = options.strategy
     overrides: dict[str, Any] = {
         "home": str(home),
         "kafka": {"bootstrap_servers": bootstrap},
         "blob": {"url": str(home / "blobs")},
-        "trainer": {"base_model": str(base_model)},
+        "stream": {"quotas": quotas},
+        "trainer": {"base_model": str(base_model), "rounds": {"max_samples": options.round_samples}},
     }
-    data = settings.model_dump(mode="json", exclude={"kafka": {"sasl_password", "ssl_password"}})
-    return load_settings(overrides=_merge(data, overrides))
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
+    return with_overrides(settings, overrides)
 
 
 def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]:
@@ -132,7 +127,7 @@ def _write_config(settings: Settings, path: Path) -> None:
 
 def _child_env(config_path: Path, settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DPE_")}
-    return env | {"DPE_CONFIG": str(config_path.resolve())} | _secret_env(settings)
+    return env | {"DPE_CONFIG": str(config_path.resolve())} | secret_env(settings)
 
 
 def _done(state: SpiralState, rounds: int | None, heldout_items: int) -> bool:
@@ -168,23 +163,34 @@ async def _watch(settings: Settings, options: SpiralOptions, base_model: Path, s
     return state, True
 
 
+def _base_model(options: SpiralOptions, console: Console) -> Path:
+    """`options.base_model`, or the warmed tiny model (built and cached on first use)."""
+    if options.base_model is not None:
+        if not (options.base_model / "config.json").is_file():
+            raise FileNotFoundError(f"{options.base_model} is not a model folder (no config.json)")
+        console.print(f"base model: {options.base_model}")
+        return options.base_model
+    warmed = warm_up(options.warmup, show_progress=options.live)
+    console.print(f"base model: {warmed.folder} ({'cached' if warmed.from_cache else f'warmed in {warmed.seconds:.0f}s'})")
+    return warmed.folder
+
+
 def run_spiral(settings: Settings, options: SpiralOptions, console: Console | None = None) -> SpiralResult:
     """Run the spiral for `options.rounds` rounds (None: until interrupted); see the module docstring."""
     console = console or Console()
     started = time.monotonic()
-    warmed = warm_up(options.warmup, show_progress=options.live)
-    console.print(f"base model: {warmed.folder} ({'cached' if warmed.from_cache else f'warmed in {warmed.seconds:.0f}s'})")
+    base_model = _base_model(options, console)
     run_dir = options.run_dir
     with bus_for(settings, run_dir / "logs" / "broker.log") as bootstrap:
-        configured = run_settings(settings, options, bootstrap, warmed.folder)
+        configured = run_settings(settings, options, bootstrap, base_model)
         ensure_topics(configured, bootstrap)
         config_path = run_dir / "config.yaml"
         _write_config(configured, config_path)
         supervisor = Supervisor(env=_child_env(config_path, configured), log_dir=run_dir / "logs")
         try:
-            for spec in service_specs(options, warmed.folder):
+            for spec in service_specs(options, base_model):
                 supervisor.start(spec)
-            state, completed = asyncio.run(_watch(configured, options, warmed.folder, supervisor, console, started))
+            state, completed = asyncio.run(_watch(configured, options, base_model, supervisor, console, started))
         except KeyboardInterrupt:
             state, completed = None, False
         finally:
@@ -193,6 +199,6 @@ def run_spiral(settings: Settings, options: SpiralOptions, console: Console | No
     rounds = state.rounds() if state else []
     meta = {"run_id": options.run_id, "rounds_requested": options.rounds, "completed": completed,
             "seconds": round(seconds, 1), "strategy": configured.stream.quotas.strategy,
-            "base_model": str(warmed.folder), "bootstrap": bootstrap}
+            "base_model": str(base_model), "bootstrap": bootstrap}
     write_report(run_dir, rounds, meta)
     return SpiralResult(run_dir, rounds, seconds, completed)

@@ -1,4 +1,4 @@
-"""The live view of a running spiral: one rich renderable built from `SpiralState`."""
+"""What a person watches: the live view of a running spiral (`render`) and its final table (`rounds_table`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from dpe.spiral.state import SpiralState
+from dpe.spiral.state import RoundRecord, SpiralState
 
 
 def _bar(value: float, width: int = 12) -> str:
@@ -56,3 +56,22 @@ def render(state: SpiralState, target_rounds: int | None, services: dict[str, st
         parts.insert(2, Text(f"rejected by reason: {rejected}", style="dim"))
     strategy = plan.strategy if plan else "–"
     return Group(Panel(Group(*parts), title=f"dpe-stream spiral · strategy {strategy}"))
+
+
+def rounds_table(rounds: list[RoundRecord], title: str) -> Table:
+    """Held-out accuracy per capability (rows) per policy version (columns), with the change since v0."""
+    table = Table(title=title)
+    table.add_column("capability")
+    for record in rounds:
+        table.add_column(f"v{record.policy_version}", justify="right")
+    table.add_column("change", justify="right")
+    capabilities = sorted({cap for record in rounds for cap in record.heldout_accuracy})
+    for cap in capabilities:
+        values = [record.heldout_accuracy.get(cap) for record in rounds]
+        measured = [value for value in values if value is not None]
+        change = measured[-1] - measured[0] if len(measured) > 1 else None
+        table.add_row(cap, *(f"{value:.2f}" if value is not None else "–" for value in values),
+                      Text(f"{change:+.2f}", style="green" if change > 0 else "red" if change < 0 else "")
+                      if change is not None else "–")
+    table.add_row("samples trained", *(str(record.samples_trained) for record in rounds), "", style="dim")
+    return table
