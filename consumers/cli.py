@@ -65,10 +65,11 @@ def agents(state: CliState, group: str | None, backend: str | None, llm_url: str
     if base_policy is not None:
         section["qc"]["difficulty"]["base_policy"] = base_policy
     settings = settings.model_copy(update={"agents": type(settings.agents).model_validate(section)})
+    port = settings.metrics.port_for(settings.agents.metrics_port)
     try:
-        serve_metrics(settings.agents.metrics_port)
+        serve_metrics(port, settings.metrics.addr)
     except OSError as exc:
-        console.print(f"[yellow]metrics port {settings.agents.metrics_port} unavailable ({exc.strerror})[/]")
+        console.print(f"[yellow]metrics port {port} unavailable ({exc.strerror})[/]")
     try:
         asyncio.run(run_agents(settings))
     except BrokerError as exc:

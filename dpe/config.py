@@ -71,13 +71,20 @@ class BlobSettings(BaseModel):
 
 
 class MetricsSettings(BaseModel):
-    """Where a service exposes /metrics. Port 0 means the service's own default port."""
+    """Where this process exposes /metrics: each service section has its own ``metrics_port``
+    (stream 9101, evaluator 9102, auditor 9103, agents 9104, trainer 9105, ingest 9106; 0 turns
+    it off), and ``port``, when set, overrides it for the process (one container, one service)."""
 
-    port: int = Field(0, ge=0, le=65535)
+    port: int = Field(0, ge=0, le=65535, description="This process's port, over the service's own (0: the service's).")
     addr: str = "0.0.0.0"
 
-    def port_for(self, default: int) -> int:
-        return self.port or default
+    def port_for(self, service_port: int) -> int:
+        """The port to serve on (0: none).
+
+        >>> MetricsSettings().port_for(9105), MetricsSettings(port=9200).port_for(9105)
+        (9105, 9200)
+        """
+        return self.port or service_port
 
 
 class Settings(BaseSettings):

@@ -46,7 +46,6 @@ from producers.diagnosis_settings import AuditorSettings
 log = logging.getLogger(__name__)
 
 SERVICE = "auditor"
-METRICS_PORT = 9103
 _MAX_ANSWER = 2000
 
 

@@ -62,7 +62,7 @@ def ingest(state: CliState, folders: tuple[Path, ...], manifests: tuple[str, ...
     if synthetic and count is None and watch is None and (folders or manifests):
         raise click.UsageError("an endless --synthetic stream must come alone or with --count")
     inputs, total = _inputs(settings, folders, manifests, synthetic, count, seed, start)
-    _serve_metrics(settings.ingest.metrics_port)
+    _serve_metrics(settings.metrics.port_for(settings.ingest.metrics_port), settings.metrics.addr)
     try:
         report = asyncio.run(_run(settings, inputs, total, rate, watch))
     except BrokerError as exc:
@@ -70,10 +70,10 @@ def ingest(state: CliState, folders: tuple[Path, ...], manifests: tuple[str, ...
     console.print(summary_table(report))
 
 
-def _serve_metrics(port: int) -> None:
+def _serve_metrics(port: int, addr: str) -> None:
     """Expose metrics; a port already taken (another ingest on this host) only costs this run's metrics."""
     try:
-        serve_metrics(port)
+        serve_metrics(port, addr)
     except OSError as exc:
         console.print(f"[yellow]metrics port {port} unavailable ({exc.strerror}); continuing without metrics[/]")
 

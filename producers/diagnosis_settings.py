@@ -135,6 +135,7 @@ class EvaluatorSettings(_Config):
     batch_size: int = Field(32, ge=1)
     torch_threads: int = Field(0, ge=0, description="0: torch's default.")
     group_id: str = "evaluator"
+    metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus port (0: none; metrics.port overrides).")
 
     @model_validator(mode="after")
     def _mapped_capabilities_known(self) -> "EvaluatorSettings":
@@ -210,6 +211,7 @@ class AuditorSettings(_Config):
     max_new_tokens: int = Field(24, ge=1)
     torch_threads: int = Field(1, ge=0, description="Few threads, so auditing never starves the CPU.")
     group_id: str = "auditor"
+    metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus port (0: none; metrics.port overrides).")
     seed: int = 0
 
     @model_validator(mode="after")

@@ -1,8 +1,8 @@
 """Commands of the diagnosis producers: ``dpe eval``, ``dpe serve evaluator``, ``dpe serve auditor``.
 
 Register them on the ``dpe`` group (`eval_command`) and on its ``serve`` group (`evaluator`,
-`auditor`). Services run until SIGINT or SIGTERM and expose Prometheus metrics (evaluator on 9102,
-auditor on 9103, unless ``metrics.port`` says otherwise).
+`auditor`). Services run until SIGINT or SIGTERM and expose Prometheus metrics (``evaluator.metrics_port``
+9102, ``auditor.metrics_port`` 9103, unless ``metrics.port`` overrides them).
 
 Example:
     >>> sorted(command.name for command in (eval_command, evaluator, auditor))
@@ -27,10 +27,8 @@ from dpe.cli import CliState, pass_state
 from dpe.config import Settings
 from dpe.events import EvalOutcome
 from monitoring.metrics import serve_metrics
-from producers.auditor import METRICS_PORT as AUDITOR_PORT
 from producers.auditor import serve_auditor
 from producers.diagnosis_checkpoints import latest_checkpoint
-from producers.evaluator import METRICS_PORT as EVALUATOR_PORT
 from producers.evaluator import SERVICE, Evaluator, publish_outcomes, record_summary, serve_evaluator
 from producers.evaluator_outcomes import AccuracyRow
 
@@ -56,11 +54,11 @@ def cap_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def prepare_service(settings: Settings, threads: int, default_port: int) -> None:
+def prepare_service(settings: Settings, threads: int, service_port: int) -> None:
     """Cap torch's threads, log at the configured level, expose metrics."""
     cap_torch_threads(threads)
     logging.getLogger("producers").setLevel(settings.log_level)
-    serve_metrics(settings.metrics.port_for(default_port), settings.metrics.addr)
+    serve_metrics(settings.metrics.port_for(service_port), settings.metrics.addr)
 
 
 @click.command("evaluator")
@@ -68,7 +66,7 @@ def prepare_service(settings: Settings, threads: int, default_port: int) -> None
 def evaluator(state: CliState) -> None:
     """Evaluate every new checkpoint on the diagnostic suites and publish one outcome per item."""
     settings = state.settings
-    prepare_service(settings, settings.evaluator.torch_threads, EVALUATOR_PORT)
+    prepare_service(settings, settings.evaluator.torch_threads, settings.evaluator.metrics_port)
     run_service(lambda stop: serve_evaluator(settings, stop))
 
 
@@ -77,7 +75,7 @@ def evaluator(state: CliState) -> None:
 def auditor(state: CliState) -> None:
     """Audit a share of unlabeled items by divergence between the target and reference models."""
     settings = state.settings
-    prepare_service(settings, settings.auditor.torch_threads, AUDITOR_PORT)
+    prepare_service(settings, settings.auditor.torch_threads, settings.auditor.metrics_port)
     run_service(lambda stop: serve_auditor(settings, stop))
 
 

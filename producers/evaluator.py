@@ -40,7 +40,6 @@ from producers.loaders import load_benchmark
 log = logging.getLogger(__name__)
 
 SERVICE = "evaluator"
-METRICS_PORT = 9102
 
 
 def sample_for_version(items: Sequence[EvalItem], size: int | None, seed: int, policy_version: int) -> list[EvalItem]:

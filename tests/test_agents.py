@@ -147,16 +147,20 @@ def spawn_worker(settings, log: Path) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+FILLED = 36
+
+
 async def test_a_worker_killed_with_sigkill_loses_no_item_and_the_plan_is_still_filled(settings, tmp_path):
     """Text and formula items are always needed (their quotas exceed the stream), so each must end as an
-    accepted or rejected sample; counting and chart quotas are small, so they must end exactly filled."""
-    quotas = {"counting": 16, "chart": 16, "text_reading": 1000, "arithmetic": 1000}
+    accepted or rejected sample; counting and chart quotas are below the stream's 62 shape and 59 chart
+    scenes, so they must end exactly filled, and large enough that the kill lands before they are."""
+    quotas = {"counting": FILLED, "chart": FILLED, "text_reading": 1000, "arithmetic": 1000}
     the_plan = plan(quotas)
     await publish_all(settings, [the_plan])
     first = spawn_worker(settings, tmp_path / "first.log")
     second = None
     try:
-        stream = asyncio.create_task(ingest(settings, 240, seed=2, rate=30))
+        stream = asyncio.create_task(ingest(settings, 240, seed=2, rate=20))
         assert await eventually(lambda: _accepted_at_least(settings, 4), 60, every_s=0.1), \
             (tmp_path / "first.log").read_text()[-3000:]
         first.send_signal(signal.SIGKILL)
@@ -172,7 +176,7 @@ async def test_a_worker_killed_with_sigkill_loses_no_item_and_the_plan_is_still_
             outcomes = {s.source_item_id for s in await read_all(settings, AcceptedSample)}
             outcomes |= {r.source_item_id for r in await read_all(settings, RejectedSample)}
             done = await counts(settings, the_plan.plan_id)
-            return needed <= outcomes and done["counting"] == 16 and done["chart"] == 16
+            return needed <= outcomes and done["counting"] == FILLED and done["chart"] == FILLED
 
         assert await eventually(finished, 120, every_s=1), (tmp_path / "second.log").read_text()[-3000:]
         await asyncio.sleep(2)
@@ -183,9 +187,9 @@ async def test_a_worker_killed_with_sigkill_loses_no_item_and_the_plan_is_still_
                 proc.wait(30)
     accepted = await read_all(settings, AcceptedSample)
     done = await counts(settings, the_plan.plan_id)
-    assert done["counting"] == 16 and done["chart"] == 16, done
+    assert done["counting"] == FILLED and done["chart"] == FILLED, done
     assert len(accepted) == len({s.sample_id for s in accepted}), "a redo after kill -9 publishes nothing twice"
-    assert at_kill["counting"] + at_kill["chart"] < 32 and any(s.ts > killed_at for s in accepted), \
+    assert at_kill["counting"] + at_kill["chart"] < 2 * FILLED and any(s.ts > killed_at for s in accepted), \
         "the kill happened while the plan was being filled, and the second worker finished it"
 
 

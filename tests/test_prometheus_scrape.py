@@ -133,15 +133,12 @@ def test_a_short_dpe_run_completes_a_round_and_prometheus_has_weakness_per_capab
     """The README's first command, shortened (one round of 24 samples, a quickly warmed base model):
     every service as its own process, scraped by a real Prometheus while it runs."""
     base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
-    ports = {"weakness": free_port(), "agents": free_port(), "ingest": free_port()}
+    sections = {"weakness": "stream", "evaluator": "evaluator", "auditor": "auditor", "agents": "agents",
+                "trainer": "trainer", "ingest": "ingest"}
+    ports = {service: free_port() for service in sections}
     config = tmp_path / "dpe.yaml"
-    config.write_text(yaml.safe_dump({
-        "stream": {"metrics_port": ports["weakness"]},
-        "agents": {"metrics_port": ports["agents"]},
-        "ingest": {"metrics_port": ports["ingest"]},
-    }))
-    targets = {name: [f"127.0.0.1:{port}"] for name, port in ports.items()}
-    server = start_prometheus(targets | {"trainer": ["127.0.0.1:9105"], "evaluator": ["127.0.0.1:9102"]})
+    config.write_text(yaml.safe_dump({section: {"metrics_port": ports[service]} for service, section in sections.items()}))
+    server = start_prometheus({service: [f"127.0.0.1:{port}"] for service, port in ports.items()})
     env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")}
     command = [sys.executable, "-m", "dpe", "--config", str(config), "run", "--rounds", "1", "--round-samples", "24",
                "--base-model", str(base_model), "--no-live", "--runs-dir", str(tmp_path / "runs"), "--run-id", "short",
@@ -161,4 +158,6 @@ def test_a_short_dpe_run_completes_a_round_and_prometheus_has_weakness_per_capab
     weakness = by_capability(server.query('last_over_time(dpe_weakness_error_rate{job="weakness"}[30m])'))
     assert set(weakness) == set(CAPABILITIES) and all(0.0 <= rate <= 1.0 for rate in weakness.values())
     trained = server.query('max_over_time(dpe_trainer_policy_version{job="trainer"}[30m])')
-    assert [float(series["value"][1]) for series in trained] and float(trained[0]["value"][1]) >= 1.0
+    assert len(trained) == 1 and float(trained[0]["value"][1]) >= 1.0, "the trainer announced version 1"
+    scraped = server.query('max_over_time(up[30m])')
+    assert {series["metric"]["job"]: float(series["value"][1]) for series in scraped} == dict.fromkeys(sections, 1.0)

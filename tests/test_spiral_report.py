@@ -132,13 +132,13 @@ def test_experiment_statistics_are_over_seeds_with_the_mean_over_capabilities():
 def test_experiment_writes_a_summary_per_arm_the_overview_and_a_plot(tmp_path):
     options = ExperimentOptions(arms=("dpe_step", "uniform"), seeds=(0, 1), runs_dir=tmp_path, experiment_id="e")
     arms = {"dpe_step": [outcome_of("dpe_step", s, {"color": 0.5, "counting": 0.3 + s / 10}) for s in (0, 1)],
-            "uniform": [outcome_of("uniform", s, {"color": 0.6, "counting": 0.1}) for s in (0, 1)]}
+            "uniform": [outcome_of("uniform", s, {"color": 8 / 30, "counting": 0.1}) for s in (0, 1, 2)]}
     write_results(ExperimentResult(options.folder, arms), options)
     overview = json.loads((tmp_path / "e" / "experiment.json").read_text())
     assert overview["arms"]["dpe_step"]["counting"]["mean"] == pytest.approx(0.35)
     assert overview["arms"]["uniform"]["counting"]["gain"] == pytest.approx(0.0)
     per_arm = json.loads((tmp_path / "e" / "uniform" / "summary.json").read_text())
-    assert [run["seed"] for run in per_arm["runs"]] == [0, 1] and per_arm["round_samples"] == options.round_samples
+    assert [run["seed"] for run in per_arm["runs"]] == [0, 1, 2] and per_arm["round_samples"] == options.round_samples
     assert (tmp_path / "e" / "experiment.png").read_bytes()[:4] == b"\x89PNG"
 
 

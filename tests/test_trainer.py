@@ -217,7 +217,8 @@ async def test_round_through_the_broker_changes_the_weights_and_announces_a_chec
 
     assert versions(await run_trainer(configured, max_rounds=1)) == [1]
 
-    (announcement,) = await read_all(configured, Checkpoint)
+    base, announcement = await read_all(configured, Checkpoint)
+    assert (base.policy_version, base.uri) == (0, str(base_model)), "the base model is announced as version 0"
     assert announcement.policy_version == 1 and announcement.parent_version == 0
     assert sorted(announcement.sample_ids) == sorted(s.sample_id for s in good)
     assert sum(r.end - r.start for r in announcement.trained_on) == 14, "every record read is covered, trained or not"
@@ -288,8 +289,8 @@ async def test_corrupt_and_half_written_checkpoints_fall_back_and_never_reuse_a_
     assert third.event.trained_on == second.event.trained_on
     assert "v00000002 is corrupt" in caplog.text and "half-written" in caplog.text
     events = [e for e in await read_all(configured, Checkpoint)]
-    assert [e.policy_version for e in events] == [1, 2, 1, 3]
-    assert events[2] == events[0] == first.event, "a checkpoint not acknowledged is announced again, identically"
+    assert [e.policy_version for e in events] == [0, 1, 2, 1, 3]
+    assert events[3] == events[1] == first.event, "a checkpoint not acknowledged is announced again, identically"
 
 
 async def test_optimizer_state_carries_over_a_round_boundary_and_a_restart(settings, base_model, tmp_path):
@@ -461,8 +462,9 @@ async def test_kill_9_during_rounds_and_checkpoint_writes_loses_nothing_and_trai
     versions = [verify(path).policy_version for path in CheckpointStore(folder, 1000).complete()]
     assert versions == list(range(1, len(versions) + 1))
     events = await read_all(configured, Checkpoint)
+    assert [event.policy_version for event in events].count(0) == 1, "the base model is announced once"
     by_version: dict[int, Checkpoint] = {}
-    for event in events:
+    for event in (event for event in events if event.policy_version):
         assert by_version.setdefault(event.policy_version, event) == event, "re-announcements are identical"
     assert sorted(by_version) == versions, "every checkpoint was announced"
     ranges: dict[int, list[tuple[int, int]]] = {}
@@ -528,4 +530,4 @@ async def test_two_processes_share_each_round_and_save_both_zero_partitions(sett
     for manifest in manifests:
         assert {"deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                 "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest.files)
-    assert [e.policy_version for e in await read_all(configured, Checkpoint)] == [1, 2, 3], "rank 0 alone announces"
+    assert [e.policy_version for e in await read_all(configured, Checkpoint)] == [0, 1, 2, 3], "rank 0 alone announces"

@@ -53,7 +53,6 @@ from trainer.samples import RecentIds
 
 log = logging.getLogger(__name__)
 
-METRICS_PORT = 9105
 PRODUCER = "trainer"
 
 
@@ -129,8 +128,8 @@ async def run_trainer(
 ) -> list[RoundReport]:
     """Run the trainer until `stop` is set or `max_rounds` rounds are checkpointed; one report per round.
 
-    Serves metrics on ``settings.metrics.port_for(9105)`` (the port 0 default means 9105; tests pass
-    a port of their choosing). Loading, training and checkpointing block the event loop on purpose:
+    Serves metrics on ``trainer.metrics_port`` (9105) unless ``metrics.port`` overrides it. Loading,
+    training and checkpointing block the event loop on purpose:
     nothing else needs it meanwhile (the consumer is assigned by hand, without group heartbeats, and
     paused during a round), and torch in a worker thread measured 4-10% slower per step here.
     """
@@ -141,7 +140,7 @@ async def run_trainer(
     if not engine.is_main_process:
         _follow(engine)
         return []
-    _serve_metrics_once(settings.metrics.port_for(METRICS_PORT), settings.metrics.addr)
+    _serve_metrics_once(settings.metrics.port_for(trainer_settings.metrics_port), settings.metrics.addr)
     store = CheckpointStore(checkpoint_folder(settings), trainer_settings.checkpoints.keep_last)
     latest = store.latest()
     share_from_main(latest, engine.num_processes)
@@ -155,9 +154,23 @@ async def run_trainer(
             settings, [AcceptedSample], group_id=None, service=PRODUCER, publisher=publisher, subscribe=False
         ) as subscriber:
             leader = _Leader(settings, engine, store, publisher, subscriber, latest)
+            if latest is None:
+                await announce_base(settings, publisher, base)
             return await leader.run(stop, max_rounds)
     finally:
         share_from_main(None, engine.num_processes)
+
+
+async def announce_base(settings: Settings, publisher: AsyncPublisher, base: Path) -> None:
+    """Announce the base model as policy version 0 when the checkpoints topic is empty, so that the
+    evaluator diagnoses it and the first round gets a plan (a restart before round 1 finds it there)."""
+    async with AsyncSubscriber(settings, [Checkpoint], group_id=None, service=PRODUCER, publisher=publisher,
+                               subscribe=False, read_only=True) as reader:
+        await reader.assign_all()
+        if await reader.fetch(max_records=1, timeout_ms=2000):
+            return
+    await publisher.publish_and_wait(Checkpoint(producer=PRODUCER, policy_version=0, uri=str(base)))
+    log.info("announced the base model %s as policy version 0", base)
 
 
 class _Leader:

@@ -158,6 +158,7 @@ class TrainerSettings(BaseModel):
     )
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads; None keeps torch's default.")
+    metrics_port: int = Field(9105, ge=0, le=65535, description="Prometheus port (0: none; metrics.port overrides).")
     extensions_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "dpe" / "torch_extensions",
         description="TORCH_EXTENSIONS_DIR for the ops DeepSpeed builds (once per machine; $TORCH_EXTENSIONS_DIR wins).",

@@ -166,8 +166,8 @@ def plot(arms: dict[str, dict[str, dict[str, float]]], path: Path, title: str) -
         xs = [position + (index - (len(arms) - 1) / 2) * width for position in range(len(capabilities))]
         rows = [table.get(cap) for cap in capabilities]
         means = [row["mean"] if row else 0.0 for row in rows]
-        errors = [[row["mean"] - row["min"] if row else 0.0 for row in rows],
-                  [row["max"] - row["mean"] if row else 0.0 for row in rows]]
+        errors = [[max(row["mean"] - row["min"], 0.0) if row else 0.0 for row in rows],
+                  [max(row["max"] - row["mean"], 0.0) if row else 0.0 for row in rows]]
         ax.bar(xs, means, width=width, yerr=errors, capsize=3, label=arm)
     base = next(iter(arms.values()), {})
     ax.scatter(range(len(capabilities)), [base.get(cap, {}).get("base", 0.0) for cap in capabilities],

@@ -2,9 +2,8 @@
 
 `run_spiral` starts the embedded broker (unless Kafka is configured), makes sure the warmed tiny
 base model exists (cached by recipe), writes the run's configuration, starts each service as its
-own process under a `Supervisor`, announces the base model as policy version 0 when the bus has
-no checkpoint yet, and watches the topics (read-only) until the trainer has published `rounds`
-checkpoints and the evaluator has graded the last one on the held-out suite. It then stops every
+own process under a `Supervisor` (the trainer announces the base model as policy version 0), and
+watches the topics (read-only) until the trainer has published `rounds` checkpoints and the evaluator has graded the last one on the held-out suite. It then stops every
 service and writes ``summary.json`` and ``report.html`` into ``runs/<id>/``.
 
 Example:
@@ -48,6 +47,8 @@ class SpiralOptions:
 
     rounds: int | None = 3
     round_samples: int = 240
+    round_timeout_s: float = 300.0
+    """A round the agents cannot fill in this time is trained with what it has (data short of a capability)."""
     strategy: str | None = None
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
     runs_dir: Path = Path("runs")
@@ -87,7 +88,8 @@ def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, bas
     """The settings every service of this run reads: the user's, plus the run's bus, folders, model and rounds.
 
     A round is one policy version: its plan is made once the evaluator has graded the version's
-    round suite, and the trainer closes it when the plan's `round_samples` samples have arrived.
+    round suite, and the trainer closes it when the plan's `round_samples` samples have arrived (or
+    `round_timeout_s` after its first sample, when the unlabeled data cannot fill the plan).
     """
     home = options.run_dir / "home"
     synthetic = settings.evaluator.synthetic
@@ -100,7 +102,8 @@ def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, bas
         "kafka": {"bootstrap_servers": bootstrap},
         "blob": {"url": str(home / "blobs")},
         "stream": {"quotas": quotas},
-        "trainer": {"base_model": str(base_model), "rounds": {"max_samples": options.round_samples}},
+        "trainer": {"base_model": str(base_model),
+                    "rounds": {"max_samples": options.round_samples, "max_seconds": options.round_timeout_s}},
     }
     return with_overrides(settings, overrides)
 
@@ -134,19 +137,15 @@ def _done(state: SpiralState, rounds: int | None, heldout_items: int) -> bool:
     return rounds is not None and state.policy_version >= rounds and state.heldout_items(rounds) >= heldout_items
 
 
-async def _watch(settings: Settings, options: SpiralOptions, base_model: Path, supervisor: Supervisor,
-                 console: Console, started: float) -> tuple[SpiralState, bool]:
-    state = SpiralState(heldout_suite=settings.evaluator.synthetic.heldout_suite)
-    heldout_items = settings.evaluator.synthetic.heldout_items
+async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState, supervisor: Supervisor,
+                 console: Console, started: float) -> bool:
+    """Fold the observed topics into `state` until the run is done (True) or times out (False)."""
+    synthetic = settings.evaluator.synthetic
+    heldout_items = synthetic.heldout_items if synthetic is not None else 0
     async with AsyncPublisher(settings, producer_name="dpe-run") as pub:
         async with AsyncSubscriber(settings, OBSERVED, group_id=None, service="run", publisher=pub,
                                    subscribe=False, read_only=True) as sub:
             await sub.assign_all()
-            while deliveries := await sub.fetch(max_records=5000, timeout_ms=500):
-                for delivery in deliveries:
-                    state.apply(delivery.event)
-            if not state.checkpoints:
-                await pub.publish_and_wait(Checkpoint(producer="dpe-run", policy_version=0, uri=str(base_model)))
             live = Live(console=console, refresh_per_second=2, transient=False) if options.live else None
             with live or contextlib.nullcontext():
                 while not _done(state, options.rounds, heldout_items):
@@ -159,8 +158,8 @@ async def _watch(settings: Settings, options: SpiralOptions, base_model: Path, s
                     if live is not None:
                         live.update(render(state, options.rounds, supervisor.status(), elapsed))
                     if options.timeout_s is not None and elapsed > options.timeout_s:
-                        return state, False
-    return state, True
+                        return False
+    return True
 
 
 def _base_model(options: SpiralOptions, console: Console) -> Path:
@@ -187,18 +186,21 @@ def run_spiral(settings: Settings, options: SpiralOptions, console: Console | No
         config_path = run_dir / "config.yaml"
         _write_config(configured, config_path)
         supervisor = Supervisor(env=_child_env(config_path, configured), log_dir=run_dir / "logs")
+        synthetic = configured.evaluator.synthetic
+        state = SpiralState(heldout_suite=synthetic.heldout_suite if synthetic is not None else "heldout")
         try:
             for spec in service_specs(options, base_model):
                 supervisor.start(spec)
-            state, completed = asyncio.run(_watch(configured, options, base_model, supervisor, console, started))
+            completed = asyncio.run(_watch(configured, options, state, supervisor, console, started))
         except KeyboardInterrupt:
-            state, completed = None, False
+            completed = False
         finally:
             supervisor.stop()
     seconds = time.monotonic() - started
-    rounds = state.rounds() if state else []
+    rounds = state.rounds()
     meta = {"run_id": options.run_id, "rounds_requested": options.rounds, "completed": completed,
             "seconds": round(seconds, 1), "strategy": configured.stream.quotas.strategy,
-            "base_model": str(base_model), "bootstrap": bootstrap}
+            "round_samples": options.round_samples, "base_model": str(base_model), "bootstrap": bootstrap,
+            "samples_accepted": len(state.accepted_ids), "samples_rejected_by_reason": dict(state.rejected_by_reason)}
     write_report(run_dir, rounds, meta)
     return SpiralResult(run_dir, rounds, seconds, completed)
