@@ -258,10 +258,27 @@ def _trend(state: CapabilityState, params: ScoringSettings) -> float:
     return covariance / variance
 
 
+def _divergence_scale(outcome_weight: float, divergence_weight: float, params: ScoringSettings) -> float:
+    """The factor that keeps divergences within `divergence_share` of the evidence weight (1 without
+    outcomes: then divergences are all there is).
+
+    >>> _divergence_scale(30.0, 90.0, ScoringSettings(divergence_share=0.25))
+    0.1111111111111111
+    """
+    share = params.divergence_share
+    if outcome_weight <= 0 or divergence_weight <= 0 or share >= 1:
+        return 1.0
+    return min(1.0, share * outcome_weight / ((1 - share) * divergence_weight))
+
+
 def summarise(state: CapabilityState, params: ScoringSettings) -> CapabilityWeakness:
     """The rolling weakness of one capability (a state without evidence gives the prior)."""
     newest = state.newest
-    terms = [term for ledger in state.ledgers.values() for term in _decayed_terms(ledger, newest, params)]
+    outcomes = _decayed_terms(state.ledgers[OUTCOME], newest, params) if OUTCOME in state.ledgers else []
+    others = [term for source, ledger in state.ledgers.items() if source != OUTCOME
+              for term in _decayed_terms(ledger, newest, params)]
+    scale = _divergence_scale(math.fsum(w for w, _ in outcomes), math.fsum(w for w, _ in others), params)
+    terms = outcomes + [(w * scale, e * scale) for w, e in others]
     weight = math.fsum(w for w, _ in terms)
     errors = min(math.fsum(e for _, e in terms), weight)
     prior_errors, prior_successes = params.prior_errors, params.prior_successes

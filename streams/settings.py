@@ -38,6 +38,10 @@ class ScoringSettings(BaseModel):
     prior_successes: float = Field(1.0, gt=0, description="Beta prior pseudo-count of successes (beta).")
     credible_level: float = Field(0.9, gt=0, lt=1, description="Mass of the equal-tailed credible interval.")
     divergence_weight: float = Field(0.5, ge=0, description="Weight of one divergence (times its consensus strength).")
+    divergence_share: float = Field(
+        0.25, gt=0, le=1, description="Most share of a capability's evidence weight divergences may have next to "
+        "eval outcomes: they only ever report errors, so unbounded their number alone would drive the rate to 1."
+    )
     keep_versions: int = Field(
         3, ge=1, description="Newest policy versions kept item by item (re-runs overwrite); older ones are folded."
     )

@@ -123,12 +123,25 @@ def test_trend_is_the_weighted_slope_of_per_version_error_rates():
 
 
 def test_divergences_are_weighted_errors():
-    params = ScoringSettings(taxonomy=("counting",), divergence_weight=0.5)
+    params = ScoringSettings(taxonomy=("counting",), divergence_weight=0.5, divergence_share=1.0)
     evidence = [outcome_evidence(outcome(1, "a", 1.0), params), divergence_evidence(divergence(1, "p1", 0.8), params)]
     weakness = summarise(replay(evidence, params)["counting"], params)
     assert weakness.effective_n == pytest.approx(1.4)
     assert weakness.error_rate == pytest.approx(0.4 / 1.4)
     assert weakness.events == 2
+
+
+def test_divergences_never_outweigh_their_share_of_the_outcomes():
+    """An auditor publishes only disagreements: thousands of them must not drown 20 graded outcomes."""
+    params = ScoringSettings(taxonomy=("counting",), divergence_weight=0.5, divergence_share=0.25)
+    outcomes = [outcome_evidence(outcome(1, f"o{i}", 1.0 if i < 15 else 0.0), params) for i in range(20)]
+    divergences = [divergence_evidence(divergence(1, f"p{i}", 1.0), params) for i in range(2000)]
+    weakness = summarise(replay(outcomes + divergences, params)["counting"], params)
+    # outcomes: weight 20, 5 errors; divergences scaled to a quarter of the total: weight 20/3, all errors
+    assert weakness.effective_n == pytest.approx(20 + 20 / 3)
+    assert weakness.error_rate == pytest.approx((5 + 20 / 3) / (20 + 20 / 3))
+    alone = summarise(replay(divergences[:10], params)["counting"], params)
+    assert alone.effective_n == pytest.approx(5.0), "without outcomes, divergences are all the evidence"
 
 
 # --- idempotence and order ---------------------------------------------------------------------
