@@ -13,7 +13,7 @@ from dpe.config import load_settings, secret_env
 
 from dpe.events import AcceptedSample, BlobRef, CapabilityWeakness, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample
 from dpe.events import QCVerdict, SampleBody, WeaknessSnapshot
-from dpe.spiral.experiment import MEAN, ExperimentOptions, ExperimentResult, RunOutcome, statistics, write_results
+from dpe.spiral.experiment import MEAN, ExperimentOptions, ExperimentResult, RunOutcome, arm_statistics, write_results
 from dpe.spiral.report import write_report
 from dpe.spiral.run import SpiralOptions, run_settings
 from dpe.spiral.state import SpiralState
@@ -122,11 +122,11 @@ def outcome_of(arm: str, seed: int, final: dict[str, float]) -> RunOutcome:
 def test_experiment_statistics_are_over_seeds_with_the_mean_over_capabilities():
     runs = [outcome_of("uniform", 0, {"color": 0.6, "counting": 0.2}),
             outcome_of("uniform", 1, {"color": 0.4, "counting": 0.4})]
-    table = statistics(runs)
+    table = arm_statistics(runs)
     assert table["counting"] == pytest.approx({"mean": 0.3, "std": 0.1414213562, "min": 0.2, "max": 0.4,
                                                "base": 0.1, "gain": 0.2})
     assert table[MEAN]["mean"] == pytest.approx(0.4) and table[MEAN]["base"] == pytest.approx(0.3)
-    assert statistics([outcome_of("uniform", 0, {})]) == {}, "a run that did not finish its rounds has no final"
+    assert arm_statistics([outcome_of("uniform", 0, {})]) == {}, "a run that did not finish its rounds has no final"
 
 
 def test_experiment_writes_a_summary_per_arm_the_overview_and_a_plot(tmp_path):

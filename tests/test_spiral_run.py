@@ -13,10 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
 import yaml
+from prometheus_server import wait_until
 
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
@@ -40,17 +42,13 @@ def services_of(run: psutil.Process) -> dict[str, psutil.Process]:
     return found
 
 
-def wait_for(check, timeout_s: float, what: str, proc: subprocess.Popen, log: Path):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def running(check: Callable[[], object], proc: subprocess.Popen, log: Path) -> Callable[[], bool]:
+    """`check` for `wait_until`, failing at once (with the run's log) if `dpe run` has exited."""
+    def checked() -> bool:
         if proc.poll() is not None:
-            raise AssertionError(f"dpe run exited with {proc.returncode} while waiting for {what}:\n"
-                                 f"{log.read_text(errors='replace')[-3000:]}")
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text(errors='replace')[-3000:]}")
+            raise AssertionError(f"dpe run exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        return bool(check())
+    return checked
 
 
 def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes_the_report(tmp_path):
@@ -66,17 +64,18 @@ def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         run = psutil.Process(proc.pid)
-        started = wait_for(lambda: (found := services_of(run)) and set(found) == set(SERVICES) and found,
-                           120, "every service", proc, log)
+        wait_until(running(lambda: set(services_of(run)) == set(SERVICES), proc, log), 120, "every service")
+        started = services_of(run)
         descendants = {p.pid for p in run.children(recursive=True)}
 
         started["agents"].kill()
-        restarted = wait_for(lambda: (agents := services_of(run).get("agents")) and agents.pid != started["agents"].pid
-                             and agents, 30, "the agents restarted", proc, log)
-        descendants.add(restarted.pid)
+        wait_until(running(lambda: services_of(run).get("agents", started["agents"]).pid != started["agents"].pid,
+                           proc, log), 30, "the agents restarted")
+        descendants.add(services_of(run)["agents"].pid)
         summary_path = tmp_path / "runs" / "r" / "summary.json"
-        wait_for(lambda: "announced policy version 1" in (tmp_path / "runs/r/logs/trainer.log").read_text(errors="replace"),
-                 240, "a first trained round", proc, log)
+        trainer_log = tmp_path / "runs" / "r" / "logs" / "trainer.log"
+        wait_until(running(lambda: "announced policy version 1" in trainer_log.read_text(errors="replace"), proc, log),
+                   240, "a first trained round")
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, "Ctrl-C is how a --forever run ends"

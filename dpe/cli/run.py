@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dpe.cli import CliState, pass_state
-from dpe.spiral.experiment import MEAN, ExperimentOptions, run_experiment, statistics
+from dpe.spiral.experiment import MEAN, ExperimentOptions, arm_statistics, run_experiment
 from dpe.spiral.run import SpiralOptions, run_spiral
 from dpe.spiral.view import rounds_table
 from streams.quotas import STRATEGIES
@@ -69,7 +69,7 @@ def experiment(state: CliState, arms: tuple[str, ...], seeds: tuple[int, ...], r
     table.add_column("base", justify="right")
     for arm in arms:
         table.add_column(arm, justify="right")
-    per_arm = {arm: statistics(runs) for arm, runs in result.arms.items()}
+    per_arm = {arm: arm_statistics(runs) for arm, runs in result.arms.items()}
     for capability in sorted({cap for rows in per_arm.values() for cap in rows}, key=lambda cap: (cap == MEAN, cap)):
         rows = [per_arm[arm].get(capability) for arm in arms]
         base = next((row["base"] for row in rows if row), float("nan"))

@@ -13,7 +13,7 @@ over seeds: mean, standard deviation, min, max), ``experiment.json`` and ``exper
 Example:
     >>> options = ExperimentOptions(arms=("dpe_step", "uniform"), seeds=(0, 1))
     >>> result = run_experiment(load_settings(), options)                        # doctest: +SKIP
-    >>> statistics(result.arms["uniform"])["mean"]["accuracy"]                   # doctest: +SKIP
+    >>> arm_statistics(result.arms["uniform"])["mean"]["accuracy"]                   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -84,11 +84,11 @@ def with_mean(accuracy: dict[str, float]) -> dict[str, float]:
     return accuracy | ({MEAN: stats.fmean(accuracy.values())} if accuracy else {})
 
 
-def statistics(runs: list[RunOutcome]) -> dict[str, dict[str, float]]:
+def arm_statistics(runs: list[RunOutcome]) -> dict[str, dict[str, float]]:
     """Per capability (and the mean over capabilities): final accuracy over seeds and its gain over the base.
 
     >>> run = RunOutcome("uniform", 0, Path("r"), True, 1.0, base={"a": 0.2}, final={"a": 0.5})
-    >>> statistics([run, run])["a"]["gain"]
+    >>> arm_statistics([run, run])["a"]["gain"]
     0.3
     """
     finals = [with_mean(run.final) for run in runs if run.final]
@@ -145,7 +145,7 @@ def write_results(result: ExperimentResult, options: ExperimentOptions) -> None:
     shape = {"rounds": options.rounds, "round_samples": options.round_samples, "seeds": list(options.seeds)}
     overview: dict[str, Any] = {"experiment_id": options.experiment_id, **shape, "arms": {}}
     for arm, runs in result.arms.items():
-        summary = {"arm": arm, **shape, "heldout_after_last_round": statistics(runs),
+        summary = {"arm": arm, **shape, "heldout_after_last_round": arm_statistics(runs),
                    "runs": [{"seed": run.seed, "run_dir": str(run.run_dir), "completed": run.completed,
                              "seconds": round(run.seconds, 1), "base": run.base, "final": run.final} for run in runs]}
         folder = result.folder / arm
