@@ -58,10 +58,10 @@ def broker(state: CliState, port: int | None, create_topics: bool) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with EmbeddedBroker(port=port, log_path=settings.home / "broker.log") as running:
-        write_state(settings, running)
         try:
             if create_topics:
                 ensure_topics(settings, running.bootstrap_servers)
+            write_state(settings, running)  # last: other commands take the state file to mean "ready"
             console.print(f"[green]broker ready[/] at [bold]{running.bootstrap_servers}[/] "
                           f"(state in {settings.home / 'broker.json'}); Ctrl-C stops it")
             while not stop.wait(0.5):
