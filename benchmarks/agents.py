@@ -41,16 +41,16 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks._stats import print_table, spread
-from consumers.follower import read_topic
-from consumers.worker import AgentWorker
+from dpe.bus.follower import read_topic
+from consumers.agents.service import AgentWorker
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher
-from dpe.config import Settings, load_settings
+from dpe.settings import Settings
 from dpe.events import Checkpoint, Event, QuotaPlan, RejectedSample, UnlabeledItem
 from dpe.world import CAPABILITIES
-from producers.ingest import Ingestor
-from producers.sources import synthetic_entries
+from producers.ingest.service import Ingestor
+from producers.ingest.sources import synthetic_entries
 
 CONCURRENCY = (1, 2, 4, 8)
 REFERENCE_BAND = {"enabled": True, "samples": 9, "min_correct": 3, "max_correct": 7}
@@ -67,7 +67,7 @@ class Run:
 def fresh_settings(bootstrap: str, work: Path, **agents: Any) -> Settings:
     """Settings on new topics and a new consumer group, sharing one blob store."""
     prefix = f"bench{uuid.uuid4().hex[:8]}."
-    settings = load_settings(overrides={
+    settings = Settings.load(overrides={
         "home": str(work / "home"), "blob": {"url": str(work / "blobs")},
         "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": prefix},
         "agents": {"group_id": f"{prefix}agents", "metrics_port": 0, **agents},
@@ -156,7 +156,7 @@ def _free_port() -> int:
 async def llm_server(max_new_tokens: int) -> AsyncIterator[str]:
     """The local OpenAI-compatible server as its own process; yields its base URL."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "consumers.agents.local_server", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "dpe.endpoint.server", "--port", str(port),
                              "--max-new-tokens", str(max_new_tokens)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -22,7 +22,7 @@ from benchmarks._stats import percentile, print_table, spread
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.config import Settings, load_settings
+from dpe.settings import Settings
 from dpe.events import EvalOutcome
 
 PAYLOAD_BYTES = 1024
@@ -36,7 +36,7 @@ def one_kb_event(i: int) -> EvalOutcome:
 
 
 def fresh_settings(bootstrap: str) -> Settings:
-    settings = load_settings(overrides={"kafka": {"bootstrap_servers": bootstrap,
+    settings = Settings.load(overrides={"kafka": {"bootstrap_servers": bootstrap,
                                                   "topic_prefix": f"bench{uuid.uuid4().hex[:8]}."}})
     ensure_topics(settings, bootstrap)
     return settings

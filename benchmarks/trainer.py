@@ -74,12 +74,12 @@ async def ours(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
     from dpe.blobstore import BlobStore
     from dpe.bus.admin import ensure_topics
     from dpe.bus.aio import AsyncPublisher
-    from dpe.config import load_settings
+    from dpe.settings import Settings
     from dpe.events import AcceptedSample
     from trainer.service import run_trainer
 
     home = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
-    settings = load_settings(overrides={
+    settings = Settings.load(overrides={
         "home": str(home),
         "kafka": {"bootstrap_servers": args.bootstrap, "topic_prefix": f"bench{uuid.uuid4().hex[:8]}."},
         "blob": {"url": str(home / "blobs")},

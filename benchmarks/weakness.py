@@ -43,7 +43,7 @@ from benchmarks._stats import percentile, print_table
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.config import Settings, load_settings
+from dpe.settings import Settings
 from dpe.events import EvalOutcome, QuotaPlan, WeaknessSnapshot
 
 CAPABILITIES = (
@@ -154,7 +154,7 @@ async def repetition(bootstrap: str, workdir: Path, events: int, items_per_versi
     config = bench_settings(bootstrap, workdir / "home")
     config_path = workdir / "settings.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    settings = load_settings(config_path)
+    settings = Settings.load(config_path)
     ensure_topics(settings, bootstrap)
     backlog = [outcome(i, items_per_version) for i in range(events)]
     await produce(settings, backlog)

@@ -42,9 +42,10 @@ from typing import Literal
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from dpe.events import SHA256_PATTERN, BlobRef
+from dpe.section import Section
 
 RejectReason = Literal["empty", "too_many_bytes", "too_many_pixels", "corrupt", "unsupported_format"]
 """Stable reason codes of `ImageRejected` (used in dead letters and rejection metrics)."""
@@ -52,7 +53,7 @@ RejectReason = Literal["empty", "too_many_bytes", "too_many_pixels", "corrupt", 
 _SHA256 = re.compile(SHA256_PATTERN)
 
 
-class ImageLimits(BaseModel):
+class ImageLimits(Section):
     """What `BlobStore.put_image` accepts.
 
     ``formats`` are Pillow format names (``JPEG``, not ``JPG``). Pillow's own decompression-bomb
@@ -62,8 +63,6 @@ class ImageLimits(BaseModel):
         >>> ImageLimits(max_bytes=1_000_000, formats=["png", "jpeg"]).formats
         ('JPEG', 'PNG')
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_bytes: int = Field(default=20_000_000, gt=0, description="Largest accepted encoded size in bytes.")
     max_pixels: int = Field(default=40_000_000, gt=0, description="Largest accepted width x height.")

@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from dpe.config import Settings
+from dpe.config import CoreSettings
 
 
 class BrokerError(RuntimeError):
@@ -125,11 +125,11 @@ class EmbeddedBroker:
         self.stop()
 
 
-def state_file(settings: Settings) -> Path:
+def state_file(settings: CoreSettings) -> Path:
     return settings.home / "broker.json"
 
 
-def write_state(settings: Settings, broker: EmbeddedBroker) -> None:
+def write_state(settings: CoreSettings, broker: EmbeddedBroker) -> None:
     """Record a running embedded broker so that other dpe commands can find it."""
     path = state_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def write_state(settings: Settings, broker: EmbeddedBroker) -> None:
     tmp.replace(path)
 
 
-def clear_state(settings: Settings) -> None:
+def clear_state(settings: CoreSettings) -> None:
     state_file(settings).unlink(missing_ok=True)
 
 
@@ -152,7 +152,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def resolve_bootstrap(settings: Settings) -> str:
+def resolve_bootstrap(settings: CoreSettings) -> str:
     """The configured external Kafka, else a running `dpe broker`, else a BrokerError saying what to do."""
     if settings.kafka.bootstrap_servers:
         return settings.kafka.bootstrap_servers

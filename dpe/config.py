@@ -1,35 +1,42 @@
-"""One settings object for every service.
+"""Settings every service shares, the base class of every section, and how settings are loaded.
+
+`CoreSettings` holds what every process reads (home, kafka, blob store, metrics, log level). Each
+service adds its own section in its ``settings.py`` as a subclass (``AgentsConfig(CoreSettings)``
+with an ``agents: AgentSettings`` field), so a service reads only the sections it declares; the
+application shell composes all of them into one `Settings` (`dpe.settings`). Every section is
+a `dpe.section.Section`: frozen, unknown keys refused.
 
 Sources, lowest to highest precedence: defaults, a YAML file (``--config`` or ``DPE_CONFIG``),
 ``DPE_``-prefixed environment variables (``__`` separates nested fields, e.g.
-``DPE_KAFKA__BOOTSTRAP_SERVERS``), then CLI flags. Secrets are `SecretStr`; they can also be read
-from files (``sasl_password_file``) and never appear in ``repr``, logs or ``summary()``.
+``DPE_KAFKA__BOOTSTRAP_SERVERS``), then CLI flags (`with_overrides`). Secrets are `SecretStr`; they
+can also be read from files (``sasl_password_file``) and never appear in ``repr``, logs or
+``summary()``.
 
 Example:
-    >>> s = load_settings(overrides={"kafka": {"bootstrap_servers": "k1:9092"}})
+    >>> s = CoreSettings.load(overrides={"kafka": {"bootstrap_servers": "k1:9092"}})
     >>> s.kafka.bootstrap_servers
     'k1:9092'
+    >>> with_overrides(s, {"kafka": {"topic_prefix": "t."}}).kafka.topic_prefix
+    't.'
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from consumers.settings import AgentSettings
 from dpe.blobstore import ImageLimits
-from streams.settings import StreamSettings
-from trainer.settings import TrainerSettings
-from producers.settings import IngestSettings
-from producers.diagnosis_settings import AuditorSettings, EvaluatorSettings
+from dpe.section import Section
+
+S = TypeVar("S", bound="CoreSettings")
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(Section):
     """Where the bus is and how to talk to it. No bootstrap servers means the embedded broker."""
 
     bootstrap_servers: str | None = None
@@ -56,21 +63,22 @@ class KafkaSettings(BaseModel):
     partitions_override: int | None = Field(None, ge=1, description="Force a partition count on every topic.")
     replication_factor: int = Field(1, ge=1)
 
-    @model_validator(mode="after")
-    def _password_from_file(self) -> "KafkaSettings":
-        if self.sasl_password is None and self.sasl_password_file is not None:
-            self.sasl_password = SecretStr(self.sasl_password_file.read_text().strip())
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _password_from_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sasl_password") is None and data.get("sasl_password_file"):
+            data = {**data, "sasl_password": SecretStr(Path(data["sasl_password_file"]).read_text().strip())}
+        return data
 
 
-class BlobSettings(BaseModel):
+class BlobSettings(Section):
     """Content-addressed image store: a local folder or any fsspec URL."""
 
     url: str = ".dpe/blobs"
     limits: ImageLimits = Field(default_factory=ImageLimits)
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Section):
     """Where this process exposes /metrics: each service section has its own ``metrics_port``
     (stream 9101, evaluator 9102, auditor 9103, agents 9104, trainer 9105, ingest 9106; 0 turns
     it off), and ``port``, when set, overrides it for the process (one container, one service)."""
@@ -87,8 +95,8 @@ class MetricsSettings(BaseModel):
         return self.port or service_port
 
 
-class Settings(BaseSettings):
-    """Everything a dpe service can be told. Sections belong to the components that read them."""
+class CoreSettings(BaseSettings):
+    """What every dpe process reads. Services subclass it with their own section (see the module doc)."""
 
     model_config = SettingsConfigDict(
         env_prefix="DPE_", env_nested_delimiter="__", extra="ignore", validate_default=True
@@ -97,13 +105,7 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".dpe"), description="Working folder: broker state, checkpoints, runs.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     blob: BlobSettings = Field(default_factory=BlobSettings)
-    stream: StreamSettings = Field(default_factory=StreamSettings)
-    ingest: IngestSettings = Field(default_factory=IngestSettings)
-    agents: AgentSettings = Field(default_factory=AgentSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
-    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
-    evaluator: EvaluatorSettings = Field(default_factory=EvaluatorSettings)
-    auditor: AuditorSettings = Field(default_factory=AuditorSettings)
     log_level: str = "INFO"
 
     @classmethod
@@ -116,6 +118,23 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings)
+
+    @classmethod
+    def load(cls: type[S], config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> S:
+        """Build settings from YAML file < ``DPE_*`` environment < `overrides` (the CLI flags).
+
+        `config_file` defaults to ``$DPE_CONFIG``. Overrides are nested dicts; `None` values are
+        dropped so that unset flags do not mask lower layers.
+        """
+        layers = (
+            _read_yaml(config_file or os.environ.get("DPE_CONFIG")),
+            cls().model_dump(exclude_unset=True),
+            _drop_none(overrides or {}),
+        )
+        merged: dict[str, Any] = {}
+        for layer in layers:
+            merged = deep_merge(merged, layer)
+        return cls(**merged)
 
     def summary(self) -> dict[str, Any]:
         """Configuration with every secret replaced by '***' (safe for logs and `dpe doctor`)."""
@@ -147,26 +166,12 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Build settings from YAML file < ``DPE_*`` environment < `overrides` (the CLI flags).
+def with_overrides(settings: S, overrides: dict[str, Any]) -> S:
+    """`settings` with `overrides` laid over it, validated again (secrets kept; `None` values dropped).
 
-    `config_file` defaults to ``$DPE_CONFIG``. Overrides are nested dicts; `None` values are
-    dropped so that unset flags do not mask lower layers.
+    The one way command-line flags reach settings: `model_copy` would skip validation.
     """
-    layers = (
-        _read_yaml(config_file or os.environ.get("DPE_CONFIG")),
-        Settings().model_dump(exclude_unset=True),
-        _drop_none(overrides or {}),
-    )
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged = deep_merge(merged, layer)
-    return Settings(**merged)
-
-
-def with_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
-    """`settings` with `overrides` laid over it (secrets kept; `None` values dropped)."""
-    return Settings(**deep_merge(settings.model_dump(), _drop_none(overrides)))
+    return type(settings)(**deep_merge(settings.model_dump(), _drop_none(overrides)))
 
 
 def secret_env(model: BaseModel, prefix: str = "DPE_") -> dict[str, str]:

@@ -225,6 +225,40 @@ class QCVerdict(BaseModel):
     score: float | None = None
 
 
+class AnswerKey(BaseModel):
+    """What an answer is graded against: the expected answer, its type, the options and the tolerance.
+
+    For `choice` the answer is the option's letter and `options` are the option texts, A, B, C...
+    in order; `tolerance` is the absolute tolerance of `number` answers.
+
+    Example:
+        >>> AnswerKey(answer="B", answer_type="choice", options=["red", "blue"])
+        AnswerKey(answer='B', answer_type='choice', options=('red', 'blue'), tolerance=0.0)
+        >>> AnswerKey(answer="4", answer_type="essay")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pydantic_core._pydantic_core.ValidationError: 1 validation error for AnswerKey...
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    answer: str = Field(min_length=1, max_length=2000)
+    answer_type: AnswerType
+    options: tuple[str, ...] | None = Field(default=None, description="Choice texts, A, B, C... in order.")
+    tolerance: float = Field(default=0.0, ge=0.0, description="Absolute tolerance for number answers.")
+
+    @classmethod
+    def of(cls, carrier: object) -> "AnswerKey":
+        """The key read from the `answer`, `answer_type`, `options` and `tolerance` attributes of `carrier`.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> AnswerKey.of(SimpleNamespace(answer="4", answer_type="number", options=None, tolerance=0.5))
+            AnswerKey(answer='4', answer_type='number', options=None, tolerance=0.5)
+        """
+        return cls.model_validate(carrier, from_attributes=True)
+
+
 class SampleBody(BaseModel):
     """The training content of a sample: image, question and verifiable answer."""
 
@@ -236,6 +270,11 @@ class SampleBody(BaseModel):
     answer_type: AnswerType
     options: list[str] | None = Field(default=None, description="Choice texts, A, B, C... in order.")
     tolerance: float = Field(default=0.0, ge=0.0, description="Absolute tolerance for number answers.")
+
+    @property
+    def key(self) -> AnswerKey:
+        """What answers to the question are graded against."""
+        return AnswerKey.of(self)
 
 
 class AcceptedSample(Event):

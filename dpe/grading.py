@@ -3,14 +3,16 @@
 The model is asked to answer in ``\\boxed{...}``. `extract_answer` takes the last boxed answer
 (falling back to "answer: X" or the last line), and `grade` compares it with the expected answer
 according to the answer type: a choice letter, a number within a tolerance, yes/no, or exact text
-after normalisation.
+after normalisation. The expected answer, its type, the options and the tolerance travel together
+as one `dpe.events.AnswerKey`.
 
 Example:
-    >>> grade("The bars show... \\\\boxed{(B)}", "B", "choice", options=["red", "blue", "green"]).correct
+    >>> grade("The bars show... \\\\boxed{(B)}", AnswerKey(answer="B", answer_type="choice",
+    ...                                                   options=["red", "blue", "green"])).correct
     True
-    >>> grade("\\\\boxed{1,000}", "1000", "number").correct
+    >>> grade("\\\\boxed{1,000}", AnswerKey(answer="1000", answer_type="number")).correct
     True
-    >>> grade("I think yes", "yes", "yes_no").format_ok
+    >>> grade("I think yes", AnswerKey(answer="yes", answer_type="yes_no")).format_ok
     False
 """
 
@@ -23,7 +25,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dpe.events import AnswerType
+from dpe.events import AnswerKey
 
 _BOXED = "\\boxed{"
 _ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)\s*(.+)", re.IGNORECASE)
@@ -152,34 +154,27 @@ def parse_choice(text: str, options: Sequence[str] | None = None) -> str | None:
     return match.group(1).upper()
 
 
-def grade(
-    predicted_text: str,
-    expected: str,
-    answer_type: AnswerType,
-    tolerance: float = 0.0,
-    options: Sequence[str] | None = None,
-) -> Grade:
-    """Grade a model output against the expected answer.
+def grade(predicted_text: str, key: AnswerKey) -> Grade:
+    """Grade a model output against an answer key.
 
     Example:
-        >>> grade("\\\\boxed{3.9}", "4", "number", tolerance=0.5).correct
+        >>> grade("\\\\boxed{3.9}", AnswerKey(answer="4", answer_type="number", tolerance=0.5)).correct
         True
-        >>> grade("\\\\boxed{E}", "A", "choice", options=["x", "y", "z"]).reason
+        >>> grade("\\\\boxed{E}", AnswerKey(answer="A", answer_type="choice", options=["x", "y", "z"])).reason
         'invalid_option'
-        >>> grade("no box here", "cat", "text").reason
+        >>> grade("no box here", AnswerKey(answer="cat", answer_type="text")).reason
         'wrong_answer'
     """
     format_ok = any(boxed_contents(predicted_text))
     extracted = extract_answer(predicted_text)
     if extracted is None:
         return Grade(False, 0.0, None, format_ok, "no_answer")
-    reason = _failure(extracted, expected, answer_type, tolerance, options)
+    reason = _failure(extracted, key)
     return Grade(reason is None, 1.0 if reason is None else 0.0, extracted, format_ok, reason)
 
 
-def _failure(
-    extracted: str, expected: str, answer_type: AnswerType, tolerance: float, options: Sequence[str] | None
-) -> str | None:
+def _failure(extracted: str, key: AnswerKey) -> str | None:
+    expected, answer_type, options = key.answer, key.answer_type, key.options
     if answer_type == "choice":
         letter = parse_choice(extracted, options)
         if letter is None:
@@ -193,7 +188,7 @@ def _failure(
             return "unparseable_number"
         if target is None:
             raise ValueError(f"expected answer {expected!r} is not a number")
-        return None if math.isclose(value, target, abs_tol=tolerance + 1e-9) else "wrong_answer"
+        return None if math.isclose(value, target, abs_tol=key.tolerance + 1e-9) else "wrong_answer"
     if answer_type == "yes_no":
         value = parse_yes_no(extracted)
         if value is None:

@@ -58,7 +58,7 @@ def asyncapi(prefix: str = "dpe.") -> dict[str, Any]:
     }
 
 
-def render(document: dict[str, Any]) -> str:
+def render_document(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 

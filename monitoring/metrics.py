@@ -7,6 +7,7 @@ stage, error class, capability, reason code, role). Services expose them with `s
 from __future__ import annotations
 
 import functools
+import logging
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
@@ -37,10 +38,24 @@ def consumed_counter(topic: str) -> Counter:
     return EVENTS_CONSUMED.labels(topic)
 
 
+_SERVED: set[tuple[str, int]] = set()
+
+
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
-    """Expose the default registry at http://addr:port/metrics (a no-op for port 0)."""
-    if port:
+    """Expose the default registry at http://addr:port/metrics, once per process and address.
+
+    A no-op for port 0 or an address already served by this process; a port taken by another
+    process costs only this process's metrics (a warning), never the service.
+    """
+    if not port or (addr, port) in _SERVED:
+        return
+    try:
         start_http_server(port, addr=addr, registry=REGISTRY)
+    except OSError as exc:
+        logging.getLogger(__name__).warning("metrics port %s unavailable (%s); continuing without metrics",
+                                            port, exc.strerror)
+        return
+    _SERVED.add((addr, port))
 
 
 # Diagnosis producers: the evaluator (port 9102) and the divergence auditor (port 9103).

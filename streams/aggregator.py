@@ -21,7 +21,7 @@ from faust.types import CollectionT, EventT
 
 from dpe.bus.codec import decode
 from dpe.bus.deadletter import dead_letter_for
-from dpe.config import Settings
+from streams.settings import StreamConfig
 from dpe.events import Event
 from dpe.topics import MODEL_TOPIC
 from monitoring.metrics import HANDLE_SECONDS, WEAKNESS_EVENTS
@@ -37,7 +37,7 @@ ToEvidence = Callable[[Event, ScoringSettings], Evidence | None]
 class Aggregator:
     """Owns the capability-state table of one worker and reports what changed."""
 
-    def __init__(self, settings: Settings, states: CollectionT, topics: StreamTopics, worker: str):
+    def __init__(self, settings: StreamConfig, states: CollectionT, topics: StreamTopics, worker: str):
         self.params = settings.stream.scoring
         self.every_events = settings.stream.snapshot_every_events
         self.every_s = settings.stream.snapshot_every_s

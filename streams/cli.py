@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import click
 
-from dpe.cli import CliState, pass_state
-from dpe.config import load_settings
-from streams.quotas import STRATEGIES
-from streams.worker import run_worker
+from dpe.command import CliState, pass_state
+from dpe.config import with_overrides
+from streams.settings import StreamConfig
+from streams.strategies import STRATEGIES
+from streams.service import run_worker
 
 
 @click.command("weakness")
@@ -22,4 +23,4 @@ from streams.worker import run_worker
 def weakness(state: CliState, strategy: str | None, budget: int | None, metrics_port: int | None) -> None:
     """Rolling per-capability weakness from eval outcomes and divergences, and quota plans."""
     flags = {"quotas": {"strategy": strategy, "budget": budget}, "metrics_port": metrics_port}
-    run_worker(load_settings(state.config_file, {**state.overrides, "stream": flags}))
+    run_worker(with_overrides(state.settings_as(StreamConfig), {"stream": flags}))

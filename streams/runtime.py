@@ -1,4 +1,4 @@
-"""Faust plumbing for the weakness stream: the app class and its options from `Settings`.
+"""Faust plumbing for the weakness stream: the app class and its options from `StreamConfig`.
 
 Four deliberate departures from a stock `faust.App`:
 
@@ -22,8 +22,8 @@ Four deliberate departures from a stock `faust.App`:
   once, like every topic here).
 
 Example:
-    >>> from dpe.config import load_settings
-    >>> options = faust_options(load_settings(overrides={"kafka": {"topic_prefix": "x."}}), "h1:9092,h2:9092")
+    >>> from streams.settings import StreamConfig
+    >>> options = faust_options(StreamConfig.load(overrides={"kafka": {"topic_prefix": "x."}}), "h1:9092,h2:9092")
     >>> options["id"], options["broker"], options["broker_session_timeout"], options["store"]
     ('x.weakness', ['kafka://h1:9092', 'kafka://h2:9092'], 6.0, 'memory://')
 """
@@ -40,7 +40,8 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 
 from dpe.bus.options import aiokafka_options
-from dpe.config import KafkaSettings, Settings
+from dpe.config import KafkaSettings
+from streams.settings import StreamConfig
 
 async def fetched_end_offsets(probe: AIOKafkaConsumer, reported: Mapping[TP, int | None],
                               timeout_s: float = 10.0) -> dict[TP, int | None]:
@@ -140,7 +141,7 @@ def broker_credentials(kafka: KafkaSettings, bootstrap: str) -> Credentials | No
                                  mechanism=kafka.sasl_mechanism or "PLAIN")
 
 
-def faust_options(settings: Settings, bootstrap: str) -> dict[str, Any]:
+def faust_options(settings: StreamConfig, bootstrap: str) -> dict[str, Any]:
     """Keyword arguments of `WeaknessApp` for these settings and bootstrap servers."""
     kafka, stream = settings.kafka, settings.stream
     return {

@@ -1,7 +1,8 @@
 """Settings of the weakness stream: how weakness is scored, how quotas are planned, how the worker runs.
 
-They live in `dpe.config.Settings.stream`, so they come from the same YAML file and ``DPE_STREAM__*``
-environment variables as everything else (e.g. ``DPE_STREAM__QUOTAS__STRATEGY=uniform``).
+`StreamConfig` is what the stream reads: the core settings plus the ``stream`` section, from the
+same YAML file and ``DPE_STREAM__*`` environment variables as everything else (e.g.
+``DPE_STREAM__QUOTAS__STRATEGY=uniform``).
 
 Example:
     >>> s = StreamSettings(quotas={"strategy": "uniform", "budget": 70})
@@ -13,7 +14,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
+from pydantic import Field, NonNegativeInt, field_validator
+
+from dpe.config import CoreSettings
+from dpe.section import Section
+
+StrategyName = Literal["dpe_step", "proportional", "uniform", "learning_progress"]
+"""The quota strategies by name (`streams.strategies.STRATEGIES` implements exactly these)."""
 
 
 def default_taxonomy() -> tuple[str, ...]:
@@ -23,10 +30,8 @@ def default_taxonomy() -> tuple[str, ...]:
     return tuple(CAPABILITIES)
 
 
-class ScoringSettings(BaseModel):
+class ScoringSettings(Section):
     """How evidence becomes a per-capability weakness (see `streams.scoring`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     taxonomy: tuple[str, ...] = Field(default_factory=default_taxonomy, description="Known capabilities.")
     open_taxonomy: bool = Field(False, description="Accept capabilities outside the taxonomy, not dead-letter them.")
@@ -58,12 +63,10 @@ class ScoringSettings(BaseModel):
         return value
 
 
-class QuotaSettings(BaseModel):
-    """How a weakness snapshot becomes a quota plan (see `streams.quotas`)."""
+class QuotaSettings(Section):
+    """How a weakness snapshot becomes a quota plan (see `streams.strategies`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    strategy: str = Field("dpe_step", description="Name in `streams.quotas.STRATEGIES`.")
+    strategy: StrategyName = Field("dpe_step", description="A key of `streams.strategies.STRATEGIES`.")
     budget: int = Field(1000, ge=0, description="Samples per round, over all capabilities.")
     floor: int = Field(1, ge=0, description="Fewest samples per capability (at least 1 whenever the budget allows).")
     cap: int | None = Field(None, ge=1, description="Most samples per capability (None: no cap).")
@@ -80,20 +83,10 @@ class QuotaSettings(BaseModel):
         "version (0: re-plan on every snapshot)."
     )
 
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        from streams.quotas import STRATEGIES
-
-        if value not in STRATEGIES:
-            raise ValueError(f"unknown quota strategy {value!r}; known: {sorted(STRATEGIES)}")
-        return value
 
 
-class StreamSettings(BaseModel):
+class StreamSettings(Section):
     """The weakness stream service: scoring, planning, batching and publishing cadence."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
@@ -103,3 +96,9 @@ class StreamSettings(BaseModel):
     snapshot_every_events: int = Field(2000, ge=1, description="Publish weakness after this many events...")
     snapshot_every_s: float = Field(0.25, gt=0, description="...or this many seconds, whichever comes first.")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus endpoint port (0: none).")
+
+
+class StreamConfig(CoreSettings):
+    """What the weakness stream reads: the core settings and its own section."""
+
+    stream: StreamSettings = Field(default_factory=StreamSettings)

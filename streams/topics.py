@@ -10,7 +10,7 @@ import faust
 from faust.types import TopicT
 
 from dpe.bus.codec import encode, headers_for
-from dpe.config import Settings
+from streams.settings import StreamConfig
 from dpe.events import DeadLetter, Divergence, EvalOutcome, Event, QuotaPlan, WeaknessSnapshot
 from dpe.topics import MODEL_TOPIC, topic_for
 from monitoring.metrics import DEADLETTERS
@@ -23,7 +23,7 @@ SERVICE = "weakness"
 class StreamTopics:
     """The topics the stream reads and writes, declared on one app."""
 
-    def __init__(self, app: faust.App, settings: Settings):
+    def __init__(self, app: faust.App, settings: StreamConfig):
         self.max_event_bytes = settings.kafka.max_event_bytes
         prefix = settings.kafka.topic_prefix
         self._topics: dict[type[Event], TopicT] = {

@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from PIL import Image
 
-from consumers.follower import read_topic
+from dpe.bus.follower import read_topic
 from dpe.bus.aio import AsyncPublisher
-from dpe.config import Settings
+from dpe.settings import Settings
 from dpe.events import Event, QuotaPlan
 
 

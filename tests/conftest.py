@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from dpe.broker import EmbeddedBroker  # noqa: E402
 from dpe.bus.admin import ensure_topics  # noqa: E402
-from dpe.config import Settings, load_settings  # noqa: E402
+from dpe.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def settings(broker: EmbeddedBroker, tmp_path, monkeypatch) -> Settings:
         if name.startswith("DPE_"):
             monkeypatch.delenv(name)
     prefix = f"t{uuid.uuid4().hex[:10]}."
-    configured = load_settings(overrides={
+    configured = Settings.load(overrides={
         "home": str(tmp_path / "home"),
         "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix},
         "blob": {"url": str(tmp_path / "blobs")},

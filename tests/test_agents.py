@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from consumers.quota import QuotaLedger, item_slice, split_quota
-from consumers.worker import AgentWorker
+from consumers.agents.ledger import QuotaLedger, item_slice, split_quota
+from consumers.agents.service import AgentWorker
 from dpe.bus.aio import AsyncPublisher
 from dpe.events import AcceptedSample, DeadLetter, RejectedSample, UnlabeledItem
 from dpe.topics import topic_for
-from producers.ingest import Ingestor, paced
-from producers.sources import synthetic_entries
+from producers.ingest.service import Ingestor, paced
+from producers.ingest.sources import synthetic_entries
 from tests.agent_helpers import eventually, plan, publish_all, read_all
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,10 +17,11 @@ from dpe.events import BlobRef, Checkpoint, DeadLetter, Divergence, UnlabeledIte
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.model import build_tiny_policy
 from dpe.world import generate_scene, image_sha256, render_scene, write_question
-from producers.auditor import Auditor, serve_auditor
-from producers.auditor_backends import EndpointAnswerer, OracleAnswerer
-from producers.diagnosis_endpoint import openai_client
-from producers.diagnosis_settings import AuditorSettings, EndpointSettings
+from producers.auditor.service import Auditor, serve_auditor
+from producers.auditor.backends import EndpointAnswerer, OracleAnswerer
+from dpe.endpoint.client import EndpointClient
+from producers.auditor.settings import AuditorSettings
+from dpe.endpoint.settings import EndpointSettings
 from tests.test_bus import drain
 from tests.test_evaluator import chat_reply
 
@@ -67,8 +68,8 @@ def reference_endpoint(answer_for) -> EndpointAnswerer:
         answer = answer_for(pixels, content[1]["text"].split("\n")[0])
         return chat_reply(f"The answer is \\boxed{{{answer}}}" if answer is not None else "I cannot tell.")
 
-    client = openai_client(ENDPOINT, httpx2.Client(transport=httpx2.MockTransport(handler)))
-    return EndpointAnswerer("big-vlm", ENDPOINT, client)
+    client = EndpointClient(ENDPOINT, httpx2.Client(transport=httpx2.MockTransport(handler)))
+    return EndpointAnswerer("big-vlm", client)
 
 
 def wrong_answer(right: str) -> str:

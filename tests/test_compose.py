@@ -19,7 +19,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from dpe.config import Settings, load_settings
+from dpe.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -190,7 +190,7 @@ def test_dpe_services_are_configured_by_environment_and_the_mounted_yaml(
 
     for var in [v for v in os.environ if v.startswith("DPE_")]:
         monkeypatch.delenv(var)
-    settings = load_settings(ROOT / "deploy/dpe.yaml")
+    settings = Settings.load(ROOT / "deploy/dpe.yaml")
     assert settings.blob.url == "/data/blobs"
     assert_known_keys(yaml.safe_load((ROOT / "deploy/dpe.yaml").read_text()), Settings, "deploy/dpe.yaml")
 

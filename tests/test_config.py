@@ -7,7 +7,7 @@ import logging
 import pytest
 from pydantic import ValidationError
 
-from dpe.config import load_settings
+from dpe.settings import Settings
 
 SECRET = "s3cr3t-Pa55word-do-not-leak"
 
@@ -24,17 +24,17 @@ def clean_env(monkeypatch):
 def test_yaml_then_environment_then_flags(tmp_path, monkeypatch):
     config = tmp_path / "dpe.yaml"
     config.write_text("kafka:\n  bootstrap_servers: yaml:9092\n  topic_prefix: y.\n  linger_ms: 7\nhome: /from/yaml\n")
-    assert load_settings(config).kafka.bootstrap_servers == "yaml:9092"
+    assert Settings.load(config).kafka.bootstrap_servers == "yaml:9092"
 
     monkeypatch.setenv("DPE_KAFKA__BOOTSTRAP_SERVERS", "env:9092")
     monkeypatch.setenv("DPE_HOME", "/from/env")
-    settings = load_settings(config)
+    settings = Settings.load(config)
     assert settings.kafka.bootstrap_servers == "env:9092"
     assert settings.kafka.topic_prefix == "y.", "fields the environment does not set keep the YAML value"
     assert settings.kafka.linger_ms == 7
     assert str(settings.home) == "/from/env"
 
-    flagged = load_settings(config, {"kafka": {"bootstrap_servers": "flag:9092", "topic_prefix": None}})
+    flagged = Settings.load(config, {"kafka": {"bootstrap_servers": "flag:9092", "topic_prefix": None}})
     assert flagged.kafka.bootstrap_servers == "flag:9092"
     assert flagged.kafka.topic_prefix == "y.", "an unset flag (None) must not mask lower layers"
 
@@ -43,25 +43,25 @@ def test_config_file_from_environment_variable(tmp_path, monkeypatch):
     config = tmp_path / "c.yaml"
     config.write_text("log_level: DEBUG\n")
     monkeypatch.setenv("DPE_CONFIG", str(config))
-    assert load_settings().log_level == "DEBUG"
+    assert Settings.load().log_level == "DEBUG"
 
 
 def test_bad_config_file_is_a_clear_error(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="mapping at the top level"):
-        load_settings(config)
+        Settings.load(config)
 
 
 def test_secrets_never_appear_in_repr_summary_or_errors(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DPE_KAFKA__SASL_PASSWORD", SECRET)
-    settings = load_settings(overrides={"kafka": {"sasl_mechanism": "PLAIN", "sasl_username": "u"}})
+    settings = Settings.load(overrides={"kafka": {"sasl_mechanism": "PLAIN", "sasl_username": "u"}})
     assert settings.kafka.sasl_password.get_secret_value() == SECRET
     assert SECRET not in repr(settings) and SECRET not in str(settings)
     assert SECRET not in str(settings.summary())
     assert settings.summary()["kafka"]["sasl_password"] == "***"
     with pytest.raises(ValidationError) as error:
-        load_settings(overrides={"kafka": {"session_timeout_ms": -5, "security_protocol": "BOGUS"}})
+        Settings.load(overrides={"kafka": {"session_timeout_ms": -5, "security_protocol": "BOGUS"}})
     assert SECRET not in str(error.value)
     with caplog.at_level(logging.DEBUG):
         logging.getLogger("dpe").info("settings: %s", settings)
@@ -71,7 +71,7 @@ def test_secrets_never_appear_in_repr_summary_or_errors(tmp_path, monkeypatch, c
 def test_password_from_file(tmp_path):
     secret_file = tmp_path / "pw"
     secret_file.write_text(SECRET + "\n")
-    settings = load_settings(overrides={"kafka": {"sasl_password_file": str(secret_file)}})
+    settings = Settings.load(overrides={"kafka": {"sasl_password_file": str(secret_file)}})
     assert settings.kafka.sasl_password.get_secret_value() == SECRET
     assert SECRET not in str(settings.summary())
 
@@ -79,7 +79,7 @@ def test_password_from_file(tmp_path):
 def test_security_settings_reach_every_client_library():
     from dpe.bus.options import aiokafka_options, kafka_python_options
 
-    settings = load_settings(overrides={"kafka": {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512",
+    settings = Settings.load(overrides={"kafka": {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512",
                                                   "sasl_username": "svc", "sasl_password": SECRET}})
     for options in (aiokafka_options(settings.kafka, "k:9092"), kafka_python_options(settings.kafka, "k:9092")):
         assert options["security_protocol"] == "SASL_PLAINTEXT"

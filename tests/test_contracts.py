@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, create_model
 
 from dpe import events
 from dpe.events import EVENT_MODELS, BlobRef, Checkpoint, EvalOutcome, QuotaPlan, UnlabeledItem
-from dpe.schema import asyncapi, committed, compatibility_problems, payloads, render, SCHEMA_FILE
+from dpe.schema import asyncapi, committed, compatibility_problems, payloads, render_document, SCHEMA_FILE
 from dpe.topics import MODEL_TOPIC, TOPICS
 
 BLOB = BlobRef(sha256="a" * 64, media_type="image/png", size_bytes=10, width=4, height=4)
@@ -73,7 +73,7 @@ def test_events_are_immutable():
 
 
 def test_committed_document_is_current():
-    assert SCHEMA_FILE.read_text() == render(asyncapi()), "regenerate with `dpe topics schema --write`"
+    assert SCHEMA_FILE.read_text() == render_document(asyncapi()), "regenerate with `dpe topics schema --write`"
 
 
 @pytest.mark.parametrize("name", sorted(payloads(asyncapi())))

@@ -11,18 +11,19 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.events import Checkpoint, DeadLetter, EvalOutcome
+from dpe.events import AnswerKey, Checkpoint, DeadLetter, EvalOutcome
 from dpe.grading import extract_answer, grade
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.model import build_tiny_policy
-from producers.diagnosis_endpoint import openai_client
-from producers.diagnosis_settings import BenchmarkSuite, EndpointSettings, EvaluatorSettings, SyntheticSuites
-from producers.diagnosis_checkpoints import latest_checkpoint
-from producers.evaluator import Evaluator, serve_evaluator
-from producers.evaluator_items import EvalItem, heldout_items, round_items
-from producers.evaluator_judge import SYSTEM_PROMPT, Case, Judge
-from producers.evaluator_outcomes import answer_items
-from producers.evaluator_rules import attribute_failure
+from dpe.endpoint.client import EndpointClient
+from producers.evaluator.settings import BenchmarkSuite, EvaluatorSettings, SyntheticSuites
+from dpe.endpoint.settings import EndpointSettings
+from dpe.policy.checkpoints import latest_checkpoint
+from producers.evaluator.service import Evaluator, serve_evaluator
+from producers.evaluator.items import EvalItem, heldout_items, round_items
+from producers.evaluator.judge import SYSTEM_PROMPT, Case, Judge
+from producers.evaluator.outcomes import answer_items
+from producers.evaluator.rules import attribute_failure
 from tests.test_bus import drain
 
 MAX_NEW_TOKENS = 6
@@ -114,7 +115,7 @@ def test_heldout_suite_is_fixed_disjoint_and_from_the_diagnostic_pool():
 
 
 def attribution(output, expected, answer_type, capability="counting", options=None):
-    verdict = grade(output, expected, answer_type, options=options)
+    verdict = grade(output, AnswerKey(answer=expected, answer_type=answer_type, options=options))
     skills = {"counting": "perception", "arithmetic": "calculation", "spatial": "reasoning"}
     return attribute_failure(capability, answer_type, expected, options, verdict, skills)
 
@@ -149,7 +150,7 @@ def test_correct_answers_have_no_attribution():
 def judge_with(handler) -> Judge:
     """A judge whose HTTP edge is served in-process: no judge model can run here (an edge mock)."""
     endpoint = EndpointSettings(base_url="http://judge.invalid/v1", model="judge", max_retries=0)
-    return Judge(endpoint, openai_client(endpoint, httpx2.Client(transport=httpx2.MockTransport(handler))))
+    return Judge(EndpointClient(endpoint, httpx2.Client(transport=httpx2.MockTransport(handler))))
 
 
 def chat_reply(content: str) -> httpx2.Response:

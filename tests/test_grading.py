@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
+from dpe.events import AnswerKey
 from dpe.grading import boxed_contents, extract_answer, grade, normalize_text, parse_choice, parse_number, parse_yes_no
 
 OPTIONS = ["red", "blue", "green", "to the left"]
@@ -56,7 +58,7 @@ def test_boxed_contents_handles_nesting_and_garbage():
     ],
 )
 def test_grade_choice(predicted, expected, correct, reason):
-    result = grade(predicted, expected, "choice", options=OPTIONS)
+    result = grade(predicted, AnswerKey(answer=expected, answer_type="choice", options=OPTIONS))
     assert (result.correct, result.reason) == (correct, reason)
     assert result.score == (1.0 if correct else 0.0)
 
@@ -82,7 +84,7 @@ def test_grade_choice(predicted, expected, correct, reason):
     ],
 )
 def test_grade_number(predicted, expected, tolerance, correct, reason):
-    result = grade(predicted, expected, "number", tolerance=tolerance)
+    result = grade(predicted, AnswerKey(answer=expected, answer_type="number", tolerance=tolerance))
     assert (result.correct, result.reason) == (correct, reason)
 
 
@@ -100,7 +102,7 @@ def test_grade_number(predicted, expected, tolerance, correct, reason):
     ],
 )
 def test_grade_yes_no(predicted, expected, correct, reason):
-    result = grade(predicted, expected, "yes_no")
+    result = grade(predicted, AnswerKey(answer=expected, answer_type="yes_no"))
     assert (result.correct, result.reason) == (correct, reason)
 
 
@@ -116,15 +118,16 @@ def test_grade_yes_no(predicted, expected, correct, reason):
     ],
 )
 def test_grade_text(predicted, expected, correct):
-    assert grade(predicted, expected, "text").correct is correct
+    assert grade(predicted, AnswerKey(answer=expected, answer_type="text")).correct is correct
 
 
 def test_format_flag_and_extracted_value():
-    boxed = grade("so \\boxed{B}", "B", "choice", options=OPTIONS)
+    key = AnswerKey(answer="B", answer_type="choice", options=OPTIONS)
+    boxed = grade("so \\boxed{B}", key)
     assert boxed.format_ok and boxed.extracted == "B"
-    unboxed = grade("B", "B", "choice", options=OPTIONS)
+    unboxed = grade("B", key)
     assert unboxed.correct and not unboxed.format_ok
-    empty_box = grade("\\boxed{}", "B", "choice", options=OPTIONS)
+    empty_box = grade("\\boxed{}", key)
     assert not empty_box.format_ok and not empty_box.correct
 
 
@@ -140,6 +143,17 @@ def test_helpers_on_edge_cases():
 
 def test_bad_expected_answers_and_types_raise():
     with pytest.raises(ValueError):
-        grade("\\boxed{3}", "three", "number")
+        grade("\\boxed{3}", AnswerKey(answer="three", answer_type="number"))
     with pytest.raises(ValueError):
-        grade("\\boxed{3}", "3", "essay")
+        AnswerKey(answer="3", answer_type="essay")
+
+
+def test_answer_key_is_frozen_and_bounded_like_the_sample_body():
+    key = AnswerKey(answer="B", answer_type="choice", options=["red", "blue"])
+    assert key.options == ("red", "blue")
+    with pytest.raises(ValidationError):
+        key.answer = "A"
+    with pytest.raises(ValidationError):
+        AnswerKey(answer="4", answer_type="number", tolerance=-0.5)
+    with pytest.raises(ValidationError):
+        AnswerKey(answer="", answer_type="text")

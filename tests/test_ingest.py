@@ -25,10 +25,10 @@ from dpe.bus.aio import AsyncPublisher
 from dpe.cli import main
 from dpe.events import UnlabeledItem
 from dpe.topics import topic_for
-from producers.index import PublishedIndex
-from producers.ingest import Ingestor, index_path
-from producers.paths import Roots
-from producers.sources import FolderWatcher, folder_entries, manifest_entries
+from producers.ingest.index import PublishedIndex
+from producers.ingest.service import Ingestor, index_path
+from producers.ingest.paths import Roots
+from producers.ingest.sources import FolderWatcher, folder_entries, manifest_entries
 from tests.agent_helpers import png, read_all
 
 def noisy(seed: int, size: int = 48) -> Image.Image:

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from dpe.blobstore import ImageLimits
-from producers.diagnosis_settings import KNOWN_CAPABILITIES, BenchmarkSuite, EvaluatorSettings
-from producers.evaluator import Evaluator
-from producers.loaders import BenchmarkError, load_benchmark
+from producers.evaluator.settings import BenchmarkSuite, EvaluatorSettings
+from dpe.taxonomy import KNOWN_CAPABILITIES
+from producers.evaluator.service import Evaluator
+from producers.evaluator.loaders import BenchmarkError, load_benchmark
 
 
 def png(color: str = "red", size: int = 8) -> bytes:

@@ -11,21 +11,21 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from consumers.agents.editor import Compose, Flip, Recolor, Rotate, Zoom
+from dpe.imaging import Compose, Flip, Recolor, Rotate, Zoom
 from consumers.agents.programmatic import ProgrammaticAnswerer, ProgrammaticValidator, ProgrammaticWriter
-from consumers.agents.roles import ItemContext, Question, TaskPlan
-from consumers.difficulty import PolicyHolder, PolicyPassRate
+from consumers.roles import AnswererQuestion, ItemContext, TaskPlan
+from consumers.qc.difficulty import PolicyHolder, PolicyPassRate
 from consumers.qc.checks import (AgreementCheck, AnswerabilityCheck, Candidate, DifficultyCheck, QCChain, SchemaCheck,
                                  schema_problem)
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
-from consumers.settings import DifficultySettings
-from consumers.worker import AgentWorker
+from consumers.qc.settings import DifficultySettings
+from consumers.agents.service import AgentWorker
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher
 from dpe.events import AcceptedSample, BlobRef, Checkpoint, RejectedSample, SampleBody, UnlabeledItem
 from dpe.world import generate_scene, render_scene, scene_capabilities, unlabeled_scene, write_question
-from producers.ingest import Ingestor
-from producers.sources import synthetic_entries
+from producers.ingest.service import Ingestor
+from producers.ingest.sources import synthetic_entries
 from tests.agent_helpers import eventually, plan, png, publish_all, read_all
 
 REF = BlobRef(sha256="0" * 64, media_type="image/png", size_bytes=1, width=64, height=64)
@@ -71,7 +71,7 @@ async def test_programmatic_answerer_agrees_with_the_writer_on_every_capability(
             for edits in ([], [Compose(place="right")]):
                 ctx = context(scene)
                 draft = await writer.write(ctx, capability, TaskPlan(edits=edits), ctx.image, attempt=index)
-                question = Question(draft.question, draft.answer_type, tuple(draft.options or ()) or None)
+                question = AnswererQuestion(draft.question, draft.answer_type, tuple(draft.options or ()) or None)
                 assert await answerer.answer(ctx, TaskPlan(edits=edits), ctx.image, question) == draft.answer
                 checked += 1
     assert checked > 300

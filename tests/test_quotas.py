@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import math
 import random
+from typing import get_args
 
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from dpe.config import load_settings
+from dpe.settings import Settings
 from dpe.events import CapabilityWeakness, WeaknessSnapshot
 from streams.beta import credible_interval
 from streams.contracts import CapabilityReport
-from streams.planner import build_snapshot, export_plan, export_weakness, newer
-from streams.quotas import STRATEGIES, allocate, plan_quotas, step_weight
-from streams.settings import QuotaSettings, ScoringSettings
+from streams.merger import build_snapshot, export_plan, export_weakness, newer
+from streams.strategies import STRATEGIES, allocate, plan_quotas, step_weight
+from streams.settings import QuotaSettings, ScoringSettings, StrategyName
 
 
 def weakness(error_rate: float, n: float = 200.0, trend: float = 0.0) -> CapabilityWeakness:
@@ -35,9 +36,9 @@ def random_snapshot(rng: random.Random) -> WeaknessSnapshot:
                      for name in names})
 
 
-def test_registry_names_the_four_strategies():
-    assert set(STRATEGIES) == {"dpe_step", "proportional", "uniform", "learning_progress"}
-    with pytest.raises(ValidationError, match="unknown quota strategy"):
+def test_registry_names_the_four_strategies_the_settings_accept():
+    assert set(STRATEGIES) == set(get_args(StrategyName)) == {"dpe_step", "proportional", "uniform", "learning_progress"}
+    with pytest.raises(ValidationError, match="'dpe_step', 'proportional', 'uniform' or 'learning_progress'"):
         QuotaSettings(strategy="roulette")
 
 
@@ -202,7 +203,7 @@ def test_metrics_follow_the_latest_snapshot_and_plan():
 def test_stream_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("DPE_STREAM__QUOTAS__STRATEGY", "uniform")
     monkeypatch.setenv("DPE_STREAM__SCORING__TAXONOMY", '["chart", "color"]')
-    settings = load_settings()
+    settings = Settings.load()
     assert settings.stream.quotas.strategy == "uniform"
     assert settings.stream.scoring.taxonomy == ("chart", "color")
     assert settings.stream.metrics_port == 9101

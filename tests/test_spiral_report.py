@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from dpe.config import load_settings, secret_env
+from dpe.config import secret_env
+from dpe.settings import Settings
 
 from dpe.events import AcceptedSample, BlobRef, CapabilityWeakness, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample
 from dpe.events import QCVerdict, SampleBody, WeaknessSnapshot
@@ -17,7 +18,7 @@ from dpe.spiral.experiment import MEAN, ExperimentOptions, ExperimentResult, Run
 from dpe.spiral.report import write_report
 from dpe.spiral.run import SpiralOptions, run_settings
 from dpe.spiral.state import SpiralState
-from dpe.spiral.view import render, rounds_table
+from dpe.spiral.view import render_view, rounds_table
 
 BLOB = BlobRef(sha256="c" * 64, media_type="image/png", size_bytes=9, width=8, height=8)
 
@@ -90,7 +91,7 @@ def test_rejections_are_counted_by_reason_once():
 
 def test_live_view_shows_every_capability_and_the_change_from_base():
     console = Console(record=True, width=140)
-    console.print(render(folded(), target_rounds=3, services={"trainer": "running"}, elapsed_s=12))
+    console.print(render_view(folded(), target_rounds=3, services={"trainer": "running"}, elapsed_s=12))
     text = console.export_text()
     assert "round 1/3" in text and "trainer: running" in text
     assert re.search(r"counting .*0\.40.*\+0\.33", text), text
@@ -143,7 +144,7 @@ def test_experiment_writes_a_summary_per_arm_the_overview_and_a_plot(tmp_path):
 
 
 def test_a_run_aligns_the_quota_budget_the_trainer_round_and_the_diagnosis(tmp_path):
-    settings = load_settings(overrides={"agents": {"llm": {"api_key": "sk-secret"}}})
+    settings = Settings.load(overrides={"agents": {"llm": {"api_key": "sk-secret"}}})
     options = SpiralOptions(round_samples=48, strategy="uniform", runs_dir=tmp_path, run_id="r")
     configured = run_settings(settings, options, "127.0.0.1:9092", tmp_path / "model")
     assert configured.stream.quotas.budget == configured.trainer.rounds.max_samples == 48

@@ -31,7 +31,7 @@ from prometheus_client import REGISTRY
 from dpe.blobstore import BlobStore
 from dpe.broker import free_port
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.config import Settings, load_settings
+from dpe.settings import Settings
 from dpe.events import AcceptedSample, BlobRef, Checkpoint, DeadLetter, Event
 from dpe.policy.config import WarmupConfig
 from dpe.policy.model import load_policy
@@ -42,7 +42,7 @@ from trainer.checkpoints import ANNOUNCED, CheckpointStore, verify
 from trainer.distributed import build_deepspeed_ops
 from trainer.engine import GRPOEngine, step_batches
 from trainer.samples import RecentIds, TrainingSample, staleness_weight
-from trainer.service import RoundReport, checkpoint_folder, run_trainer
+from trainer.service import RoundReport, checkpoint_root, run_trainer
 from trainer.settings import StalenessSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def test_staleness_weight_and_recent_ids():
 
 
 async def test_round_through_the_broker_changes_the_weights_and_announces_a_checkpoint(settings, base_model):
-    configured = load_settings(overrides=overrides(settings, base_model))
+    configured = Settings.load(overrides=overrides(settings, base_model))
     blobs = BlobStore(configured.blob.url, configured.blob.limits)
     good = [accepted(blobs, i) for i in range(8)]
     nowhere = BlobRef(sha256="ab" * 32, media_type="image/png", size_bytes=10, width=8, height=8)
@@ -248,7 +248,7 @@ async def test_round_through_the_broker_changes_the_weights_and_announces_a_chec
 
 
 async def test_stale_samples_are_dropped_and_counted(settings, base_model):
-    configured = load_settings(overrides=overrides(settings, base_model, staleness={"max_versions": 0}))
+    configured = Settings.load(overrides=overrides(settings, base_model, staleness={"max_versions": 0}))
     blobs = BlobStore(configured.blob.url, configured.blob.limits)
     await publish(configured, [accepted(blobs, i) for i in range(4)])
     assert versions(await run_trainer(configured, max_rounds=1)) == [1]
@@ -259,7 +259,7 @@ async def test_stale_samples_are_dropped_and_counted(settings, base_model):
 
     assert versions(await run_trainer(configured, max_rounds=1)) == [2]
 
-    second = verify(checkpoint_folder(configured) / "v00000002")
+    second = verify(checkpoint_root(configured) / "v00000002")
     assert sorted(second.event.sample_ids) == sorted(s.sample_id for s in fresh)
     assert sorted(second.skipped["stale_dropped"]) == sorted(s.sample_id for s in stale)
     assert second.event.metrics["skipped_stale_dropped"] == 4
@@ -267,11 +267,11 @@ async def test_stale_samples_are_dropped_and_counted(settings, base_model):
 
 
 async def test_corrupt_and_half_written_checkpoints_fall_back_and_never_reuse_a_version(settings, base_model, caplog):
-    configured = load_settings(overrides=overrides(settings, base_model, rounds={"max_samples": 4}))
+    configured = Settings.load(overrides=overrides(settings, base_model, rounds={"max_samples": 4}))
     blobs = BlobStore(configured.blob.url, configured.blob.limits)
     await publish(configured, [accepted(blobs, i) for i in range(8)])
     assert versions(await run_trainer(configured, max_rounds=2)) == [1, 2]
-    folder = checkpoint_folder(configured)
+    folder = checkpoint_root(configured)
     first, second = verify(folder / "v00000001"), verify(folder / "v00000002")
     weights = folder / "v00000002" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -294,7 +294,7 @@ async def test_corrupt_and_half_written_checkpoints_fall_back_and_never_reuse_a_
 
 
 async def test_optimizer_state_carries_over_a_round_boundary_and_a_restart(settings, base_model, tmp_path):
-    configured = load_settings(overrides=overrides(settings, base_model)).trainer
+    configured = Settings.load(overrides=overrides(settings, base_model)).trainer
     samples = [training_sample(i) for i in range(12)]
     engine = GRPOEngine(base_model, configured, tmp_path / "a")
     engine.train_round(samples[:4])
@@ -323,7 +323,7 @@ async def test_optimizer_state_carries_over_a_round_boundary_and_a_restart(setti
 
 
 async def test_zero_weight_samples_do_not_move_the_policy(settings, base_model, tmp_path):
-    configured = load_settings(overrides=overrides(settings, base_model)).trainer
+    configured = Settings.load(overrides=overrides(settings, base_model)).trainer
     engine = GRPOEngine(base_model, configured, tmp_path / "w")
     before = [p.detach().clone() for p in engine.policy.model.parameters()]
     stats = engine.train_round([training_sample(i, weight=0.0) for i in range(4)])
@@ -335,7 +335,7 @@ async def test_zero_weight_samples_do_not_move_the_policy(settings, base_model, 
 
 async def test_a_round_mixing_image_sizes_and_question_lengths_trains(settings, base_model, tmp_path):
     """Edited images (crops, side-by-side compositions) give prompts different numbers of image tokens."""
-    configured = load_settings(overrides=overrides(settings, base_model)).trainer
+    configured = Settings.load(overrides=overrides(settings, base_model)).trainer
     engine = GRPOEngine(base_model, configured, tmp_path / "w")
     square, wide = training_sample(0), training_sample(1)
     canvas = Image.new("RGB", (wide.image.width * 2, wide.image.height), "white")
@@ -413,13 +413,13 @@ async def test_kill_9_during_rounds_and_checkpoint_writes_loses_nothing_and_trai
 ):
     configured_overrides = overrides(settings, base_model, rounds={"max_samples": 4, "max_seconds": 2.0},
                                      staleness={"max_versions": None})
-    configured = load_settings(overrides=configured_overrides)
+    configured = Settings.load(overrides=configured_overrides)
     config = tmp_path / "trainer.yaml"
     config.write_text(yaml.safe_dump(configured_overrides))
     blobs = BlobStore(configured.blob.url, configured.blob.limits)
     published = [accepted(blobs, i) for i in range(40)]
     await publish(configured, published)
-    folder = checkpoint_folder(configured)
+    folder = checkpoint_root(configured)
     log = tmp_path / "trainer.log"
     rng = random.Random(0)
     partial_left = 0
@@ -480,7 +480,7 @@ async def test_kill_9_during_rounds_and_checkpoint_writes_loses_nothing_and_trai
 @pytest.mark.slow
 async def test_without_deepspeed_the_torch_optimizer_state_survives_a_restart(settings, base_model, tmp_path):
     configured_overrides = overrides(settings, base_model, rounds={"max_samples": 4}, deepspeed={"enabled": False})
-    configured = load_settings(overrides=configured_overrides)
+    configured = Settings.load(overrides=configured_overrides)
     config = tmp_path / "trainer.yaml"
     config.write_text(yaml.safe_dump(configured_overrides))
     blobs = BlobStore(configured.blob.url, configured.blob.limits)
@@ -490,7 +490,7 @@ async def test_without_deepspeed_the_torch_optimizer_state_survives_a_restart(se
     second = TrainerProcess(config, log, "--max-rounds", "1")
     second.finish()
 
-    folder = checkpoint_folder(configured)
+    folder = checkpoint_root(configured)
     first, latest = verify(folder / "v00000001"), verify(folder / "v00000002")
     assert latest.event.parent_version == 1 and not set(first.event.sample_ids) & set(latest.event.sample_ids)
     steps = [torch.load(folder / v / "optimizer.pt", weights_only=True)["optimizer"]["state"][0]["step"].item()
@@ -504,11 +504,11 @@ async def test_without_deepspeed_the_torch_optimizer_state_survives_a_restart(se
 @pytest.mark.slow
 async def test_two_processes_share_each_round_and_save_both_zero_partitions(settings, base_model, tmp_path):
     configured_overrides = overrides(settings, base_model, rounds={"max_samples": 4})
-    configured = load_settings(overrides=configured_overrides)
+    configured = Settings.load(overrides=configured_overrides)
     config = tmp_path / "trainer.yaml"
     config.write_text(yaml.safe_dump(configured_overrides))
     blobs = BlobStore(configured.blob.url, configured.blob.limits)
-    folder = checkpoint_folder(configured)
+    folder = checkpoint_root(configured)
 
     async def world(first_index: int, rounds: int) -> list[TrainerProcess]:
         await publish(configured, [accepted(blobs, i) for i in range(first_index, first_index + 4 * rounds)])

@@ -27,7 +27,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.config import Settings, load_settings
+from dpe.settings import Settings
 from dpe.events import BlobRef, DeadLetter, Divergence, EvalOutcome, Event, QuotaPlan, WeaknessSnapshot
 from dpe.topics import topic_for
 from streams.beta import credible_interval
@@ -89,7 +89,7 @@ def stream_settings(settings: Settings, tmp_path: Path) -> tuple[Settings, Path]
     }
     path = tmp_path / "stream.yaml"
     path.write_text(yaml.safe_dump(config))
-    return load_settings(path), path
+    return Settings.load(path), path
 
 
 @pytest.fixture
@@ -417,7 +417,7 @@ async def test_end_offsets_come_from_the_fetch_high_water_mark(settings):
 
 
 def test_faust_gets_the_configured_security_settings():
-    kafka = load_settings(overrides={"kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+    kafka = Settings.load(overrides={"kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
                                                "sasl_username": "stream", "sasl_password": "s3cret"}}).kafka
     credentials = broker_credentials(kafka, "k1:9093")
     assert isinstance(credentials, faust.SASLCredentials)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dpe.events import AnswerType
+from dpe.events import AnswerKey, AnswerType
 from dpe.grading import boxed_contents, grade
 
 
@@ -47,7 +47,7 @@ def accuracy_reward(
     tolerance: Sequence[float] | None = None,
     **kwargs: Any,
 ) -> list[float]:
-    """1.0 for a correct answer by answer type, else 0.0 (`dpe.grading.grade`).
+    """1.0 for a correct answer by answer type, else 0.0 (`dpe.grading.grade`, one `AnswerKey` per row).
 
     Example:
         >>> accuracy_reward(["\\\\boxed{4.1}", "\\\\boxed{yes}"], answer=["4", "no"],
@@ -59,7 +59,8 @@ def accuracy_reward(
     tolerance = tolerance if tolerance is not None else [0.0] * count
     rows = zip(completions, answer, answer_type, options, tolerance, strict=True)
     return [
-        grade(completion_text(completion), expected, kind, float(tol or 0.0), opts).score
+        grade(completion_text(completion),
+              AnswerKey(answer=expected, answer_type=kind, options=opts, tolerance=float(tol or 0.0))).score
         for completion, expected, kind, opts, tol in rows
     ]
 

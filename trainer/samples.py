@@ -118,9 +118,8 @@ def check_gradable(body: SampleBody) -> None:
         ...
         trainer.samples.InvalidSample: answer 'many' does not grade as correct against itself as number (...)
     """
-    options = body.options or None
     try:
-        verdict = grade(boxed(body.answer), body.answer, body.answer_type, body.tolerance, options)
+        verdict = grade(boxed(body.answer), body.key)
     except ValueError as error:
         raise InvalidSample(f"answer {body.answer!r} cannot be graded as {body.answer_type}: {error}") from error
     if not verdict.correct:

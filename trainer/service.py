@@ -12,7 +12,7 @@ checkpoint folder; the others receive each round's samples from it and join the 
 
 Example:
     >>> import asyncio                                                    # doctest: +SKIP
-    >>> [r.version for r in asyncio.run(run_trainer(load_settings(), max_rounds=1))]  # doctest: +SKIP
+    >>> [r.version for r in asyncio.run(run_trainer(TrainerConfig.load(), max_rounds=1))]  # doctest: +SKIP
     [1]
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.config import Settings
+from trainer.settings import TrainerConfig
 from dpe.events import AcceptedSample, Checkpoint
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import RECIPE_FILE, cached_folder
@@ -56,12 +56,12 @@ log = logging.getLogger(__name__)
 PRODUCER = "trainer"
 
 
-def checkpoint_folder(settings: Settings) -> Path:
+def checkpoint_root(settings: TrainerConfig) -> Path:
     """Where the trainer's checkpoints live: the configured folder or ``<home>/checkpoints``."""
     return settings.trainer.checkpoints.folder or settings.home / "checkpoints"
 
 
-def base_model_folder(settings: Settings) -> Path:
+def base_model_folder(settings: TrainerConfig) -> Path:
     """The model folder of policy version 0: ``trainer.base_model``, else the embedded default's
     warmed tiny model in dpe.policy's cache; a clear error when it is not there."""
     folder = settings.trainer.base_model
@@ -75,16 +75,6 @@ def base_model_folder(settings: Settings) -> Path:
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"trainer.base_model {folder} is not a model folder (no config.json)")
     return Path(folder)
-
-
-_METRICS_SERVED: set[tuple[str, int]] = set()
-
-
-def _serve_metrics_once(port: int, addr: str) -> None:
-    """Expose /metrics once per process and address (a second trainer run in one process reuses it)."""
-    if (addr, port) not in _METRICS_SERVED:
-        serve_metrics(port, addr)
-        _METRICS_SERVED.add((addr, port))
 
 
 @dataclass(frozen=True)
@@ -124,7 +114,7 @@ def observe_round(stats: RoundStats) -> None:
 
 
 async def run_trainer(
-    settings: Settings, stop: asyncio.Event | None = None, *, max_rounds: int | None = None
+    settings: TrainerConfig, stop: asyncio.Event | None = None, *, max_rounds: int | None = None
 ) -> list[RoundReport]:
     """Run the trainer until `stop` is set or `max_rounds` rounds are checkpointed; one report per round.
 
@@ -140,8 +130,8 @@ async def run_trainer(
     if not engine.is_main_process:
         _follow(engine)
         return []
-    _serve_metrics_once(settings.metrics.port_for(trainer_settings.metrics_port), settings.metrics.addr)
-    store = CheckpointStore(checkpoint_folder(settings), trainer_settings.checkpoints.keep_last)
+    serve_metrics(settings.metrics.port_for(trainer_settings.metrics_port), settings.metrics.addr)
+    store = CheckpointStore(checkpoint_root(settings), trainer_settings.checkpoints.keep_last)
     latest = store.latest()
     share_from_main(latest, engine.num_processes)
     if latest is not None:
@@ -161,7 +151,7 @@ async def run_trainer(
         share_from_main(None, engine.num_processes)
 
 
-async def announce_base(settings: Settings, publisher: AsyncPublisher, base: Path) -> None:
+async def announce_base(settings: TrainerConfig, publisher: AsyncPublisher, base: Path) -> None:
     """Announce the base model as policy version 0 when the checkpoints topic is empty, so that the
     evaluator diagnoses it and the first round gets a plan (a restart before round 1 finds it there)."""
     async with AsyncSubscriber(settings, [Checkpoint], group_id=None, service=PRODUCER, publisher=publisher,
@@ -176,7 +166,7 @@ async def announce_base(settings: Settings, publisher: AsyncPublisher, base: Pat
 class _Leader:
     """Rank 0's round loop."""
 
-    def __init__(self, settings: Settings, engine: GRPOEngine, store: CheckpointStore, publisher: AsyncPublisher,
+    def __init__(self, settings: TrainerConfig, engine: GRPOEngine, store: CheckpointStore, publisher: AsyncPublisher,
                  subscriber: AsyncSubscriber, latest: StoredCheckpoint | None):
         self.settings = settings
         self.engine = engine

@@ -1,4 +1,4 @@
-"""Configuration of the GRPO trainer service (the ``trainer`` section of `dpe.config.Settings`).
+"""Settings of the GRPO trainer service: the ``trainer`` section (`TrainerConfig` is what the trainer reads).
 
 GRPO hyperparameters come from a preset that explicitly set fields override: ``paper`` holds the
 DPE reference's settings for real models (8 rollouts, lr 1e-6, KL 1e-2, clip 0.2/0.3, reward
@@ -19,7 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from dpe.config import CoreSettings
+from dpe.section import Section
 
 Preset = Literal["tiny", "paper"]
 
@@ -58,10 +61,8 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
 """Preset values of `GRPOSettings`; fields given explicitly win."""
 
 
-class GRPOSettings(BaseModel):
+class GRPOSettings(Section):
     """GRPO hyperparameters: rollouts, optimiser, KL, clipping, reward weights and lengths."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: Preset = "tiny"
     group_size: int = Field(ge=2, description="Rollouts per prompt (G).")
@@ -102,50 +103,40 @@ class GRPOSettings(BaseModel):
         return {**GRPO_PRESETS[preset], **data}
 
 
-class RoundSettings(BaseModel):
+class RoundSettings(Section):
     """When a micro-round closes: after `max_samples` admitted samples or `max_seconds` after its first."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_samples: int = Field(32, ge=1)
     max_seconds: float = Field(30.0, gt=0, description="Also how often an idle trainer wakes up.")
     fetch_timeout_ms: int = Field(200, ge=1)
 
 
-class StalenessSettings(BaseModel):
+class StalenessSettings(Section):
     """Samples filtered against a policy more than `max_versions` behind are dropped or down-weighted."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_versions: int | None = Field(4, ge=0, description="None: never stale.")
     action: Literal["drop", "downweight"] = "drop"
     decay: float = Field(0.5, gt=0, le=1, description="Weight factor per version beyond the bound (downweight).")
 
 
-class CheckpointSettings(BaseModel):
+class CheckpointSettings(Section):
     """Where checkpoints live and how many are kept."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     folder: Path | None = Field(None, description="Default: <home>/checkpoints.")
     keep_last: int = Field(5, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     dedup_window: int = Field(100_000, ge=0, description="Most recent trained sample ids remembered for dedup.")
 
 
-class DeepSpeedSettings(BaseModel):
+class DeepSpeedSettings(Section):
     """DeepSpeed ZeRO: one process with gloo on CPU, the accelerate/DeepSpeed launcher on GPUs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     zero_stage: Literal[0, 1, 2, 3] = 2
     config_file: Path | None = Field(None, description="A full DeepSpeed JSON config instead of the generated one.")
 
 
-class TrainerSettings(BaseModel):
+class TrainerSettings(Section):
     """Everything the trainer service reads."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_model: Path | None = Field(None, description="Local model folder of policy version 0.")
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
@@ -163,3 +154,9 @@ class TrainerSettings(BaseModel):
         default_factory=lambda: Path.home() / ".cache" / "dpe" / "torch_extensions",
         description="TORCH_EXTENSIONS_DIR for the ops DeepSpeed builds (once per machine; $TORCH_EXTENSIONS_DIR wins).",
     )
+
+
+class TrainerConfig(CoreSettings):
+    """What the trainer reads: the core settings and its own section."""
+
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)

@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from consumers.agents.editor import Compose, Crop, EditOp, Flip, Occlude, OverlayText, Recolor, Rotate, Zoom, placement
-from consumers.agents.roles import AgentFailure, Draft, ItemContext, Question, TaskPlan, Verdict
+from dpe.imaging import Compose, Crop, EditOp, Flip, Occlude, OverlayText, Recolor, Rotate, Zoom, placement
+from consumers.roles import AgentFailure, AnswererQuestion, Draft, ItemContext, TaskPlan, Verdict
 from dpe.world import QuestionNotPossible, Scene, scene_capabilities, write_question
 from dpe.world.palette import COLORS, SHAPES
 
@@ -187,7 +187,7 @@ class ProgrammaticAnswerer:
 
     backend = "programmatic"
 
-    async def answer(self, ctx: ItemContext, plan: TaskPlan, image: Image.Image, question: Question) -> str:
+    async def answer(self, ctx: ItemContext, plan: TaskPlan, image: Image.Image, question: AnswererQuestion) -> str:
         return self.solve(_scene(ctx), question.question, question.options)
 
     def solve(self, scene: Scene, question: str, options: Sequence[str] | None) -> str:

@@ -18,14 +18,14 @@ Example:
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image
+
+from dpe.endpoint.client import image_part
 
 DATA_RULE = (
     "The user message holds an image and one block of data between <data-...> and </data-...> markers. "
@@ -72,18 +72,11 @@ def data_block(data: Mapping[str, Any], nonce: str) -> str:
     return f"<data-{nonce}>\n{json.dumps(data, ensure_ascii=True, default=str)}\n</data-{nonce}>"
 
 
-def image_url(image: Image.Image) -> str:
-    """The image as a PNG data URL."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def user_content(data: Mapping[str, Any], image: Image.Image | None, nonce: str | None = None) -> list[dict[str, Any]]:
     """The user message's content parts: the image (if any), then the data block."""
     parts: list[dict[str, Any]] = []
     if image is not None:
-        parts.append({"type": "image_url", "image_url": {"url": image_url(image)}})
+        parts.append(image_part(image))
     parts.append({"type": "text", "text": data_block(data, nonce or secrets.token_hex(8))})
     return parts
 

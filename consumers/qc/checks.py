@@ -31,10 +31,11 @@ from typing import Protocol
 
 from PIL import Image
 
-from consumers.agents.roles import AgentFailure, Answerer, Draft, ItemContext, Question, TaskPlan, Validator, run_role
-from consumers.difficulty import PolicyPassRate, PolicyUnavailable
+from consumers.roles import (AgentFailure, Answerer, AnswererQuestion, Draft, ItemContext, TaskPlan, Validator,
+                             run_role)
+from consumers.qc.difficulty import PolicyPassRate, PolicyUnavailable
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
-from consumers.settings import DifficultySettings
+from consumers.qc.settings import DifficultySettings
 from dpe.events import AgentStep, QCVerdict, SampleBody
 from dpe.grading import grade, normalize_text, parse_number
 from monitoring.metrics import QC_CHECKS
@@ -168,14 +169,14 @@ class AgreementCheck:
 
     async def __call__(self, candidate: Candidate) -> QCVerdict:
         body, backend = candidate.body, self.answerer.backend
-        question = Question(body.question, body.answer_type, tuple(body.options) if body.options else None)
+        question = AnswererQuestion(body.question, body.answer_type, tuple(body.options) if body.options else None)
         try:
             text = await run_role("answerer", backend,
                                   self.answerer.answer(candidate.ctx, candidate.plan, candidate.image, question))
         except AgentFailure as failure:
             candidate.steps.append(AgentStep(role="answerer", backend=backend, detail=str(failure)[:2000]))
             return _verdict(self.name, f"answerer_{failure.reason_code}", failure.detail)
-        result = grade(text, body.answer, body.answer_type, body.tolerance, body.options)
+        result = grade(text, body.key)
         candidate.steps.append(AgentStep(role="answerer", backend=backend, detail=f"answered {text[:200]!r}"))
         if result.correct:
             return _verdict(self.name, OK, f"answerer said {result.extracted!r}")

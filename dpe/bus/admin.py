@@ -9,7 +9,7 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from dpe.bus.options import kafka_python_options
-from dpe.config import Settings
+from dpe.config import CoreSettings
 from dpe.topics import TOPICS, TopicSpec
 
 
@@ -21,15 +21,15 @@ class TopicStatus:
     partitions: int
 
 
-def _admin(settings: Settings, bootstrap: str) -> KafkaAdminClient:
+def _admin(settings: CoreSettings, bootstrap: str) -> KafkaAdminClient:
     return KafkaAdminClient(**kafka_python_options(settings.kafka, bootstrap), request_timeout_ms=10_000)
 
 
-def _partitions(settings: Settings, spec: TopicSpec) -> int:
+def _partitions(settings: CoreSettings, spec: TopicSpec) -> int:
     return settings.kafka.partitions_override or spec.partitions
 
 
-def existing_topics(settings: Settings, bootstrap: str) -> set[str]:
+def existing_topics(settings: CoreSettings, bootstrap: str) -> set[str]:
     admin = _admin(settings, bootstrap)
     try:
         return set(admin.list_topics())
@@ -37,7 +37,7 @@ def existing_topics(settings: Settings, bootstrap: str) -> set[str]:
         admin.close()
 
 
-def ensure_topics(settings: Settings, bootstrap: str) -> list[TopicStatus]:
+def ensure_topics(settings: CoreSettings, bootstrap: str) -> list[TopicStatus]:
     """Create every registry topic that does not exist yet; running it twice changes nothing."""
     prefix = settings.kafka.topic_prefix
     admin = _admin(settings, bootstrap)

@@ -28,7 +28,7 @@ from dpe.bus.codec import encode, headers_for
 from dpe.bus.deadletter import RecordLike, dead_letter_for
 from dpe.bus.delivery import LAG_REPORT_INTERVAL_S, Delivery, Rejection, record_lag, split_records, topic_specs
 from dpe.bus.options import aiokafka_options, consumer_tuning, producer_tuning
-from dpe.config import Settings
+from dpe.config import CoreSettings
 from dpe.events import DeadLetter, Event
 from dpe.topics import MODEL_TOPIC, topic_for
 from monitoring.metrics import DEADLETTERS, HANDLE_SECONDS, consumed_counter, published_counter
@@ -41,7 +41,7 @@ class TransientError(RuntimeError):
 class AsyncPublisher:
     """Publishes events to their registry topic with envelope headers."""
 
-    def __init__(self, settings: Settings, *, producer_name: str = "dpe", bootstrap: str | None = None):
+    def __init__(self, settings: CoreSettings, *, producer_name: str = "dpe", bootstrap: str | None = None):
         self.settings = settings
         kafka = settings.kafka
         self._producer = AIOKafkaProducer(
@@ -87,7 +87,7 @@ class AsyncSubscriber:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: CoreSettings,
         models: Sequence[type[Event]],
         *,
         group_id: str | None,

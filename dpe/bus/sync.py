@@ -21,7 +21,7 @@ from dpe.bus.codec import encode, headers_for
 from dpe.bus.deadletter import RecordLike, dead_letter_for
 from dpe.bus.delivery import LAG_REPORT_INTERVAL_S, Delivery, record_lag, split_records, topic_specs
 from dpe.bus.options import consumer_tuning, kafka_python_options, producer_tuning
-from dpe.config import Settings
+from dpe.config import CoreSettings
 from dpe.events import DeadLetter, Event
 from dpe.topics import MODEL_TOPIC, topic_for
 from monitoring.metrics import DEADLETTERS, consumed_counter, published_counter
@@ -30,7 +30,7 @@ from monitoring.metrics import DEADLETTERS, consumed_counter, published_counter
 class Publisher:
     """Publishes events to their registry topic with envelope headers."""
 
-    def __init__(self, settings: Settings, *, producer_name: str = "dpe", bootstrap: str | None = None):
+    def __init__(self, settings: CoreSettings, *, producer_name: str = "dpe", bootstrap: str | None = None):
         self.settings = settings
         kafka = settings.kafka
         self._producer = KafkaProducer(
@@ -66,7 +66,7 @@ class Subscriber:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: CoreSettings,
         models: Sequence[type[Event]],
         *,
         group_id: str | None,

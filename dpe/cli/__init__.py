@@ -9,30 +9,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import click
 
-from dpe.config import Settings, load_settings
-
-
-@dataclass
-class CliState:
-    """Global flags, turned into settings on first use."""
-
-    config_file: str | None
-    overrides: dict[str, Any]
-    _settings: Settings | None = field(default=None, repr=False)
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings(self.config_file, self.overrides)
-        return self._settings
-
-
-pass_state = click.make_pass_decorator(CliState)
+from dpe.cli.stages import SERVICE_COMMANDS
+from dpe.command import CliState
 
 
 class LazyGroup(click.Group):
@@ -60,19 +42,13 @@ COMMANDS = {
     "doctor": "dpe.cli.bus:doctor",
     "run": "dpe.cli.run:run",
     "experiment": "dpe.cli.run:experiment",
-    "eval": "producers.eval_cli:eval_command",
-    "ingest": "producers.cli:ingest",
+    "eval": "producers.evaluator.cli:eval_command",
+    "ingest": "producers.ingest.cli:ingest",
     "model": "dpe.cli.model:model",
-    "samples": "consumers.export:samples",
+    "samples": "consumers.samples.cli:samples",
+    "stages": "dpe.cli.stages:stages",
 }
 
-SERVICES: dict[str, str] = {
-    "weakness": "streams.cli:weakness",
-    "evaluator": "producers.eval_cli:evaluator",
-    "auditor": "producers.eval_cli:auditor",
-    "agents": "consumers.cli:agents",
-    "trainer": "trainer.cli:trainer",
-}
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,6 +68,6 @@ def main(ctx: click.Context, config_file: str | None, bootstrap: str | None, top
     logging.basicConfig(level=log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-@main.group(cls=LazyGroup, lazy=SERVICES)
+@main.group(cls=LazyGroup, lazy=SERVICE_COMMANDS)
 def serve() -> None:
     """Run one service of the pipeline (each is its own process in production)."""

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import IO
 
@@ -21,8 +19,10 @@ from dpe.bus.admin import ensure_topics, existing_topics
 from dpe.bus.codec import InvalidEvent, decode
 from dpe.bus.options import consumer_tuning, kafka_python_options
 from dpe.bus.sync import Publisher
-from dpe.cli import CliState, pass_state
-from dpe.schema import SCHEMA_FILE, asyncapi, committed, compatibility_problems, payloads, render
+from dpe.settings import Settings
+from dpe.command import CliState, pass_state
+from dpe.lifecycle import run_until_stopped
+from dpe.schema import SCHEMA_FILE, asyncapi, committed, compatibility_problems, payloads, render_document
 from dpe.topics import TOPICS, spec_for_topic
 
 console = Console()
@@ -30,14 +30,14 @@ console = Console()
 
 def _bootstrap(state: CliState) -> str:
     try:
-        return resolve_bootstrap(state.settings)
+        return resolve_bootstrap(state.settings_as(Settings))
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from None
 
 
 def _full_topic(state: CliState, name: str) -> str:
     """Accept a full topic name, a registry id (eval_outcomes) or a suffix (eval.outcomes)."""
-    prefix = state.settings.kafka.topic_prefix
+    prefix = state.settings_as(Settings).kafka.topic_prefix
     for topic_id, spec in TOPICS.items():
         if name in (topic_id, spec.suffix, spec.name(prefix)):
             return spec.name(prefix)
@@ -51,12 +51,10 @@ def _full_topic(state: CliState, name: str) -> str:
 @pass_state
 def broker(state: CliState, port: int | None, create_topics: bool) -> None:
     """Run the embedded Kafka-compatible broker until Ctrl-C (memory storage)."""
-    settings = state.settings
+    settings = state.settings_as(Settings)
     if settings.kafka.bootstrap_servers:
         raise click.ClickException(f"an external Kafka is configured ({settings.kafka.bootstrap_servers})")
     settings.home.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with EmbeddedBroker(port=port, log_path=settings.home / "broker.log") as running:
         try:
             if create_topics:
@@ -64,10 +62,7 @@ def broker(state: CliState, port: int | None, create_topics: bool) -> None:
             write_state(settings, running)  # last: other commands take the state file to mean "ready"
             console.print(f"[green]broker ready[/] at [bold]{running.bootstrap_servers}[/] "
                           f"(state in {settings.home / 'broker.json'}); Ctrl-C stops it")
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
+            run_until_stopped(lambda stop: stop.wait())
         finally:
             clear_state(settings)
     console.print("broker stopped")
@@ -82,7 +77,7 @@ def topics() -> None:
 @pass_state
 def topics_create(state: CliState) -> None:
     """Create every missing topic (idempotent)."""
-    for status in ensure_topics(state.settings, _bootstrap(state)):
+    for status in ensure_topics(state.settings_as(Settings), _bootstrap(state)):
         word = "[green]created[/]" if status.created else "exists"
         console.print(f"{status.name:<40} {word} ({status.partitions} partitions)")
 
@@ -91,10 +86,10 @@ def topics_create(state: CliState) -> None:
 @pass_state
 def topics_list(state: CliState) -> None:
     """The registry with each topic's contract, key and whether it exists on the broker."""
-    present = existing_topics(state.settings, _bootstrap(state))
+    present = existing_topics(state.settings_as(Settings), _bootstrap(state))
     table = Table("topic", "event", "v", "partitions", "key", "on broker")
     for spec in TOPICS.values():
-        name = spec.name(state.settings.kafka.topic_prefix)
+        name = spec.name(state.settings_as(Settings).kafka.topic_prefix)
         table.add_row(name, spec.model.__name__, str(spec.model.SCHEMA_VERSION), str(spec.partitions), spec.key,
                       "yes" if name in present else "[red]no[/]")
     console.print(table)
@@ -106,7 +101,7 @@ def topics_schema(write: bool) -> None:
     """Print the AsyncAPI document of all topics, or check and rewrite the committed one."""
     document = asyncapi()
     if not write:
-        click.echo(render(document), nl=False)
+        click.echo(render_document(document), nl=False)
         return
     old = payloads(committed()) if SCHEMA_FILE.exists() else {}
     problems = [f"{name}: {p}" for name, new in payloads(document).items() if name in old
@@ -114,7 +109,7 @@ def topics_schema(write: bool) -> None:
     if problems:
         raise click.ClickException("incompatible change (bump SCHEMA_VERSION to declare a break):\n  "
                                    + "\n  ".join(problems))
-    SCHEMA_FILE.write_text(render(document))
+    SCHEMA_FILE.write_text(render_document(document))
     console.print(f"wrote {SCHEMA_FILE}")
 
 
@@ -127,7 +122,7 @@ def topics_schema(write: bool) -> None:
 def tail(state: CliState, topic: str, follow: bool, from_beginning: bool, limit: int | None) -> None:
     """Pretty-print a topic's events (read-only: invalid records are shown, not dead-lettered)."""
     name = _full_topic(state, topic)
-    kafka = state.settings.kafka
+    kafka = state.settings_as(Settings).kafka
     spec = spec_for_topic(name, kafka.topic_prefix)
     consumer = KafkaConsumer(**kafka_python_options(kafka, _bootstrap(state)), **consumer_tuning(kafka))
     partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
@@ -173,9 +168,9 @@ def publish(state: CliState, topic: str, source: IO[str]) -> None:
     line was invalid.
     """
     name = _full_topic(state, topic)
-    spec = spec_for_topic(name, state.settings.kafka.topic_prefix)
+    spec = spec_for_topic(name, state.settings_as(Settings).kafka.topic_prefix)
     sent, bad = 0, 0
-    with Publisher(state.settings, producer_name="dpe-publish", bootstrap=_bootstrap(state)) as pub:
+    with Publisher(state.settings_as(Settings), producer_name="dpe-publish", bootstrap=_bootstrap(state)) as pub:
         futures = []
         for number, line in enumerate(source, start=1):
             if not line.strip():
@@ -200,7 +195,7 @@ def publish(state: CliState, topic: str, source: IO[str]) -> None:
 @pass_state
 def doctor(state: CliState) -> None:
     """Check the broker, the topics and the blob store; print the configuration without secrets."""
-    settings = state.settings
+    settings = state.settings_as(Settings)
     checks: list[tuple[str, bool, str]] = []
     try:
         bootstrap = resolve_bootstrap(settings)

@@ -10,11 +10,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dpe.cli import CliState, pass_state
+from dpe.settings import Settings
+from dpe.command import CliState, pass_state
 from dpe.spiral.experiment import MEAN, ExperimentOptions, arm_statistics, run_experiment
 from dpe.spiral.run import SpiralOptions, run_spiral
 from dpe.spiral.view import rounds_table
-from streams.quotas import STRATEGIES
+from streams.strategies import STRATEGIES
 
 console = Console()
 
@@ -39,7 +40,7 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
     options = SpiralOptions(rounds=None if forever else rounds, round_samples=round_samples, strategy=strategy,
                             base_model=base_model, runs_dir=runs_dir, live=live, timeout_s=None if forever else timeout_s,
                             **({"run_id": run_id} if run_id else {}))
-    result = run_spiral(state.settings, options, console)
+    result = run_spiral(state.settings_as(Settings), options, console)
     console.print(rounds_table(result.rounds, title=f"run {options.run_id}"))
     console.print(f"{'completed' if result.completed else 'stopped'} in {result.seconds:.0f}s; "
                   f"summary: {result.run_dir / 'summary.json'}; report: {result.run_dir / 'report.html'}")
@@ -63,7 +64,7 @@ def experiment(state: CliState, arms: tuple[str, ...], seeds: tuple[int, ...], r
     """Compare quota strategies at equal budget: held-out accuracy per capability per arm over seeds."""
     options = ExperimentOptions(arms=arms, seeds=seeds, rounds=rounds, round_samples=round_samples,
                                 runs_dir=runs_dir, live=live)
-    result = run_experiment(state.settings, options, console)
+    result = run_experiment(state.settings_as(Settings), options, console)
     table = Table(title=f"held-out accuracy after round {rounds}: mean ± std over seeds {list(seeds)} (min–max)")
     table.add_column("capability")
     table.add_column("base", justify="right")

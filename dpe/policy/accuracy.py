@@ -49,8 +49,9 @@ def measure_accuracy(
     )
     rows: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
     for item, (best,), samples in zip(items, greedy, sampled):
-        grades = [grade(text, item.answer, item.answer_type, item.tolerance, item.options) for text in samples]
-        greedy_grade = grade(best, item.answer, item.answer_type, item.tolerance, item.options)
+        key = item.key
+        grades = [grade(text, key) for text in samples]
+        greedy_grade = grade(best, key)
         rows[item.capability].append(
             (
                 greedy_grade.score,

@@ -12,7 +12,7 @@ over seeds: mean, standard deviation, min, max), ``experiment.json`` and ``exper
 
 Example:
     >>> options = ExperimentOptions(arms=("dpe_step", "uniform"), seeds=(0, 1))
-    >>> result = run_experiment(load_settings(), options)                        # doctest: +SKIP
+    >>> result = run_experiment(Settings.load(), options)                        # doctest: +SKIP
     >>> arm_statistics(result.arms["uniform"])["mean"]["accuracy"]                   # doctest: +SKIP
 """
 
@@ -31,7 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from dpe.config import Settings, with_overrides  # noqa: E402
+from dpe.config import with_overrides
+from dpe.settings import Settings  # noqa: E402
 from dpe.spiral.run import SpiralOptions, run_spiral  # noqa: E402
 
 MEAN = "mean"

@@ -7,7 +7,7 @@ watches the topics (read-only) until the trainer has published `rounds` checkpoi
 service and writes ``summary.json`` and ``report.html`` into ``runs/<id>/``.
 
 Example:
-    >>> result = run_spiral(load_settings(), SpiralOptions(rounds=3))   # doctest: +SKIP
+    >>> result = run_spiral(Settings.load(), SpiralOptions(rounds=3))   # doctest: +SKIP
     >>> result.rounds[-1].heldout_accuracy                              # doctest: +SKIP
 """
 
@@ -29,13 +29,14 @@ from rich.live import Live
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.config import Settings, secret_env, with_overrides
+from dpe.config import secret_env, with_overrides
+from dpe.settings import Settings
 from dpe.events import AcceptedSample, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample, WeaknessSnapshot
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
 from dpe.spiral.report import write_report
 from dpe.spiral.state import RoundRecord, SpiralState
-from dpe.spiral.view import render
+from dpe.spiral.view import render_view
 from dpe.supervisor import ServiceSpec, Supervisor
 
 OBSERVED = [EvalOutcome, AcceptedSample, RejectedSample, Checkpoint, WeaknessSnapshot, QuotaPlan]
@@ -156,7 +157,7 @@ async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState,
                         raise RuntimeError(f"services kept failing: {', '.join(failed)} (see {supervisor.log_dir})")
                     elapsed = time.monotonic() - started
                     if live is not None:
-                        live.update(render(state, options.rounds, supervisor.status(), elapsed))
+                        live.update(render_view(state, options.rounds, supervisor.status(), elapsed))
                     if options.timeout_s is not None and elapsed > options.timeout_s:
                         return False
     return True

@@ -1,4 +1,4 @@
-"""What a person watches: the live view of a running spiral (`render`) and its final table (`rounds_table`)."""
+"""What a person watches: the live view of a running spiral (`render_view`) and its final table (`rounds_table`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _bar(value: float, width: int = 12) -> str:
     return "█" * filled + "·" * (width - filled)
 
 
-def render(state: SpiralState, target_rounds: int | None, services: dict[str, str], elapsed_s: float) -> Group:
+def render_view(state: SpiralState, target_rounds: int | None, services: dict[str, str], elapsed_s: float) -> Group:
     """Header (version, round, rates, services) and a per-capability table."""
     snapshot = state.latest_weakness()
     plan = state.latest_plan()

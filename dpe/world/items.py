@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from dpe.events import AnswerType, BlobRef, SampleBody
+from dpe.events import AnswerKey, AnswerType, BlobRef, SampleBody
 from dpe.world.knobs import DIFFICULTY_LEVELS, Knobs
 from dpe.world.questions import CAPABILITIES, SCENE_KIND_OF, QuestionNotPossible, write_question
 from dpe.world.render import render_scene
@@ -49,6 +49,11 @@ class WorldItem:
     tolerance: float
     seed: int
     scene: Scene
+
+    @property
+    def key(self) -> AnswerKey:
+        """What answers to the question are graded against."""
+        return AnswerKey.of(self)
 
     def to_sample_body(self, image: BlobRef) -> SampleBody:
         """The event body for this item, given where its image was stored."""

@@ -1,0 +1,43 @@
+"""Settings of the quality-control chain: thresholds and the difficulty band (``agents.qc``).
+
+Example:
+    >>> QCSettings(difficulty={"enabled": True}).difficulty.samples
+    9
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from dpe.section import Section
+
+
+class DifficultySettings(Section):
+    """The difficulty band: keep samples the current policy solves between min and max times out of k."""
+
+    enabled: bool = False
+    samples: int = Field(default=9, ge=1, description="k rollouts per sample.")
+    min_correct: int = Field(default=3, ge=0)
+    max_correct: int = Field(default=7, ge=0)
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=12, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="Samples rolled out together.")
+    base_policy: str | None = Field(default=None, description="Policy folder used until the first checkpoint.")
+
+    @model_validator(mode="after")
+    def _band(self) -> "DifficultySettings":
+        if not self.min_correct <= self.max_correct <= self.samples:
+            raise ValueError("need min_correct <= max_correct <= samples")
+        return self
+
+
+class QCSettings(Section):
+    """The quality-control chain's thresholds."""
+
+    min_options: int = Field(default=3, ge=2, description="Multiple choice needs at least this many options.")
+    max_options: int = Field(default=8, ge=2)
+    near_duplicate: bool = True
+    image_distance: int = Field(default=20, ge=0, le=255, description="Bits of the 256-bit pHash that may differ.")
+    colour_distance: float = Field(default=6.0, ge=0, description="Mean colour difference of a 4 x 4 layout.")
+    text_similarity: float = Field(default=0.8, ge=0, le=1, description="Question similarity of a near-duplicate.")
+    difficulty: DifficultySettings = Field(default_factory=DifficultySettings)

@@ -1,0 +1,1 @@
+"""``dpe samples export``: accepted samples as training files (`export`), and its command (`cli`)."""

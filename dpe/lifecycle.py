@@ -1,0 +1,54 @@
+"""How every long-running service starts and stops: one stop event for SIGINT and SIGTERM, metrics, logs.
+
+A service's main coroutine takes a `stop` event and returns once it is set; `run_until_stopped`
+runs it in a fresh event loop with SIGINT (Ctrl-C) and SIGTERM (``docker stop``, systemd, the
+supervisor) both setting it, so every service stops the same way, after finishing what it holds.
+
+Example:
+    >>> async def main(stop):
+    ...     stop.set()           # a real service waits for a signal here
+    ...     return "stopped"
+    >>> run_until_stopped(main)
+    'stopped'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from dpe.config import CoreSettings
+from monitoring.metrics import serve_metrics
+
+T = TypeVar("T")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_event() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets (call it inside the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+def run_until_stopped(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
+    """Run `main(stop)` in a fresh event loop, `stop` being set by SIGINT or SIGTERM; its result."""
+
+    async def runner() -> T:
+        return await main(stop_event())
+
+    return asyncio.run(runner())
+
+
+def start_service(settings: CoreSettings, service_port: int) -> None:
+    """Log at the configured level and expose /metrics on the service's port (``metrics.port`` overrides;
+    0 for a service that serves them itself)."""
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(settings.log_level)
+    serve_metrics(settings.metrics.port_for(service_port), settings.metrics.addr)

@@ -1,0 +1,131 @@
+"""Who answers the auditor's probes: the target policy and the reference models, behind one interface.
+
+A `ProbeAnswerer` gets (view, probe) pairs and returns one answer text per pair, or None where it
+abstains. Three kinds of reference are pluggable (`AuditorSettings.references`):
+
+- ``checkpoint``: another local checkpoint folder (batched greedy generation);
+- ``endpoint``: a model behind an OpenAI-compatible endpoint (the image goes as a data URL);
+- ``oracle``: for the synthetic world only, a programmatic answerer that reads the scene metadata.
+  **The oracle is a stand-in for a strong reference model**: it is right by construction on the
+  questions the world's writer can ask, and abstains on anything else (images without scene
+  metadata, questions it would not have written). With real data, use checkpoint or endpoint
+  references.
+
+Example:
+    >>> from dpe.world import generate_scene, render_scene
+    >>> from producers.auditor.probes import world_probe
+    >>> scene = generate_scene("formula", 1, seed=4)
+    >>> probe = world_probe(scene, "arithmetic", seed=0)
+    >>> OracleAnswerer().answer([(View("i", render_scene(scene), scene), probe)]) == [str(scene.formula.value())]
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from dpe.policy.generation import SamplingParams, generate
+from dpe.policy.model import Policy
+from dpe.policy.prompts import build_messages, format_question
+from dpe.world import QuestionNotPossible, Scene, write_question
+from producers.auditor.probes import Probe
+from dpe.endpoint.client import EndpointClient, EndpointFailure, image_part
+from producers.auditor.settings import CheckpointReference, EndpointReference, OracleReference
+from dpe.policy.checkpoints import load_checkpoint
+
+
+@dataclass(frozen=True)
+class View:
+    """An image shown to the models: the item's own, or a counterfactual edit of it (with its edited scene)."""
+
+    item_id: str
+    image: Image.Image
+    scene: Scene | None = None
+    edit: str | None = None
+    counterfactual_of: str | None = None
+
+
+class ProbeAnswerer(Protocol):
+    """Answers probes about views; None where it abstains."""
+
+    name: str
+
+    def answer(self, asked: Sequence[tuple[View, Probe]]) -> list[str | None]: ...
+
+
+class PolicyAnswerer:
+    """A local policy (the target, or a checkpoint reference): greedy, batched."""
+
+    def __init__(self, name: str, policy: Policy, max_new_tokens: int = 24, batch_size: int = 32) -> None:
+        self.name = name
+        self.policy = policy
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    def answer(self, asked: Sequence[tuple[View, Probe]]) -> list[str | None]:
+        conversations = [build_messages(probe.question, probe.answer_type, probe.options) for _, probe in asked]
+        images = [view.image.convert("RGB") for view, _ in asked]
+        return [samples[0] for samples in generate(self.policy, images, conversations, self.params)]
+
+
+class OracleAnswerer:
+    """Answers from scene metadata with the world's question writer (a stand-in for a strong reference model)."""
+
+    def __init__(self, name: str = "oracle") -> None:
+        self.name = name
+
+    @staticmethod
+    def _answer(view: View, probe: Probe) -> str | None:
+        if view.scene is None or probe.seed is None:
+            return None
+        try:
+            question = write_question(view.scene, probe.capability, probe.seed)
+        except QuestionNotPossible:
+            return None
+        same = question.question == probe.question and question.options == probe.options
+        return question.answer if same else None
+
+    def answer(self, asked: Sequence[tuple[View, Probe]]) -> list[str | None]:
+        return [self._answer(view, probe) for view, probe in asked]
+
+
+class EndpointAnswerer:
+    """A model behind an OpenAI-compatible endpoint; an endpoint failure is an abstention.
+
+    It asks through `EndpointClient.chat_sync` (its requests count under its own name), from the
+    endpoint's `concurrency` threads at most.
+    """
+
+    def __init__(self, name: str, client: EndpointClient) -> None:
+        self.name = name
+        self.client = client
+
+    def _answer(self, pair: tuple[View, Probe]) -> str | None:
+        view, probe = pair
+        content = [
+            image_part(view.image),
+            {"type": "text", "text": format_question(probe.question, probe.answer_type, probe.options)},
+        ]
+        try:
+            return self.client.chat_sync(self.name, [{"role": "user", "content": content}])
+        except EndpointFailure:
+            return None
+
+    def answer(self, asked: Sequence[tuple[View, Probe]]) -> list[str | None]:
+        with ThreadPoolExecutor(max_workers=self.client.settings.concurrency, thread_name_prefix=self.name) as pool:
+            return list(pool.map(self._answer, asked))
+
+
+def reference_answerer(
+    reference: OracleReference | CheckpointReference | EndpointReference, max_new_tokens: int
+) -> ProbeAnswerer:
+    """The answerer a configured reference describes."""
+    if isinstance(reference, OracleReference):
+        return OracleAnswerer(reference.name)
+    if isinstance(reference, CheckpointReference):
+        return PolicyAnswerer(reference.name, load_checkpoint(reference.uri), max_new_tokens)
+    return EndpointAnswerer(reference.name, EndpointClient(reference.endpoint))

@@ -1,0 +1,248 @@
+"""The divergence auditor (after AuditDM): where reference models agree and the target does not.
+
+For a configurable share of unlabeled items (chosen by a hash of the item id, so a redelivered item
+gets the same decision), the auditor asks the target model (the latest checkpoint on the bus) and
+every reference model the same probe questions, about the item's image and about counterfactual
+edits of it. Each probe where the references reach a consensus that the target's answer does not
+match becomes a Divergence event: the answers, the consensus and its strength, the capability, and
+the edit. Divergences are evidence that needs no label; the weakness stream reads them beside the
+eval outcomes.
+
+Items that cannot be audited (an image missing or corrupt in the blob store, metadata that claims a
+scene but is not one, unknown capabilities) are dead-lettered with the reason; the service keeps
+going. Until the first checkpoint is announced there is no target, and unlabeled items wait.
+
+Example:
+    >>> Auditor.selected_fraction("some-item", 0.0, seed=0), Auditor.selected_fraction("some-item", 1.0, seed=0)
+    (False, True)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from aiokafka.errors import KafkaError
+
+from dpe.imaging import ImageEditor, PillowEditor
+from dpe.blobstore import BlobStore
+from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
+from dpe.bus.delivery import Delivery
+from producers.auditor.settings import AuditorConfig
+from dpe.events import BlobRef, Checkpoint, Divergence, UnlabeledItem
+from dpe.grading import extract_answer
+from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_ITEMS, AUDIT_PROBES
+from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, View, reference_answerer
+from producers.auditor.consensus import consensus, target_differs
+from producers.auditor.edits import counterfactuals
+from producers.auditor.probes import Probe, capability_hints, generic_probes, scene_of, scene_probes, world_probe
+from dpe.policy.checkpoints import load_checkpoint
+from producers.auditor.settings import AuditorSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE = "auditor"
+_MAX_ANSWER = 2000
+
+
+def short_answer(text: str | None) -> str:
+    """The answer extracted from a model's output (the output itself if nothing can be extracted), clipped."""
+    if not text:
+        return ""
+    return (extract_answer(text) or text)[:_MAX_ANSWER]
+
+
+class Auditor:
+    """Audits unlabeled items against a target with the configured references (blocking; CPU-bound)."""
+
+    def __init__(
+        self,
+        settings: AuditorSettings,
+        store: BlobStore,
+        references: Sequence[ProbeAnswerer],
+        editor: ImageEditor | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.references = list(references)
+        self.editor = editor or PillowEditor()
+
+    @classmethod
+    def from_settings(cls, settings: AuditorConfig) -> "Auditor":
+        """The auditor the settings describe: blob store, references (checkpoints are loaded now)."""
+        audit = settings.auditor
+        references = [reference_answerer(reference, audit.max_new_tokens) for reference in audit.references]
+        return cls(audit, BlobStore(settings.blob.url, settings.blob.limits), references)
+
+    @staticmethod
+    def selected_fraction(item_id: str, fraction: float, seed: int) -> bool:
+        """Whether an item falls in the audited share (stable for an item id)."""
+        digest = hashlib.sha256(f"{seed}/{item_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+    def selected(self, item: UnlabeledItem) -> bool:
+        """Whether this item is audited (the rate limit)."""
+        return self.selected_fraction(item.item_id, self.settings.sample_fraction, self.settings.seed)
+
+    def questions(self, item: UnlabeledItem) -> list[tuple[View, Probe]]:
+        """Every (view, probe) pair to ask: the item's image and its counterfactuals, each with its probes."""
+        scene = scene_of(item.metadata)
+        only = capability_hints(item.metadata, self.settings.capabilities)
+        count = self.settings.probes_per_item
+        own = View(item.item_id, self.store.open_image(item.image).convert("RGB"), scene)
+        if scene is None:
+            probes = generic_probes(self.settings.generic_probes, count=count, only=only)
+        else:
+            probes = scene_probes(scene, item.item_id, count=count, seed=self.settings.seed, only=only)
+        views = [own, *counterfactuals(own, self.editor, count=self.settings.edits_per_item)]
+        asked = []
+        for view in views:
+            for probe in probes:
+                shown = self._reasked(probe, view) if view is not own else probe
+                if shown is not None:
+                    asked.append((view, shown))
+        return asked
+
+    @staticmethod
+    def _reasked(probe: Probe, view: View) -> Probe | None:
+        """The probe as asked about a counterfactual: world questions are re-written for the edited scene."""
+        if probe.seed is None or view.scene is None:
+            return probe
+        return world_probe(view.scene, probe.capability, probe.seed)
+
+    def audit(self, item: UnlabeledItem, target: ProbeAnswerer, policy_version: int) -> list[Divergence]:
+        """Ask target and references every question; a Divergence where the references agree and the target differs."""
+        asked = self.questions(item)
+        target_answers = target.answer(asked)
+        reference_answers = {reference.name: reference.answer(asked) for reference in self.references}
+        divergences = []
+        for position, (view, probe) in enumerate(asked):
+            AUDIT_PROBES.labels(probe.capability).inc()
+            answers = {name: given[position] for name, given in reference_answers.items()}
+            agreed = consensus(answers, probe)
+            if agreed is None or agreed.strength < self.settings.min_consensus:
+                continue
+            if agreed.agreeing < self.settings.min_agreeing:
+                continue
+            if not target_differs(target_answers[position] or "", agreed, probe):
+                continue
+            AUDIT_DIVERGENCES.labels(probe.capability).inc()
+            divergences.append(Divergence(
+                producer=SERVICE,
+                policy_version=policy_version,
+                item_id=view.item_id,
+                probe_id=probe.probe_id,
+                capability=probe.capability,
+                question=probe.question[:_MAX_ANSWER],
+                image=item.image if view.counterfactual_of is None else self._stored(view),
+                counterfactual_of=view.counterfactual_of,
+                edit=view.edit,
+                target_answer=short_answer(target_answers[position]),
+                reference_answers={name: short_answer(text) for name, text in answers.items() if text},
+                consensus_answer=agreed.answer,
+                consensus_strength=agreed.strength,
+            ))
+        return divergences
+
+    def _stored(self, view: View) -> BlobRef:
+        buffer = io.BytesIO()
+        view.image.save(buffer, format="PNG")
+        return self.store.put_image(buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model under audit: a policy version and its answerer."""
+
+    policy_version: int
+    answerer: ProbeAnswerer
+
+
+class TargetTracker:
+    """Keeps the newest checkpoint as the target; `ready` is set once there is one."""
+
+    def __init__(self, max_new_tokens: int) -> None:
+        self.max_new_tokens = max_new_tokens
+        self.current: Target | None = None
+        self.ready = asyncio.Event()
+
+    async def on_checkpoint(self, delivery: Delivery) -> None:
+        """Handler of the checkpoints topic: load a newer checkpoint (a bad one is logged and skipped)."""
+        checkpoint: Checkpoint = delivery.event
+        if self.current is not None and checkpoint.policy_version <= self.current.policy_version:
+            return
+        try:
+            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri)
+        except Exception as error:  # noqa: BLE001 - a bad checkpoint must not stop auditing with the current one
+            log.warning("cannot load checkpoint v%d at %s (%s); keeping the current target",
+                        checkpoint.policy_version, checkpoint.uri, error)
+            return
+        answerer = PolicyAnswerer(f"target-v{checkpoint.policy_version}", policy, self.max_new_tokens)
+        self.current = Target(checkpoint.policy_version, answerer)
+        self.ready.set()
+        log.info("auditing policy v%d (%s)", checkpoint.policy_version, checkpoint.uri)
+
+
+def unlabeled_handler(
+    auditor: Auditor, tracker: TargetTracker, publisher: AsyncPublisher
+) -> Callable[[Delivery], Awaitable[None]]:
+    """Handler of the unlabeled topic: audit the selected share in a worker thread, publish divergences."""
+
+    async def on_unlabeled(delivery: Delivery) -> None:
+        item: UnlabeledItem = delivery.event
+        if not auditor.selected(item):
+            AUDIT_ITEMS.labels("sampled_out").inc()
+            return
+        target = tracker.current
+        assert target is not None, "items are consumed only once there is a target"
+        divergences = await asyncio.to_thread(auditor.audit, item, target.answerer, target.policy_version)
+        AUDIT_ITEMS.labels("audited").inc()
+        try:
+            await asyncio.gather(*[await publisher.publish(divergence) for divergence in divergences])
+        except KafkaError as error:
+            raise TransientError(f"publishing divergences failed: {error}") from error
+
+    return on_unlabeled
+
+
+async def follow_checkpoints(subscriber: AsyncSubscriber, handle: Callable[[Delivery], Awaitable[None]],
+                             stop: asyncio.Event) -> None:
+    """Hand every checkpoint to `handle` until `stop` is set (no group: each auditor reads them all)."""
+    await subscriber.assign_all()
+    while not stop.is_set():
+        for delivery in await subscriber.fetch(timeout_ms=500):
+            await handle(delivery)
+
+
+async def _until_ready(tracker: TargetTracker, stop: asyncio.Event) -> None:
+    """Wait for the first target, or for `stop`."""
+    waiters = [asyncio.create_task(tracker.ready.wait()), asyncio.create_task(stop.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def serve_auditor(settings: AuditorConfig, stop: asyncio.Event, auditor: Auditor | None = None) -> None:
+    """Follow checkpoints (the target) and unlabeled items (what to audit) until `stop` is set."""
+    auditor = auditor or await asyncio.to_thread(Auditor.from_settings, settings)
+    tracker = TargetTracker(settings.auditor.max_new_tokens)
+    async with AsyncPublisher(settings, producer_name=SERVICE) as publisher, AsyncSubscriber(
+        settings, [Checkpoint], group_id=None, service=SERVICE, publisher=publisher, subscribe=False, read_only=True
+    ) as checkpoints, AsyncSubscriber(
+        settings, [UnlabeledItem], group_id=settings.auditor.group_id, service=SERVICE, publisher=publisher
+    ) as unlabeled:
+        following = asyncio.create_task(follow_checkpoints(checkpoints, tracker.on_checkpoint, stop))
+        following.add_done_callback(lambda _: stop.set())
+        try:
+            await _until_ready(tracker, stop)
+            if not stop.is_set():
+                await unlabeled.run(unlabeled_handler(auditor, tracker, publisher), stop, max_records=8)
+        finally:
+            stop.set()
+            await following

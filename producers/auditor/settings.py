@@ -1,0 +1,106 @@
+"""Settings of the divergence auditor (`dpe serve auditor`): the ``auditor`` section.
+
+`AuditorConfig` is what the auditor reads: the core settings plus this section. In the YAML file::
+
+    auditor:
+      sample_fraction: 0.2
+      references:
+        - {kind: oracle}
+        - {kind: endpoint, name: qwen-7b, endpoint: {base_url: "http://vllm:8000/v1", model: Qwen2.5-VL-7B-Instruct}}
+
+Example:
+    >>> AuditorSettings(references=[{"kind": "oracle"}, {"kind": "checkpoint", "name": "v0", "uri": "/ckpt/0"}]
+    ...                 ).references[1].uri
+    '/ckpt/0'
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from dpe.config import CoreSettings
+from dpe.section import Section
+from dpe.endpoint.settings import EndpointSettings
+from dpe.events import ID_PATTERN, AnswerType
+from dpe.taxonomy import KNOWN_CAPABILITIES
+
+
+class OracleReference(Section):
+    """The synthetic world's oracle: answers from scene metadata (a stand-in for a strong reference model)."""
+
+    kind: Literal["oracle"] = "oracle"
+    name: str = Field("oracle", pattern=ID_PATTERN)
+
+
+class CheckpointReference(Section):
+    """Another local checkpoint folder as a reference model."""
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    name: str = Field(pattern=ID_PATTERN)
+    uri: str = Field(min_length=1)
+
+
+class EndpointReference(Section):
+    """A model behind an OpenAI-compatible endpoint as a reference."""
+
+    kind: Literal["endpoint"] = "endpoint"
+    name: str = Field(pattern=ID_PATTERN)
+    endpoint: EndpointSettings
+
+
+Reference = Annotated[OracleReference | CheckpointReference | EndpointReference, Field(discriminator="kind")]
+
+
+class GenericProbe(Section):
+    """A probe question for images without scene metadata."""
+
+    question: str = Field(min_length=1, max_length=500)
+    answer_type: AnswerType
+    capability: str
+    options: tuple[str, ...] | None = None
+
+
+DEFAULT_GENERIC_PROBES: tuple[GenericProbe, ...] = (
+    GenericProbe(question="How many objects are in the image?", answer_type="number", capability="counting"),
+    GenericProbe(question="Is there any text in the image?", answer_type="yes_no", capability="text_reading"),
+    GenericProbe(question="What is the main colour of the image?", answer_type="text", capability="color"),
+)
+
+
+class AuditorSettings(Section):
+    """The divergence auditor: references, probes, counterfactual edits, consensus and rate limit.
+
+    The target is always the latest checkpoint on the bus.
+    """
+
+    references: list[Reference] = Field(default_factory=lambda: [OracleReference()], min_length=1)
+    sample_fraction: float = Field(0.25, ge=0.0, le=1.0, description="Share of unlabeled items audited.")
+    probes_per_item: int = Field(3, ge=1)
+    edits_per_item: int = Field(2, ge=0, description="Counterfactual edits asked about, per item.")
+    min_consensus: float = Field(0.6, gt=0.0, le=1.0, description="Share of references that must agree.")
+    min_agreeing: int = Field(1, ge=1, description="References that must give the consensus answer.")
+    generic_probes: tuple[GenericProbe, ...] = DEFAULT_GENERIC_PROBES
+    capabilities: tuple[str, ...] = KNOWN_CAPABILITIES
+    max_new_tokens: int = Field(24, ge=1)
+    torch_threads: int = Field(1, ge=0, description="Few threads, so auditing never starves the CPU.")
+    group_id: str = "auditor"
+    metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus port (0: none; metrics.port overrides).")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AuditorSettings":
+        names = [reference.name for reference in self.references]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reference names must be unique, got {names}")
+        unknown = sorted({probe.capability for probe in self.generic_probes} - set(self.capabilities))
+        if unknown:
+            raise ValueError(f"generic probes name unknown capabilities {unknown}")
+        return self
+
+
+class AuditorConfig(CoreSettings):
+    """What the auditor reads: the core settings and its own section."""
+
+    auditor: AuditorSettings = Field(default_factory=AuditorSettings)

@@ -1,0 +1,132 @@
+"""Settings of the evaluator (`dpe serve evaluator`, `dpe eval`): the ``evaluator`` section.
+
+Pure configuration (no behaviour): `EvaluatorConfig` is what the evaluator reads, the core settings
+plus this section, from the same YAML file, ``DPE_EVALUATOR__*`` environment variables and CLI flags
+as everything else. For instance, in the YAML file::
+
+    evaluator:
+      synthetic: {round_items: 140, heldout_items: 210}
+      benchmarks:
+        - name: mmstar
+          path: /data/MMStar.tsv
+          format: vlmeval_tsv
+          categories: {coarse perception: natural_scene, math: math_formula}
+          default_capability: mixed
+          sample: 200
+      judge: {base_url: "http://vllm:8000/v1", model: Qwen2.5-VL-7B-Instruct}
+
+Example:
+    >>> EvaluatorSettings().synthetic.heldout_suite
+    'heldout'
+    >>> EvaluatorConfig().evaluator.metrics_port
+    9102
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from dpe.config import CoreSettings
+from dpe.section import Section
+from dpe.endpoint.settings import EndpointSettings
+from dpe.events import ID_PATTERN
+from dpe.taxonomy import KNOWN_CAPABILITIES
+from dpe.world.questions import CAPABILITIES
+
+Skill = Literal["perception", "calculation", "reasoning"]
+"""What a capability mostly exercises; decides the error type of a plain wrong answer."""
+
+DEFAULT_SKILLS: dict[str, Skill] = {
+    "counting": "perception",
+    "color": "perception",
+    "existence": "perception",
+    "text_reading": "perception",
+    "spatial": "reasoning",
+    "chart": "calculation",
+    "arithmetic": "calculation",
+    "geometric": "reasoning",
+    "chart_graph": "calculation",
+    "math_formula": "calculation",
+    "text_dense": "perception",
+    "natural_scene": "perception",
+    "everyday_object": "perception",
+}
+
+BenchmarkFormat = Literal["vlmeval_tsv", "pope_jsonl", "jsonl", "parquet"]
+
+
+class SyntheticSuites(Section):
+    """The synthetic world's suites: a fresh sample per policy version, and a fixed held-out suite.
+
+    Both come from the world's diagnostic pool (seeds the training stream never uses) and are
+    disjoint from each other by construction (`producers.evaluator.items`).
+    """
+
+    round_suite: str = Field("synthetic", pattern=ID_PATTERN)
+    round_items: int = Field(140, ge=0, description="Items per policy version (0: no round suite).")
+    heldout_suite: str = Field("heldout", pattern=ID_PATTERN)
+    heldout_items: int = Field(210, ge=0, description="Fixed items, the same every version (0: none).")
+    seed: int = Field(0, ge=0)
+    capabilities: tuple[str, ...] = CAPABILITIES
+    image_size: int = Field(64, ge=16, le=1024)
+
+    @model_validator(mode="after")
+    def _known(self) -> "SyntheticSuites":
+        unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
+        if unknown or not self.capabilities:
+            raise ValueError(f"synthetic capabilities must be a non-empty subset of {CAPABILITIES}; unknown: {unknown}")
+        if self.round_suite == self.heldout_suite:
+            raise ValueError("round_suite and heldout_suite must differ")
+        return self
+
+
+class BenchmarkSuite(Section):
+    """A local benchmark file (nothing is downloaded) and how its categories map to capabilities."""
+
+    name: str = Field(pattern=ID_PATTERN, description="Suite name in the outcomes, e.g. 'mmstar'.")
+    path: Path
+    format: BenchmarkFormat
+    categories: dict[str, str] = Field(
+        default_factory=dict, description="Benchmark category -> capability (keys compared case-insensitively)."
+    )
+    default_capability: str | None = Field(None, description="For categories not in the mapping (else skipped).")
+    sample: int | None = Field(None, ge=1, description="Items per policy version, drawn afresh (None: all).")
+    seed: int = 0
+
+
+class EvaluatorSettings(Section):
+    """What the evaluator evaluates each checkpoint on, and how it attributes failures."""
+
+    synthetic: SyntheticSuites | None = Field(default_factory=SyntheticSuites)
+    benchmarks: list[BenchmarkSuite] = Field(default_factory=list)
+    capabilities: tuple[str, ...] = Field(KNOWN_CAPABILITIES, description="Capabilities outcomes may name.")
+    skills: dict[str, Skill] = Field(default_factory=lambda: dict(DEFAULT_SKILLS))
+    judge: EndpointSettings | None = Field(None, description="Attribute failures with a judge model; rules if unset.")
+    max_new_tokens: int = Field(24, ge=1)
+    batch_size: int = Field(32, ge=1)
+    torch_threads: int = Field(0, ge=0, description="0: torch's default.")
+    group_id: str = "evaluator"
+    metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus port (0: none; metrics.port overrides).")
+
+    @model_validator(mode="after")
+    def _mapped_capabilities_known(self) -> "EvaluatorSettings":
+        names = [suite.name for suite in self.benchmarks]
+        if self.synthetic is not None:
+            names += [self.synthetic.round_suite, self.synthetic.heldout_suite]
+        if len(set(names)) != len(names):
+            raise ValueError(f"suite names must be unique, got {names}")
+        for suite in self.benchmarks:
+            targets = set(suite.categories.values()) | ({suite.default_capability} - {None})
+            unknown = sorted(targets - set(self.capabilities))
+            if unknown:
+                raise ValueError(f"benchmark {suite.name} maps to unknown capabilities {unknown}")
+        return self
+
+
+class EvaluatorConfig(CoreSettings):
+    """What the evaluator reads: the core settings and its own section."""
+
+    evaluator: EvaluatorSettings = Field(default_factory=EvaluatorSettings)
