@@ -41,13 +41,13 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks._stats import print_table, spread
-from dpe.bus.follower import read_topic
 from consumers.agents.service import AgentWorker
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher
-from dpe.settings import Settings
+from dpe.bus.follower import read_topic
 from dpe.events import Checkpoint, Event, QuotaPlan, RejectedSample, UnlabeledItem
+from dpe.settings import Settings
 from dpe.world import CAPABILITIES
 from producers.ingest.service import Ingestor
 from producers.ingest.sources import synthetic_entries

@@ -22,8 +22,8 @@ from benchmarks._stats import percentile, print_table, spread
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.settings import Settings
 from dpe.events import EvalOutcome
+from dpe.settings import Settings
 
 PAYLOAD_BYTES = 1024
 

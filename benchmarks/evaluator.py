@@ -21,9 +21,9 @@ import torch
 from benchmarks._stats import print_table, spread
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.model import Policy, build_tiny_policy
-from producers.evaluator.settings import SyntheticSuites
 from producers.evaluator.items import EvalItem, heldout_items
 from producers.evaluator.outcomes import evaluate_items
+from producers.evaluator.settings import SyntheticSuites
 
 
 def items_per_second(policy: Policy, items: list[EvalItem], batch_size: int, max_new_tokens: int) -> float:

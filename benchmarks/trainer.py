@@ -74,8 +74,8 @@ async def ours(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
     from dpe.blobstore import BlobStore
     from dpe.bus.admin import ensure_topics
     from dpe.bus.aio import AsyncPublisher
-    from dpe.settings import Settings
     from dpe.events import AcceptedSample
+    from dpe.settings import Settings
     from trainer.service import run_trainer
 
     home = Path(tempfile.mkdtemp(prefix="bench-trainer-"))

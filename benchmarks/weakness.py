@@ -43,8 +43,8 @@ from benchmarks._stats import percentile, print_table
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.settings import Settings
 from dpe.events import EvalOutcome, QuotaPlan, WeaknessSnapshot
+from dpe.settings import Settings
 
 CAPABILITIES = (
     "geometric", "medical", "chart_graph", "text_dense", "diagram", "math_formula",

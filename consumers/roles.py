@@ -28,8 +28,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from dpe.endpoint.client import EndpointReason
-from dpe.imaging import EditOp
 from dpe.events import AnswerType, UnlabeledItem
+from dpe.imaging import EditOp
 from dpe.world import Scene
 from monitoring.metrics import AGENT_ROLE_SECONDS
 

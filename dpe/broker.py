@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from dpe.config import CoreSettings
+from dpe.lifecycle import die_with_parent
 
 
 class BrokerError(RuntimeError):
@@ -94,6 +95,7 @@ class EmbeddedBroker:
             [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         if log is not subprocess.DEVNULL:
             log.close()

@@ -1,4 +1,4 @@
-"""Settings every service shares, the base class of every section, and how settings are loaded.
+"""Settings every service shares, and how settings are loaded and overridden.
 
 `CoreSettings` holds what every process reads (home, kafka, blob store, metrics, log level). Each
 service adds its own section in its ``settings.py`` as a subclass (``AgentsConfig(CoreSettings)``

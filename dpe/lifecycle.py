@@ -1,8 +1,11 @@
-"""How every long-running service starts and stops: one stop event for SIGINT and SIGTERM, metrics, logs.
+"""How every long-running process starts and stops: one stop event for SIGINT and SIGTERM, metrics, logs,
+and children that never outlive their parent.
 
 A service's main coroutine takes a `stop` event and returns once it is set; `run_until_stopped`
 runs it in a fresh event loop with SIGINT (Ctrl-C) and SIGTERM (``docker stop``, systemd, the
 supervisor) both setting it, so every service stops the same way, after finishing what it holds.
+A process that starts children (the supervisor of ``dpe run``, the embedded broker) starts them
+with `die_with_parent`, so that a parent killed with SIGKILL leaves no orphans behind.
 
 Example:
     >>> async def main(stop):
@@ -15,8 +18,10 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -44,6 +49,28 @@ def run_until_stopped(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
         return await main(stop_event())
 
     return asyncio.run(runner())
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: the kernel sends it SIGTERM when its parent dies (Linux; elsewhere a no-op).
+
+    Pass it as ``preexec_fn`` to `subprocess.Popen`; the child then stops as on ``docker stop``.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def sigterm_interrupts() -> None:
+    """Make SIGTERM stop this process the way Ctrl-C does (as `KeyboardInterrupt`): for a foreground command
+    such as ``dpe run``, whose Ctrl-C path stops its children and still writes its report."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def start_service(settings: CoreSettings, service_port: int) -> None:

@@ -11,13 +11,14 @@ Example:
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dpe.lifecycle import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Supervisor:
                 [sys.executable, "-m", "dpe", *spec.args],
                 env={**self.env, **spec.env},
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         finally:
             log.close()

@@ -21,15 +21,14 @@ from faust.types import CollectionT, EventT
 
 from dpe.bus.codec import decode
 from dpe.bus.deadletter import dead_letter_for
-from streams.settings import StreamConfig
 from dpe.events import Event
 from dpe.topics import MODEL_TOPIC
 from monitoring.metrics import HANDLE_SECONDS, WEAKNESS_EVENTS
 from streams.contracts import CapabilityReport, PartialWeakness
-from streams.topics import SERVICE, StreamTopics
 from streams.scoring import Applied, CapabilityState, Evidence, apply, dump_state, load_state, summarise
-from streams.settings import ScoringSettings
+from streams.settings import ScoringSettings, StreamConfig
 from streams.tables import store
+from streams.topics import SERVICE, StreamTopics
 
 ToEvidence = Callable[[Event, ScoringSettings], Evidence | None]
 

@@ -10,9 +10,9 @@ import click
 
 from dpe.command import CliState, pass_state
 from dpe.config import with_overrides
+from streams.service import run_worker
 from streams.settings import StreamConfig
 from streams.strategies import STRATEGIES
-from streams.service import run_worker
 
 
 @click.command("weakness")

@@ -28,7 +28,6 @@ from faust.types import CollectionT, EventT
 
 from dpe.bus.codec import InvalidEvent, decode
 from dpe.bus.deadletter import dead_letter_for
-from streams.settings import StreamConfig
 from dpe.events import QuotaPlan, WeaknessSnapshot
 from monitoring.metrics import (
     QUOTA_PLANS,
@@ -38,11 +37,11 @@ from monitoring.metrics import (
     WEAKNESS_ERROR_RATE,
 )
 from streams.contracts import CapabilityReport, PartialWeakness
-from streams.strategies import plan_quotas
-from streams.topics import SERVICE, StreamTopics
 from streams.scoring import CapabilityState, summarise
-from streams.settings import ScoringSettings
+from streams.settings import ScoringSettings, StreamConfig
+from streams.strategies import plan_quotas
 from streams.tables import store
+from streams.topics import SERVICE, StreamTopics
 
 SEQ_KEY = "seq"
 ROUND_KEY = "round"

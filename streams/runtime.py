@@ -43,6 +43,7 @@ from dpe.bus.options import aiokafka_options
 from dpe.config import KafkaSettings
 from streams.settings import StreamConfig
 
+
 async def fetched_end_offsets(probe: AIOKafkaConsumer, reported: Mapping[TP, int | None],
                               timeout_s: float = 10.0) -> dict[TP, int | None]:
     """End offsets from fetch high-water marks, fetching from just below the `reported` ones.

@@ -25,20 +25,20 @@ import socket
 from typing import Any, AsyncIterator, Callable, Coroutine
 
 import faust
-from faust.worker import Worker
 from faust.types import StreamT
+from faust.worker import Worker
 
-from streams.settings import StreamConfig
-from dpe.events import Divergence, EvalOutcome, Event
 from dpe.broker import resolve_bootstrap
 from dpe.bus.admin import ensure_topics
+from dpe.events import Divergence, EvalOutcome, Event
 from dpe.topics import TOPICS
 from monitoring.metrics import serve_metrics
 from streams.aggregator import Aggregator, ToEvidence
 from streams.merger import ReportMerger
 from streams.runtime import WeaknessApp, faust_options
-from streams.topics import StreamTopics
 from streams.scoring import divergence_evidence, outcome_evidence
+from streams.settings import StreamConfig
+from streams.topics import StreamTopics
 
 Agent = Callable[[StreamT], Coroutine[Any, Any, None]]
 

@@ -10,11 +10,11 @@ import faust
 from faust.types import TopicT
 
 from dpe.bus.codec import encode, headers_for
-from streams.settings import StreamConfig
 from dpe.events import DeadLetter, Divergence, EvalOutcome, Event, QuotaPlan, WeaknessSnapshot
 from dpe.topics import MODEL_TOPIC, topic_for
 from monitoring.metrics import DEADLETTERS
 from streams.contracts import PartialWeakness, partial_topic
+from streams.settings import StreamConfig
 
 SERVICE = "weakness"
 """Producer name of everything the stream writes, and prefix of its dead-letter stages."""

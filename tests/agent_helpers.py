@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from PIL import Image
 
-from dpe.bus.follower import read_topic
 from dpe.bus.aio import AsyncPublisher
-from dpe.settings import Settings
+from dpe.bus.follower import read_topic
 from dpe.events import Event, QuotaPlan
+from dpe.settings import Settings
 
 
 async def read_all(settings: Settings, model: type[Event]) -> list[Event]:

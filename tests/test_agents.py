@@ -18,7 +18,10 @@ from aiokafka import AIOKafkaProducer
 from consumers.agents.ledger import QuotaLedger, item_slice, split_quota
 from consumers.agents.service import AgentWorker
 from dpe.bus.aio import AsyncPublisher
-from dpe.events import AcceptedSample, DeadLetter, RejectedSample, UnlabeledItem
+from dpe.config import with_overrides
+from dpe.events import AcceptedSample, Checkpoint, DeadLetter, RejectedSample, UnlabeledItem
+from dpe.policy.config import WarmupConfig
+from dpe.policy.warmup import warm_up
 from dpe.topics import topic_for
 from producers.ingest.service import Ingestor, paced
 from producers.ingest.sources import synthetic_entries
@@ -116,6 +119,21 @@ async def test_one_worker_fills_each_capability_exactly_follows_a_new_plan_and_d
 
 async def _equal(settings, quota_plan) -> bool:
     return await counts(settings, quota_plan.plan_id) == collections.Counter(quota_plan.quotas)
+
+
+async def test_with_the_difficulty_band_off_a_sample_carries_the_newest_announced_version(settings):
+    """Lineage: a base policy configured for the band must not pin every sample to version 0 for ever (the
+    trainer drops samples more than `staleness.max_versions` behind, so the spiral would stop training)."""
+    base = warm_up(WarmupConfig(steps=60), show_progress=False).folder
+    settings = with_overrides(settings, {"agents": {"qc": {"difficulty": {"enabled": False, "base_policy": str(base)}}}})
+    await ingest(settings, 120)
+    announced = [Checkpoint(policy_version=version, uri=str(base)) for version in (1, 2, 3)]
+    wanted = plan({"counting": 3, "color": 3}, policy_version=3)
+    await publish_all(settings, [*announced, wanted])
+    async with running_worker(settings):
+        assert await eventually(lambda: _equal(settings, wanted), 60)
+    accepted = [s for s in await read_all(settings, AcceptedSample) if s.plan_id == wanted.plan_id]
+    assert len(accepted) == 6 and {sample.policy_version for sample in accepted} == {3}
 
 
 async def test_two_workers_share_the_partitions_and_do_not_overshoot(settings):

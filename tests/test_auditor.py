@@ -13,15 +13,15 @@ from PIL import Image
 
 from dpe.blobstore import BlobStore, ImageLimits
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
+from dpe.endpoint.client import EndpointClient
+from dpe.endpoint.settings import EndpointSettings
 from dpe.events import BlobRef, Checkpoint, DeadLetter, Divergence, UnlabeledItem
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.model import build_tiny_policy
 from dpe.world import generate_scene, image_sha256, render_scene, write_question
-from producers.auditor.service import Auditor, serve_auditor
 from producers.auditor.backends import EndpointAnswerer, OracleAnswerer
-from dpe.endpoint.client import EndpointClient
+from producers.auditor.service import Auditor, serve_auditor
 from producers.auditor.settings import AuditorSettings
-from dpe.endpoint.settings import EndpointSettings
 from tests.test_bus import drain
 from tests.test_evaluator import chat_reply
 

@@ -12,7 +12,7 @@ import time
 from click.testing import CliRunner
 
 from dpe.cli import main
-from dpe.events import Checkpoint, DeadLetter
+from dpe.events import Checkpoint
 from tests.test_config import SECRET
 
 

@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, create_model
 
 from dpe import events
 from dpe.events import EVENT_MODELS, BlobRef, Checkpoint, EvalOutcome, QuotaPlan, UnlabeledItem
-from dpe.schema import asyncapi, committed, compatibility_problems, payloads, render_document, SCHEMA_FILE
+from dpe.schema import SCHEMA_FILE, asyncapi, committed, compatibility_problems, payloads, render_document
 from dpe.topics import MODEL_TOPIC, TOPICS
 
 BLOB = BlobRef(sha256="a" * 64, media_type="image/png", size_bytes=10, width=4, height=4)

@@ -11,19 +11,19 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
+from dpe.endpoint.client import EndpointClient
+from dpe.endpoint.settings import EndpointSettings
 from dpe.events import AnswerKey, Checkpoint, DeadLetter, EvalOutcome
 from dpe.grading import extract_answer, grade
+from dpe.policy.checkpoints import latest_checkpoint
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.model import build_tiny_policy
-from dpe.endpoint.client import EndpointClient
-from producers.evaluator.settings import BenchmarkSuite, EvaluatorSettings, SyntheticSuites
-from dpe.endpoint.settings import EndpointSettings
-from dpe.policy.checkpoints import latest_checkpoint
-from producers.evaluator.service import Evaluator, serve_evaluator
 from producers.evaluator.items import EvalItem, heldout_items, round_items
 from producers.evaluator.judge import SYSTEM_PROMPT, Case, Judge
 from producers.evaluator.outcomes import answer_items
 from producers.evaluator.rules import attribute_failure
+from producers.evaluator.service import Evaluator, serve_evaluator
+from producers.evaluator.settings import BenchmarkSuite, EvaluatorSettings, SyntheticSuites
 from tests.test_bus import drain
 
 MAX_NEW_TOKENS = 6

@@ -26,10 +26,11 @@ from dpe.cli import main
 from dpe.events import UnlabeledItem
 from dpe.topics import topic_for
 from producers.ingest.index import PublishedIndex
-from producers.ingest.service import Ingestor, index_path
 from producers.ingest.paths import Roots
+from producers.ingest.service import Ingestor, index_path
 from producers.ingest.sources import FolderWatcher, folder_entries, manifest_entries
 from tests.agent_helpers import png, read_all
+
 
 def noisy(seed: int, size: int = 48) -> Image.Image:
     rng = random.Random(seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dpe.cli.stages import ROOT, STAGES, SERVICE_COMMANDS, Stage, stage_table
+from dpe.cli.stages import ROOT, SERVICE_COMMANDS, STAGES, Stage, stage_table
 from dpe.events import DeadLetter
 from dpe.topics import TOPICS
 

@@ -20,22 +20,27 @@ import openai
 import pytest
 from prometheus_client import REGISTRY
 
-from dpe.imaging import PillowEditor
+from consumers.agents.crew import Crew, Failed, Passed, Roles
 from consumers.agents.llm import LLMAnswerer, LLMPlanner, LLMValidator, LLMWriter, PlanReply
+from consumers.agents.programmatic import (
+    ProgrammaticAnswerer,
+    ProgrammaticPlanner,
+    ProgrammaticValidator,
+    ProgrammaticWriter,
+)
+from consumers.agents.prompts import system_prompt
+from consumers.agents.retriever import MetadataSearch
+from consumers.agents.service import AgentWorker
+from consumers.agents.settings import AgentSettings
+from consumers.qc.checks import AgreementCheck, AnswerabilityCheck, NearDuplicateCheck, QCChain, SchemaCheck
+from consumers.qc.dedup import NearDuplicateIndex
+from consumers.roles import AgentFailure, AnswererQuestion, TaskPlan
+from dpe.blobstore import BlobStore, ImageLimits
 from dpe.endpoint.client import EndpointClient, image_data_url, parse_json_reply
 from dpe.endpoint.server import FaultPlan, LocalServer, LocalVLM, ServerConfig
 from dpe.endpoint.settings import EndpointSettings
-from consumers.agents.programmatic import ProgrammaticAnswerer, ProgrammaticPlanner, ProgrammaticValidator, ProgrammaticWriter
-from consumers.agents.prompts import system_prompt
-from consumers.agents.retriever import MetadataSearch
-from consumers.roles import AgentFailure, AnswererQuestion, TaskPlan
-from consumers.agents.crew import Crew, Failed, Passed, Roles
-from consumers.qc.checks import AgreementCheck, AnswerabilityCheck, NearDuplicateCheck, QCChain, SchemaCheck
-from consumers.qc.dedup import NearDuplicateIndex
-from consumers.agents.settings import AgentSettings
-from consumers.agents.service import AgentWorker
-from dpe.blobstore import BlobStore, ImageLimits
 from dpe.events import AcceptedSample, RejectedSample, UnlabeledItem
+from dpe.imaging import PillowEditor
 from dpe.world import generate_scene, render_scene
 from producers.auditor.backends import EndpointAnswerer, View
 from producers.auditor.probes import Probe

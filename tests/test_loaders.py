@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from dpe.blobstore import ImageLimits
-from producers.evaluator.settings import BenchmarkSuite, EvaluatorSettings
 from dpe.taxonomy import KNOWN_CAPABILITIES
-from producers.evaluator.service import Evaluator
 from producers.evaluator.loaders import BenchmarkError, load_benchmark
+from producers.evaluator.service import Evaluator
+from producers.evaluator.settings import BenchmarkSuite, EvaluatorSettings
 
 
 def png(color: str = "red", size: int = 8) -> bytes:

@@ -11,18 +11,25 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from dpe.imaging import Compose, Flip, Recolor, Rotate, Zoom
 from consumers.agents.programmatic import ProgrammaticAnswerer, ProgrammaticValidator, ProgrammaticWriter
-from consumers.roles import AnswererQuestion, ItemContext, TaskPlan
-from consumers.qc.difficulty import PolicyHolder, PolicyPassRate
-from consumers.qc.checks import (AgreementCheck, AnswerabilityCheck, Candidate, DifficultyCheck, QCChain, SchemaCheck,
-                                 schema_problem)
-from consumers.qc.dedup import DedupKey, NearDuplicateIndex
-from consumers.qc.settings import DifficultySettings
 from consumers.agents.service import AgentWorker
+from consumers.qc.checks import (
+    AgreementCheck,
+    AnswerabilityCheck,
+    Candidate,
+    DifficultyCheck,
+    QCChain,
+    SchemaCheck,
+    schema_problem,
+)
+from consumers.qc.dedup import DedupKey, NearDuplicateIndex
+from consumers.qc.difficulty import PolicyHolder, PolicyPassRate
+from consumers.qc.settings import DifficultySettings
+from consumers.roles import AnswererQuestion, ItemContext, TaskPlan
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher
 from dpe.events import AcceptedSample, BlobRef, Checkpoint, RejectedSample, SampleBody, UnlabeledItem
+from dpe.imaging import Compose, Flip, Recolor, Rotate, Zoom
 from dpe.world import generate_scene, render_scene, scene_capabilities, unlabeled_scene, write_question
 from producers.ingest.service import Ingestor
 from producers.ingest.sources import synthetic_entries

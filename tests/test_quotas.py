@@ -10,13 +10,13 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from dpe.settings import Settings
 from dpe.events import CapabilityWeakness, WeaknessSnapshot
+from dpe.settings import Settings
 from streams.beta import credible_interval
 from streams.contracts import CapabilityReport
 from streams.merger import build_snapshot, export_plan, export_weakness, newer
-from streams.strategies import STRATEGIES, allocate, plan_quotas, step_weight
 from streams.settings import QuotaSettings, ScoringSettings, StrategyName
+from streams.strategies import STRATEGIES, allocate, plan_quotas, step_weight
 
 
 def weakness(error_rate: float, n: float = 200.0, trend: float = 0.0) -> CapabilityWeakness:

@@ -10,10 +10,19 @@ import pytest
 from rich.console import Console
 
 from dpe.config import secret_env
+from dpe.events import (
+    AcceptedSample,
+    BlobRef,
+    CapabilityWeakness,
+    Checkpoint,
+    EvalOutcome,
+    QCVerdict,
+    QuotaPlan,
+    RejectedSample,
+    SampleBody,
+    WeaknessSnapshot,
+)
 from dpe.settings import Settings
-
-from dpe.events import AcceptedSample, BlobRef, CapabilityWeakness, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample
-from dpe.events import QCVerdict, SampleBody, WeaknessSnapshot
 from dpe.spiral.experiment import MEAN, ExperimentOptions, ExperimentResult, RunOutcome, arm_statistics, write_results
 from dpe.spiral.report import write_report
 from dpe.spiral.run import SpiralOptions, run_settings

@@ -1,7 +1,8 @@
-"""`dpe run` as a user runs it: its supervisor restarts a service that dies and Ctrl-C stops everything.
+"""`dpe run` as a user runs it: its supervisor restarts a service that dies, Ctrl-C or SIGTERM stops
+everything and still writes the report, and a run killed outright leaves no orphans.
 
 The run is real (embedded broker, every service its own process) on a quickly warmed base model; it
-runs `--forever`, so only Ctrl-C ends it.
+runs `--forever`, so only a signal ends it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +51,9 @@ def running(check: Callable[[], object], proc: subprocess.Popen, log: Path) -> C
     return checked
 
 
-def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes_the_report(tmp_path):
+def start_forever_run(tmp_path: Path) -> tuple[subprocess.Popen, psutil.Process, Path]:
+    """`dpe run --forever` on a quickly warmed base model, once every service is running: (process, its
+    psutil view, its log)."""
     base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
     config = tmp_path / "dpe.yaml"
     config.write_text(yaml.safe_dump({section: {"metrics_port": 0} for section in
@@ -62,9 +64,22 @@ def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes
                "--base-model", str(base_model), "--no-live", "--runs-dir", str(tmp_path / "runs"), "--run-id", "r"]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    run = psutil.Process(proc.pid)
     try:
-        run = psutil.Process(proc.pid)
         wait_until(running(lambda: set(services_of(run)) == set(SERVICES), proc, log), 120, "every service")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, run, log
+
+
+def still_alive(pids: set[int]) -> list[int]:
+    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes_the_report(tmp_path):
+    proc, run, log = start_forever_run(tmp_path)
+    try:
         started = services_of(run)
         descendants = {p.pid for p in run.children(recursive=True)}
 
@@ -83,9 +98,51 @@ def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    alive = [pid for pid in descendants if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not alive, f"processes left running after Ctrl-C: {alive}"
+    assert not still_alive(descendants), "processes left running after Ctrl-C"
     summary = json.loads(summary_path.read_text())
     assert summary["completed"] is False and summary["rounds_requested"] is None
     assert [r["policy_version"] for r in summary["rounds"]][:2] == [0, 1], "the report keeps what was done"
     assert (tmp_path / "runs" / "r" / "report.html").exists()
+
+
+def test_sigterm_stops_dpe_run_like_ctrl_c(tmp_path):
+    """What `docker stop` and systemd send: every service stopped, the report written, exit 0."""
+    proc, run, log = start_forever_run(tmp_path)
+    try:
+        descendants = {p.pid for p in run.children(recursive=True)}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not still_alive(descendants), "SIGTERM left processes running"
+    assert json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())["completed"] is False
+    assert (tmp_path / "runs" / "r" / "report.html").exists()
+
+
+def test_a_killed_dpe_run_takes_its_services_and_broker_with_it(tmp_path):
+    """kill -9 of the parent leaves no orphans: each child asked the kernel for SIGTERM when its parent dies."""
+    proc, run, log = start_forever_run(tmp_path)
+    descendants = {p.pid for p in run.children(recursive=True)}
+    proc.kill()
+    proc.wait()
+    wait_until(lambda: not still_alive(descendants), 30, "the orphans to stop")
+
+
+def test_training_never_stops_past_the_staleness_bound(tmp_path):
+    """More versions than `staleness.max_versions` + 2 through the real services: every round trains its
+    samples (each sample names the version it was made against, so none is dropped as stale)."""
+    base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
+    config = tmp_path / "dpe.yaml"
+    sections = {section: {"metrics_port": 0} for section in ("stream", "evaluator", "auditor", "agents", "ingest")}
+    config.write_text(yaml.safe_dump(sections | {"trainer": {"metrics_port": 0, "staleness": {"max_versions": 1}}}))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")}
+    command = [sys.executable, "-m", "dpe", "--config", str(config), "run", "--rounds", "4", "--round-samples", "8",
+               "--base-model", str(base_model), "--no-live", "--runs-dir", str(tmp_path / "runs"), "--run-id", "r",
+               "--timeout", "420"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    trained = {r["policy_version"]: r["samples_trained"] for r in summary["rounds"]}
+    assert trained == {0: 0, 1: 8, 2: 8, 3: 8, 4: 8}, trained

@@ -31,11 +31,11 @@ from prometheus_client import REGISTRY
 from dpe.blobstore import BlobStore
 from dpe.broker import free_port
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.settings import Settings
 from dpe.events import AcceptedSample, BlobRef, Checkpoint, DeadLetter, Event
 from dpe.policy.config import WarmupConfig
 from dpe.policy.model import load_policy
 from dpe.policy.warmup import warm_up
+from dpe.settings import Settings
 from dpe.topics import topic_for
 from dpe.world import make_item
 from trainer.checkpoints import ANNOUNCED, CheckpointStore, verify

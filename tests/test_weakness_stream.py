@@ -27,8 +27,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.settings import Settings
 from dpe.events import BlobRef, DeadLetter, Divergence, EvalOutcome, Event, QuotaPlan, WeaknessSnapshot
+from dpe.settings import Settings
 from dpe.topics import topic_for
 from streams.beta import credible_interval
 from streams.contracts import PartialWeakness, partial_topic

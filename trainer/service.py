@@ -26,7 +26,6 @@ from pathlib import Path
 
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from trainer.settings import TrainerConfig
 from dpe.events import AcceptedSample, Checkpoint
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import RECIPE_FILE, cached_folder
@@ -50,6 +49,7 @@ from trainer.distributed import share_from_main
 from trainer.engine import GRPOEngine, RoundStats
 from trainer.rounds import Round, RoundCollector, positions_by_topic, positions_from_topics
 from trainer.samples import RecentIds
+from trainer.settings import TrainerConfig
 
 log = logging.getLogger(__name__)
 

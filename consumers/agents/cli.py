@@ -10,12 +10,12 @@ import asyncio
 import click
 from rich.console import Console
 
+from consumers.agents.service import AgentWorker
+from consumers.agents.settings import AgentsConfig
 from dpe.broker import BrokerError
 from dpe.command import CliState, pass_state
 from dpe.config import with_overrides
 from dpe.lifecycle import run_until_stopped, start_service
-from consumers.agents.settings import AgentsConfig
-from consumers.agents.service import AgentWorker
 
 console = Console(stderr=True)
 

@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from PIL import Image
 from pydantic import ValidationError
 
-from dpe.imaging import Compose, ImageEditor, describe
 from consumers.agents.retriever import SearchBackend
-from consumers.roles import (AgentFailure, Answerer, Draft, ItemContext, Planner, TaskPlan, Validator, Writer,
-                                   run_role)
 from consumers.qc.checks import Candidate, QCChain
 from consumers.qc.dedup import DedupKey
+from consumers.roles import AgentFailure, Answerer, Draft, ItemContext, Planner, TaskPlan, Validator, Writer, run_role
 from dpe.blobstore import BlobError, BlobStore, ImageRejected
 from dpe.events import AcceptedSample, AgentStep, BlobRef, QCVerdict, RejectedSample, SampleBody, UnlabeledItem
+from dpe.imaging import Compose, ImageEditor, describe
 from dpe.world import Scene
 from monitoring.metrics import QC_CHECKS
 

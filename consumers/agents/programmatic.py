@@ -31,8 +31,8 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from dpe.imaging import Compose, Crop, EditOp, Flip, Occlude, OverlayText, Recolor, Rotate, Zoom, placement
 from consumers.roles import AgentFailure, AnswererQuestion, Draft, ItemContext, TaskPlan, Verdict
+from dpe.imaging import Compose, Crop, EditOp, Flip, Occlude, OverlayText, Recolor, Rotate, Zoom, placement
 from dpe.world import QuestionNotPossible, Scene, scene_capabilities, write_question
 from dpe.world.palette import COLORS, SHAPES
 

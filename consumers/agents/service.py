@@ -45,25 +45,36 @@ from collections.abc import Sequence
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from dpe.imaging import PillowEditor
-from consumers.agents.llm import LLMAnswerer, LLMPlanner, LLMValidator, LLMWriter
-from consumers.agents.programmatic import (ProgrammaticAnswerer, ProgrammaticPlanner, ProgrammaticValidator,
-                                           ProgrammaticWriter)
-from consumers.agents.retriever import SEARCH_BACKENDS
 from consumers.agents.crew import Crew, Failed, Known, Passed, Roles
-from consumers.qc.difficulty import PolicyHolder, PolicyPassRate
-from dpe.bus.follower import Follower, now_ms
-from dpe.endpoint.client import EndpointClient
-from consumers.roles import ItemContext
-from consumers.qc.checks import (AgreementCheck, AnswerabilityCheck, Check, DifficultyCheck, NearDuplicateCheck,
-                                 QCChain, SchemaCheck)
-from consumers.qc.dedup import DedupKey, NearDuplicateIndex
 from consumers.agents.ledger import QuotaLedger, Reservation, item_slice
+from consumers.agents.llm import LLMAnswerer, LLMPlanner, LLMValidator, LLMWriter
+from consumers.agents.programmatic import (
+    ProgrammaticAnswerer,
+    ProgrammaticPlanner,
+    ProgrammaticValidator,
+    ProgrammaticWriter,
+)
+from consumers.agents.retriever import SEARCH_BACKENDS
+from consumers.agents.settings import AgentsConfig
+from consumers.qc.checks import (
+    AgreementCheck,
+    AnswerabilityCheck,
+    Check,
+    DifficultyCheck,
+    NearDuplicateCheck,
+    QCChain,
+    SchemaCheck,
+)
+from consumers.qc.dedup import DedupKey, NearDuplicateIndex
+from consumers.qc.difficulty import PolicyHolder, PolicyPassRate
+from consumers.roles import ItemContext
 from dpe.blobstore import BlobError, BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.bus.delivery import Delivery
-from consumers.agents.settings import AgentsConfig
+from dpe.bus.follower import Follower, now_ms
+from dpe.endpoint.client import EndpointClient
 from dpe.events import AcceptedSample, Checkpoint, Event, QuotaPlan, UnlabeledItem
+from dpe.imaging import PillowEditor
 from monitoring.metrics import AGENT_ITEMS, AGENT_SAMPLES, QUOTA_REMAINING
 
 log = logging.getLogger(__name__)
@@ -170,7 +181,8 @@ class AgentWorker:
             following = asyncio.Event()
             follow = asyncio.create_task(self.follower.run(following))
             try:
-                await self.holder.start()
+                if settings.agents.qc.difficulty.enabled:
+                    await self.holder.start()
                 await self.follower.synced(now_ms())
                 await self._policy_loaded(stop)
                 self.crew = Crew(roles, QCChain(build_checks(settings, roles, self.index, estimator)), self.store,
@@ -201,8 +213,11 @@ class AgentWorker:
         raise RuntimeError(f"topic {topic} has no partitions (run `dpe topics create`)")
 
     def _policy_version(self) -> int:
-        """The policy the difficulty band uses, else the newest announced one (0 before any)."""
-        return self.holder.current.version if self.holder.current is not None else self.latest_version
+        """The version a sample is made against: with the difficulty band on, the policy it measures with;
+        with it off, the newest announced version (0 before any)."""
+        if self.settings.agents.qc.difficulty.enabled and self.holder.current is not None:
+            return self.holder.current.version
+        return self.latest_version
 
     async def _on_plans(self, plans: Sequence[Event]) -> None:
         if self.ledger.use_plan(plans[-1]):

@@ -19,8 +19,8 @@ from pydantic import Field, field_validator
 
 from consumers.qc.settings import QCSettings
 from dpe.config import CoreSettings
-from dpe.section import Section
 from dpe.endpoint.settings import EndpointSettings
+from dpe.section import Section
 
 Backend = Literal["programmatic", "llm"]
 """A role is played by code (the synthetic world's metadata) or by an OpenAI-compatible model."""

@@ -31,11 +31,10 @@ from typing import Protocol
 
 from PIL import Image
 
-from consumers.roles import (AgentFailure, Answerer, AnswererQuestion, Draft, ItemContext, TaskPlan, Validator,
-                             run_role)
-from consumers.qc.difficulty import PolicyPassRate, PolicyUnavailable
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
+from consumers.qc.difficulty import PolicyPassRate, PolicyUnavailable
 from consumers.qc.settings import DifficultySettings
+from consumers.roles import AgentFailure, Answerer, AnswererQuestion, Draft, ItemContext, TaskPlan, Validator, run_role
 from dpe.events import AgentStep, QCVerdict, SampleBody
 from dpe.grading import grade, normalize_text, parse_number
 from monitoring.metrics import QC_CHECKS

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from dpe.batching import MicroBatcher
 from consumers.qc.settings import DifficultySettings
+from dpe.batching import MicroBatcher
 from dpe.events import Checkpoint, SampleBody
 from dpe.grading import grade
 from dpe.policy.checkpoints import load_checkpoint

@@ -25,8 +25,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpe.bus.follower import read_topic
 from dpe.blobstore import BlobStore
+from dpe.bus.follower import read_topic
 from dpe.config import CoreSettings
 from dpe.events import AcceptedSample
 from dpe.policy.prompts import boxed, format_question

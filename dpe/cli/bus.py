@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import IO
 
 import click
@@ -19,10 +18,10 @@ from dpe.bus.admin import ensure_topics, existing_topics
 from dpe.bus.codec import InvalidEvent, decode
 from dpe.bus.options import consumer_tuning, kafka_python_options
 from dpe.bus.sync import Publisher
-from dpe.settings import Settings
 from dpe.command import CliState, pass_state
 from dpe.lifecycle import run_until_stopped
 from dpe.schema import SCHEMA_FILE, asyncapi, committed, compatibility_problems, payloads, render_document
+from dpe.settings import Settings
 from dpe.topics import TOPICS, spec_for_topic
 
 console = Console()

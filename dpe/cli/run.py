@@ -10,8 +10,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dpe.settings import Settings
 from dpe.command import CliState, pass_state
+from dpe.lifecycle import sigterm_interrupts
+from dpe.settings import Settings
 from dpe.spiral.experiment import MEAN, ExperimentOptions, arm_statistics, run_experiment
 from dpe.spiral.run import SpiralOptions, run_spiral
 from dpe.spiral.view import rounds_table
@@ -36,7 +37,11 @@ console = Console()
 @pass_state
 def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round_samples: int,
         base_model: Path | None, runs_dir: Path, run_id: str | None, live: bool, timeout_s: float) -> None:
-    """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds."""
+    """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds.
+
+    Ctrl-C and SIGTERM (``docker stop``, systemd) both stop every service and still write the report.
+    """
+    sigterm_interrupts()
     options = SpiralOptions(rounds=None if forever else rounds, round_samples=round_samples, strategy=strategy,
                             base_model=base_model, runs_dir=runs_dir, live=live, timeout_s=None if forever else timeout_s,
                             **({"run_id": run_id} if run_id else {}))

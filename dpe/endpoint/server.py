@@ -38,8 +38,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dpe.batching import MicroBatcher
-from dpe.lifecycle import run_until_stopped
 from dpe.blobstore import ImageLimits, ImageRejected, validate_image
+from dpe.lifecycle import run_until_stopped
 from dpe.policy.generation import SamplingParams, generate
 from dpe.policy.model import Policy
 from dpe.policy.prompts import render_prompt

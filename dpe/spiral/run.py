@@ -30,10 +30,10 @@ from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.config import secret_env, with_overrides
-from dpe.settings import Settings
 from dpe.events import AcceptedSample, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample, WeaknessSnapshot
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
+from dpe.settings import Settings
 from dpe.spiral.report import write_report
 from dpe.spiral.state import RoundRecord, SpiralState
 from dpe.spiral.view import render_view

@@ -29,14 +29,14 @@ from typing import Protocol
 
 from PIL import Image
 
+from dpe.endpoint.client import EndpointClient, EndpointFailure, image_part
+from dpe.policy.checkpoints import load_checkpoint
 from dpe.policy.generation import SamplingParams, generate
 from dpe.policy.model import Policy
 from dpe.policy.prompts import build_messages, format_question
 from dpe.world import QuestionNotPossible, Scene, write_question
 from producers.auditor.probes import Probe
-from dpe.endpoint.client import EndpointClient, EndpointFailure, image_part
 from producers.auditor.settings import CheckpointReference, EndpointReference, OracleReference
-from dpe.policy.checkpoints import load_checkpoint
 
 
 @dataclass(frozen=True)

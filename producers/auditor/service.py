@@ -28,20 +28,19 @@ from dataclasses import dataclass
 
 from aiokafka.errors import KafkaError
 
-from dpe.imaging import ImageEditor, PillowEditor
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
-from producers.auditor.settings import AuditorConfig
 from dpe.events import BlobRef, Checkpoint, Divergence, UnlabeledItem
 from dpe.grading import extract_answer
+from dpe.imaging import ImageEditor, PillowEditor
+from dpe.policy.checkpoints import load_checkpoint
 from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_ITEMS, AUDIT_PROBES
 from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, View, reference_answerer
 from producers.auditor.consensus import consensus, target_differs
 from producers.auditor.edits import counterfactuals
 from producers.auditor.probes import Probe, capability_hints, generic_probes, scene_of, scene_probes, world_probe
-from dpe.policy.checkpoints import load_checkpoint
-from producers.auditor.settings import AuditorSettings
+from producers.auditor.settings import AuditorConfig, AuditorSettings
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from dpe.config import CoreSettings
-from dpe.section import Section
 from dpe.endpoint.settings import EndpointSettings
 from dpe.events import ID_PATTERN, AnswerType
+from dpe.section import Section
 from dpe.taxonomy import KNOWN_CAPABILITIES
 
 

@@ -24,9 +24,9 @@ from typing import get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dpe.endpoint.client import EndpointClient, EndpointFailure, parse_json_reply
 from dpe.events import ErrorType
 from monitoring.metrics import EVAL_JUDGE_FALLBACKS
-from dpe.endpoint.client import EndpointClient, EndpointFailure, parse_json_reply
 from producers.evaluator.items import EvalItem
 from producers.evaluator.rules import Attribution
 

@@ -27,10 +27,10 @@ from dpe.grading import Grade, grade
 from dpe.policy.generation import SamplingParams, generate
 from dpe.policy.model import Policy
 from dpe.policy.prompts import build_messages
-from producers.evaluator.settings import DEFAULT_SKILLS, Skill
 from producers.evaluator.items import EvalItem
 from producers.evaluator.judge import Case, Judge
 from producers.evaluator.rules import attribute_failure
+from producers.evaluator.settings import DEFAULT_SKILLS, Skill
 
 PRODUCER = "evaluator"
 _MAX_PREDICTED = 20_000

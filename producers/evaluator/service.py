@@ -25,16 +25,15 @@ from aiokafka.errors import KafkaError
 from dpe.blobstore import ImageLimits
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
-from producers.evaluator.settings import EvaluatorConfig
-from dpe.events import Checkpoint, EvalOutcome
-from monitoring.metrics import BENCHMARK_ROWS_SKIPPED, EVAL_ACCURACY, EVAL_ITEMS, EVAL_POLICY_VERSION, EVAL_SECONDS
-from dpe.policy.checkpoints import load_checkpoint
 from dpe.endpoint.client import EndpointClient
-from producers.evaluator.settings import BenchmarkSuite, EvaluatorSettings
+from dpe.events import Checkpoint, EvalOutcome
+from dpe.policy.checkpoints import load_checkpoint
+from monitoring.metrics import BENCHMARK_ROWS_SKIPPED, EVAL_ACCURACY, EVAL_ITEMS, EVAL_POLICY_VERSION, EVAL_SECONDS
 from producers.evaluator.items import EvalItem, heldout_items, round_items
 from producers.evaluator.judge import Judge
-from producers.evaluator.outcomes import AccuracyRow, accuracy_rows, evaluate_items
 from producers.evaluator.loaders import load_benchmark
+from producers.evaluator.outcomes import AccuracyRow, accuracy_rows, evaluate_items
+from producers.evaluator.settings import BenchmarkSuite, EvaluatorConfig, EvaluatorSettings
 
 log = logging.getLogger(__name__)
 

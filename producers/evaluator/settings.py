@@ -25,14 +25,14 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from dpe.config import CoreSettings
-from dpe.section import Section
 from dpe.endpoint.settings import EndpointSettings
 from dpe.events import ID_PATTERN
+from dpe.section import Section
 from dpe.taxonomy import KNOWN_CAPABILITIES
 from dpe.world.questions import CAPABILITIES
 

@@ -22,9 +22,9 @@ from dpe.bus.aio import AsyncPublisher
 from dpe.command import CliState, pass_state
 from dpe.config import with_overrides
 from dpe.lifecycle import run_until_stopped, start_service
-from producers.ingest.settings import IngestConfig
-from producers.ingest.service import PUBLISHED, Ingestor, IngestReport, Outcome, paced
 from producers.ingest.paths import Roots
+from producers.ingest.service import PUBLISHED, Ingestor, IngestReport, Outcome, paced
+from producers.ingest.settings import IngestConfig
 from producers.ingest.sources import FolderWatcher, Input, folder_entries, manifest_entries, synthetic_entries
 
 console = Console()

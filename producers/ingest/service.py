@@ -34,11 +34,11 @@ from pydantic import ValidationError
 from dpe.blobstore import BlobStore, ImageRejected
 from dpe.bus.aio import AsyncPublisher
 from dpe.bus.codec import InvalidEvent
-from producers.ingest.settings import IngestConfig
 from dpe.events import UnlabeledItem
 from monitoring.metrics import INGEST_ITEMS
 from producers.ingest.index import PublishedIndex
 from producers.ingest.paths import PathOutsideRoots
+from producers.ingest.settings import IngestConfig
 from producers.ingest.sources import Entry, Input, Refused
 
 log = logging.getLogger(__name__)

@@ -22,13 +22,20 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dpe.blobstore import ImageLimits
-from producers.evaluator.settings import BenchmarkFormat, BenchmarkSuite
 from producers.evaluator.items import EvalItem
 from producers.evaluator.loaders.fields import CapabilityMapper, RowContext
 from producers.evaluator.loaders.generic import GenericReader
 from producers.evaluator.loaders.pope import PopeReader
-from producers.evaluator.loaders.report import BenchmarkError, LoadedBenchmark, LoadReport, RowError, SkippedRow, SkipReason
+from producers.evaluator.loaders.report import (
+    BenchmarkError,
+    LoadedBenchmark,
+    LoadReport,
+    RowError,
+    SkippedRow,
+    SkipReason,
+)
 from producers.evaluator.loaders.vlmeval import VLMEvalReader
+from producers.evaluator.settings import BenchmarkFormat, BenchmarkSuite
 
 __all__ = [
     "BenchmarkError",

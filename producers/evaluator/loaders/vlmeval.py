@@ -24,7 +24,14 @@ from typing import Any
 
 from dpe.events import ID_PATTERN
 from producers.evaluator.items import EvalItem
-from producers.evaluator.loaders.fields import RowContext, build_item, image_from_base64, is_missing, item_id, text_field
+from producers.evaluator.loaders.fields import (
+    RowContext,
+    build_item,
+    image_from_base64,
+    is_missing,
+    item_id,
+    text_field,
+)
 from producers.evaluator.loaders.report import BenchmarkError, RowError
 
 _REQUIRED = ("index", "question", "image")
