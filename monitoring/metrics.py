@@ -110,6 +110,9 @@ LLM_REQUESTS = Counter(
 QUOTA_REMAINING = Gauge(
     "dpe_agent_quota_remaining", "Samples still to make for the current quota plan, by capability.", ["capability"]
 )
+QUOTA_PLAN_STARTED = Gauge(
+    "dpe_agent_plan_published_timestamp_seconds", "When the quota plan the agents follow was published (Unix time)."
+)
 AGENT_POLICY_VERSION = Gauge("dpe_agent_policy_version", "Policy version the difficulty check measures against.")
 
 WEAKNESS_EVENTS = Counter(

@@ -75,7 +75,7 @@ from dpe.bus.follower import Follower, now_ms
 from dpe.endpoint.client import EndpointClient
 from dpe.events import AcceptedSample, Checkpoint, Event, QuotaPlan, UnlabeledItem
 from dpe.imaging import PillowEditor
-from monitoring.metrics import AGENT_ITEMS, AGENT_SAMPLES, QUOTA_REMAINING
+from monitoring.metrics import AGENT_ITEMS, AGENT_SAMPLES, QUOTA_PLAN_STARTED, QUOTA_REMAINING
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ class AgentWorker:
     async def _on_plans(self, plans: Sequence[Event]) -> None:
         if self.ledger.use_plan(plans[-1]):
             log.info("agents: following plan %s (round %s): %s", plans[-1].plan_id, plans[-1].round, plans[-1].quotas)
+            QUOTA_PLAN_STARTED.set(plans[-1].ts.timestamp())
             QUOTA_REMAINING.clear()
             self._report_remaining()
 
