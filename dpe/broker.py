@@ -21,12 +21,20 @@ import subprocess
 import time
 from pathlib import Path
 
-from dpe.config import CoreSettings
+from dpe.config import CoreSettings, mask_userinfo
 from dpe.lifecycle import die_with_parent
 
 
 class BrokerError(RuntimeError):
-    """The broker could not be started, reached or found."""
+    """The broker could not be started, reached or found. The message never shows a URL's credentials.
+
+    Example:
+        >>> str(BrokerError("broker at SASL_SSL://svc:secret@k1:9092 did not answer"))
+        'broker at SASL_SSL://***@k1:9092 did not answer'
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(mask_userinfo(message))
 
 
 def free_port() -> int:

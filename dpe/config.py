@@ -10,7 +10,7 @@ Sources, lowest to highest precedence: defaults, a YAML file (``--config`` or ``
 ``DPE_``-prefixed environment variables (``__`` separates nested fields, e.g.
 ``DPE_KAFKA__BOOTSTRAP_SERVERS``), then CLI flags (`with_overrides`). Secrets are `SecretStr`; they
 can also be read from files (``sasl_password_file``) and never appear in ``repr``, logs or
-``summary()``.
+``summary()``, nor do credentials written into a URL (`mask_userinfo`).
 
 Example:
     >>> s = CoreSettings.load(overrides={"kafka": {"bootstrap_servers": "k1:9092"}})
@@ -22,12 +22,16 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, TypeAdapter, model_validator
+from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dpe.blobstore import ImageLimits
@@ -84,7 +88,7 @@ class MetricsSettings(Section):
     it off), and ``port``, when set, overrides it for the process (one container, one service)."""
 
     port: int = Field(0, ge=0, le=65535, description="This process's port, over the service's own (0: the service's).")
-    addr: str = "0.0.0.0"
+    addr: str = Field("127.0.0.1", description="Listen address: loopback unless told (0.0.0.0 in containers).")
 
     def port_for(self, service_port: int) -> int:
         """The port to serve on (0: none).
@@ -107,6 +111,10 @@ class CoreSettings(BaseSettings):
     blob: BlobSettings = Field(default_factory=BlobSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log_level: str = "INFO"
+    checkpoint_roots: tuple[Path, ...] = Field(
+        (), description="Folders announced checkpoints may also be loaded from, besides <home>/checkpoints and the "
+        "model cache (e.g. a base model's folder, or trainer.checkpoints.folder when it is elsewhere).",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -137,8 +145,44 @@ class CoreSettings(BaseSettings):
         return cls(**merged)
 
     def summary(self) -> dict[str, Any]:
-        """Configuration with every secret replaced by '***' (safe for logs and `dpe doctor`)."""
-        return _redact(self.model_dump(mode="json"), self)
+        """Configuration with every secret replaced by '***' and the credentials of every URL masked
+        (safe for logs and `dpe doctor`).
+
+        >>> CoreSettings(blob={"url": "s3://key:secret@minio/blobs"}).summary()["blob"]["url"]
+        's3://***@minio/blobs'
+        """
+        return _masked(_redact(self.model_dump(mode="json"), self))
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+"""``scheme://user:password@``: the userinfo runs to the last ``@`` before the path, query or fragment."""
+
+
+def mask_userinfo(text: str) -> str:
+    """`text` with the credentials (``user:password@``) of every URL in it replaced by ``***@``.
+
+    Example:
+        >>> mask_userinfo("broker at SASL_SSL://svc:p@ss@k1:9092,SASL_SSL://k2:9092 did not answer")
+        'broker at SASL_SSL://***@k1:9092,SASL_SSL://k2:9092 did not answer'
+        >>> mask_userinfo("http://vllm:8000/v1?user=a@b")
+        'http://vllm:8000/v1?user=a@b'
+    """
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def _masked(value: Any) -> Any:
+    """Plain data with `mask_userinfo` applied to every string in it, however deeply nested.
+
+    >>> _masked({"refs": [{"base_url": "http://u:p@h/v1"}], "n": 1})
+    {'refs': [{'base_url': 'http://***@h/v1'}], 'n': 1}
+    """
+    if isinstance(value, str):
+        return mask_userinfo(value)
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
 
 
 def _redact(value: Any, model: Any) -> Any:
@@ -175,16 +219,54 @@ def with_overrides(settings: S, overrides: dict[str, Any]) -> S:
 
 
 def secret_env(model: BaseModel, prefix: str = "DPE_") -> dict[str, str]:
-    """Every secret in `model` as the ``DPE_*`` variable that sets it: how child processes get secrets,
-    never through a written config file."""
+    """The ``DPE_*`` variables that give a child process every secret in `model`: how child processes get
+    secrets, never through a written config file.
+
+    A section holding a secret travels whole, as JSON, in its variable (``DPE_AGENTS``), so that it
+    validates on its own as `CoreSettings.load` validates the environment: a lone
+    ``DPE_EVALUATOR__JUDGE__API_KEY`` would lack the judge's required fields, and pydantic-settings reads
+    no list index from a variable's name (``DPE_AUDITOR__REFERENCES__1__ENDPOINT__API_KEY`` is refused).
+
+    Example:
+        >>> class Ref(BaseModel):
+        ...     name: str
+        ...     key: SecretStr
+        >>> class Demo(BaseModel):
+        ...     token: SecretStr
+        ...     refs: list[Ref]
+        ...     plain: list[str] = []
+        >>> secret_env(Demo(token="t", refs=[{"name": "b", "key": "k"}]))
+        {'DPE_TOKEN': 't', 'DPE_REFS': '[{"name": "b", "key": "k"}]'}
+    """
     env: dict[str, str] = {}
     for name in type(model).model_fields:
-        value = getattr(model, name)
+        value, variable = getattr(model, name), f"{prefix}{name.upper()}"
         if isinstance(value, SecretStr):
-            env[f"{prefix}{name.upper()}"] = value.get_secret_value()
-        elif isinstance(value, BaseModel):
-            env |= secret_env(value, f"{prefix}{name.upper()}__")
+            env[variable] = value.get_secret_value()
+        elif _holds_secret(data := _PLAIN.dump_python(value)):
+            env[variable] = json.dumps(data, default=_revealed)
     return env
+
+
+_PLAIN = TypeAdapter(Any)
+"""Dumps any value to plain Python data, models included, with their secrets still `SecretStr`."""
+
+
+def _holds_secret(data: Any) -> bool:
+    """Whether plain data holds a `SecretStr` anywhere.
+
+    >>> _holds_secret({"a": [1, {"b": SecretStr("x")}]}), _holds_secret([1, "x"])
+    (True, False)
+    """
+    if isinstance(data, SecretStr):
+        return True
+    items = data.values() if isinstance(data, dict) else data
+    return isinstance(items, Iterable) and not isinstance(items, (str, bytes)) and any(map(_holds_secret, items))
+
+
+def _revealed(value: Any) -> Any:
+    """`json.dumps`'s fallback: a secret in clear, anything else as pydantic writes it in JSON."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else to_jsonable_python(value)
 
 
 def _read_yaml(path: str | Path | None) -> dict[str, Any]:

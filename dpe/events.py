@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 AnswerType = Literal["choice", "number", "yes_no", "text"]
 """How an answer is graded: a choice letter, a number with tolerance, yes/no, or exact text."""
@@ -29,6 +29,46 @@ ErrorType = Literal["visual_recognition", "calculation", "reasoning", "misunders
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ID_PATTERN = r"^[A-Za-z0-9._:/@+=-]{1,200}$"
+
+MAX_POLICY_VERSION = 10**9
+"""Policy versions are below this: one checkpoint per second would take 30 years to reach it, so a
+larger one is a bug (a timestamp, a sentinel) and is refused before it can skew any state."""
+MAX_COUNT = 10**12
+"""Counts (events, sequence numbers, rounds, budgets, bytes) are below this."""
+MAX_PARTITION = 2**31
+"""Kafka partition ids are int32 on the wire."""
+MAX_OFFSET = 2**63
+"""Kafka offsets are int64 on the wire."""
+
+
+def below(bound: int) -> AfterValidator:
+    """A validator refusing integers of `bound` and more.
+
+    The upper bounds of the integer fields are checked by validators, not stated as JSON-schema
+    maxima: a reader's schema that gained a maximum would refuse events its old writers could write,
+    which `dpe.schema.compatibility_problems` reports as a break (only the bogus events it is there
+    to refuse are concerned).
+
+    >>> below(10).func(9)
+    9
+    >>> below(10).func(10)
+    Traceback (most recent call last):
+    ...
+    ValueError: 10 is not below 10
+    """
+
+    def check(value: int) -> int:
+        if value >= bound:
+            raise ValueError(f"{value} is not below {bound}")
+        return value
+
+    return AfterValidator(check)
+
+
+PolicyVersion = Annotated[int, Field(ge=0), below(MAX_POLICY_VERSION)]
+Count = Annotated[int, Field(ge=0), below(MAX_COUNT)]
+Partition = Annotated[int, Field(ge=0), below(MAX_PARTITION)]
+Offset = Annotated[int, Field(ge=0), below(MAX_OFFSET)]
 
 
 def _now() -> datetime:
@@ -82,7 +122,7 @@ class BlobRef(BaseModel):
 
     sha256: str = Field(pattern=SHA256_PATTERN)
     media_type: str = Field(pattern=r"^image/[a-z0-9.+-]+$")
-    size_bytes: int = Field(ge=1)
+    size_bytes: Annotated[int, below(MAX_COUNT)] = Field(ge=1)
     width: int = Field(ge=1)
     height: int = Field(ge=1)
 
@@ -107,7 +147,7 @@ class EvalOutcome(Event):
     (policy version, suite, item) is the idempotency key: a re-run replaces, never adds.
     """
 
-    policy_version: int = Field(ge=0)
+    policy_version: PolicyVersion
     suite: str = Field(pattern=ID_PATTERN)
     item_id: str = Field(pattern=ID_PATTERN)
     capability: str = Field(min_length=1, max_length=100)
@@ -131,7 +171,7 @@ class EvalOutcome(Event):
 class Divergence(Event):
     """AuditDM evidence: reference models agree on an answer and the target model does not."""
 
-    policy_version: int = Field(ge=0)
+    policy_version: PolicyVersion
     item_id: str = Field(pattern=ID_PATTERN)
     probe_id: str = Field(pattern=ID_PATTERN, description="Which probe question (and counterfactual edit) was asked.")
     capability: str = Field(min_length=1, max_length=100)
@@ -161,7 +201,7 @@ class CapabilityWeakness(BaseModel):
     effective_n: float = Field(ge=0.0, description="Decayed number of observations behind the rate.")
     ci_low: float = Field(ge=0.0, le=1.0)
     ci_high: float = Field(ge=0.0, le=1.0)
-    events: int = Field(ge=0, description="Distinct outcomes seen (not decayed).")
+    events: Count = Field(description="Distinct outcomes seen (not decayed).")
     trend: float = Field(default=0.0, description="Change of error rate per policy version (negative: improving).")
 
 
@@ -169,10 +209,10 @@ class WeaknessSnapshot(Event):
     """Per-capability weakness at one moment; the input of every quota plan."""
 
     snapshot_id: str = Field(default_factory=_new_id, pattern=ID_PATTERN)
-    seq: int = Field(ge=0, description="Monotonic per stream worker.")
-    policy_version: int = Field(ge=0, description="Newest policy version seen in the evidence.")
+    seq: Count = Field(description="Monotonic per stream worker.")
+    policy_version: PolicyVersion = Field(description="Newest policy version seen in the evidence.")
     capabilities: dict[str, CapabilityWeakness]
-    events_total: int = Field(ge=0)
+    events_total: Count
 
     def key(self) -> str:
         return "weakness"
@@ -182,13 +222,13 @@ class QuotaPlan(Event):
     """How many samples agents should make per capability in one round, and why."""
 
     plan_id: str = Field(default_factory=_new_id, pattern=ID_PATTERN)
-    round: int = Field(ge=0)
+    round: Count
     strategy: str = Field(min_length=1, max_length=100)
-    budget: int = Field(ge=0)
+    budget: Count
     quotas: dict[str, int]
     weights: dict[str, float]
     snapshot_id: str = Field(pattern=ID_PATTERN, description="The weakness snapshot this plan came from.")
-    policy_version: int = Field(ge=0)
+    policy_version: PolicyVersion
 
     @model_validator(mode="after")
     def _quotas_within_budget(self) -> "QuotaPlan":
@@ -287,7 +327,7 @@ class AcceptedSample(Event):
     plan_id: str = Field(pattern=ID_PATTERN)
     agents: list[AgentStep]
     qc: list[QCVerdict]
-    policy_version: int = Field(ge=0, description="Policy the difficulty band was measured against.")
+    policy_version: PolicyVersion = Field(description="Policy the difficulty band was measured against.")
     pass_rate: float | None = Field(default=None, ge=0.0, le=1.0)
 
     def key(self) -> str:
@@ -305,7 +345,7 @@ class RejectedSample(Event):
     agents: list[AgentStep] = Field(default_factory=list)
     qc: list[QCVerdict]
     reason_code: str = Field(max_length=100, description="The first failed check's reason.")
-    policy_version: int | None = Field(default=None, ge=0)
+    policy_version: PolicyVersion | None = None
 
     def key(self) -> str:
         return self.candidate_id
@@ -317,16 +357,16 @@ class OffsetRange(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     topic: str
-    partition: int = Field(ge=0)
-    start: int = Field(ge=0)
-    end: int = Field(ge=0)
+    partition: Partition
+    start: Offset
+    end: Offset
 
 
 class Checkpoint(Event):
     """A new policy version written by the trainer; triggers re-diagnosis."""
 
-    policy_version: int = Field(ge=0)
-    parent_version: int | None = Field(default=None, ge=0)
+    policy_version: PolicyVersion
+    parent_version: PolicyVersion | None = None
     uri: str = Field(max_length=2000, description="Folder or URL of the saved weights.")
     trained_on: list[OffsetRange] = Field(default_factory=list)
     sample_ids: list[str] = Field(default_factory=list)
@@ -337,7 +377,11 @@ class Checkpoint(Event):
 
 
 class DeadLetter(Event):
-    """A message that could not be parsed or processed, with where it came from and why."""
+    """A message that could not be parsed or processed, with where it came from and why.
+
+    A letter that would not fit the dead-letter topic is `truncated`: it keeps the origin, the size
+    and SHA-256 of the value and its first bytes, and clips long texts and headers.
+    """
 
     origin_topic: str
     origin_partition: int | None = None
@@ -346,7 +390,17 @@ class DeadLetter(Event):
     stage: str = Field(max_length=200, description="Which service step failed (decode, validate, handle...).")
     error_class: str = Field(max_length=200)
     error_message: str = Field(max_length=8000)
-    payload_b64: str = Field(description="The original message value, base64, untouched.")
+    payload_b64: str = Field(
+        description="The original message value, base64: untouched, or its first bytes if truncated."
+    )
+    payload_bytes: Count | None = Field(default=None, description="Size of the original message value in bytes.")
+    payload_sha256: str | None = Field(
+        default=None, pattern=SHA256_PATTERN, description="SHA-256 of the original message value (hex)."
+    )
+    truncated: bool = Field(
+        default=False, description="Cut to fit the dead-letter topic: payload_b64 holds only the first bytes of the "
+        "value, and long texts and headers are clipped."
+    )
     headers: dict[str, str] = Field(default_factory=dict)
 
     def key(self) -> str:

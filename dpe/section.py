@@ -5,12 +5,12 @@ Example:
     ...     size: int = 1
     >>> Demo(size=2).size
     2
-    >>> Demo(sise=2)
+    >>> Demo(sise=2)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     pydantic_core._pydantic_core.ValidationError: 1 validation error for Demo
     sise
-      Extra inputs are not permitted [type=extra_forbidden, input_value=2, input_type=int]
+      Extra inputs are not permitted [type=extra_forbidden, input_value=2, input_type=int]...
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Each service is its own process (`python -m dpe serve NAME`), as in production, so a crash or a
 kill -9 of one never takes the others down. The supervisor restarts a service that dies
-unexpectedly (with backoff) and, on stop, sends SIGTERM to all, waits, then SIGKILLs stragglers.
+unexpectedly (with backoff), telling `on_restart` about each restart, and, on stop, sends SIGTERM
+to all, waits, then SIGKILLs stragglers.
 
 Example:
     >>> sup = Supervisor(env=dict(os.environ, DPE_CONFIG="run.yaml"), log_dir=Path("/tmp"))  # doctest: +SKIP
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,23 @@ class ServiceSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Restart:
+    """A service that died and was started again: its exit code and how many restarts it has had.
+
+    >>> str(Restart("agents", 1, restarts=2, max_restarts=5))
+    'service agents exited with code 1; restart 2 of 5'
+    """
+
+    name: str
+    exit_code: int
+    restarts: int
+    max_restarts: int
+
+    def __str__(self) -> str:
+        return f"service {self.name} exited with code {self.exit_code}; restart {self.restarts} of {self.max_restarts}"
+
+
 @dataclass
 class _Running:
     spec: ServiceSpec
@@ -39,12 +58,17 @@ class _Running:
 
 
 class Supervisor:
-    """Starts, watches, restarts and stops service processes; `env` is their whole environment."""
+    """Starts, watches, restarts and stops service processes; `env` is their whole environment.
 
-    def __init__(self, env: dict[str, str], log_dir: Path, max_restarts: int = 5):
+    `on_restart`, when given, hears of every restart as it happens (`check`).
+    """
+
+    def __init__(self, env: dict[str, str], log_dir: Path, max_restarts: int = 5,
+                 on_restart: Callable[[Restart], None] | None = None):
         self.env = env
         self.log_dir = log_dir
         self.max_restarts = max_restarts
+        self.on_restart = on_restart
         self._running: dict[str, _Running] = {}
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -91,6 +115,8 @@ class Supervisor:
                 run.proc = self._spawn(run.spec)
                 run.started = time.monotonic()
                 run.restarts += 1
+                if self.on_restart is not None:
+                    self.on_restart(Restart(name, code, run.restarts, self.max_restarts))
         return failed
 
     def stop(self, timeout_s: float = 15.0) -> None:

@@ -41,8 +41,8 @@ def consumed_counter(topic: str) -> Counter:
 _SERVED: set[tuple[str, int]] = set()
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
-    """Expose the default registry at http://addr:port/metrics, once per process and address.
+def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
+    """Expose the default registry at http://addr:port/metrics (loopback unless told), once per process and address.
 
     A no-op for port 0 or an address already served by this process; a port taken by another
     process costs only this process's metrics (a warning), never the service.

@@ -81,7 +81,8 @@ class Aggregator:
                 result = Applied.MEASURE_ONLY if evidence is None else apply(
                     self._state(evidence.capability), evidence, self.params)
             except Exception as error:  # noqa: BLE001 - a bad event is dead-lettered, never stops the stream
-                letters.append(dead_letter_for(event.message, error, f"{SERVICE}.handle", SERVICE))
+                letters.append(dead_letter_for(event.message, error, f"{SERVICE}.handle", SERVICE,
+                                              self.max_event_bytes))
                 continue
             results[result] += 1
             if result is Applied.APPLIED:

@@ -120,7 +120,8 @@ class ReportMerger:
             try:
                 partial = decode(PartialWeakness, event.value, self.max_event_bytes)
             except InvalidEvent as error:
-                await self.topics.dead_letter(dead_letter_for(event.message, error, f"{SERVICE}.plan", SERVICE))
+                await self.topics.dead_letter(dead_letter_for(event.message, error, f"{SERVICE}.plan", SERVICE,
+                                                                        self.max_event_bytes))
                 continue
             for name, report in partial.reports.items():
                 if newer(reports.get(name), report):

@@ -15,6 +15,14 @@ stays bounded. Evidence for a version its ledger has already folded can no longe
 and is ignored (`Applied.LATE`): with versions published in order, only a replay from far back
 produces it.
 
+Reach: versions come one checkpoint at a time, so no single event may move a state far ahead (it
+would make every later version "late" and freeze the state). Evidence more than `MAX_VERSION_LEAP`
+versions ahead of everything the state holds is refused (`VersionTooFarAhead`, dead-lettered) when
+its source's ledger already has evidence; a source's first evidence is taken as it comes (sources
+may be read at very different speeds), but if it stays that ledger's only observation and evidence
+of the same source arrives far behind it, it was the outlier and is dropped. Either order of one
+outlier and the good evidence of its source gives the same state.
+
 Summary (`summarise`): an exponentially decayed error rate with a half-life in policy versions (age
 = versions behind the newest version of any source) or in events (age = number of newer
 observations of the same source); the effective sample count (the decayed weight); an equal-tailed
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable
@@ -53,6 +62,9 @@ from streams.settings import ScoringSettings
 
 OUTCOME = "outcome"
 """The evidence source of eval outcomes (divergences are the other)."""
+
+MAX_VERSION_LEAP = 1000
+"""Most policy versions evidence may be ahead of the newest version a state holds."""
 
 Observation = tuple[float, str, float, float]
 """``(ts, event_id, error, weight)``; tuples compare in last-writer-wins order."""
@@ -80,7 +92,8 @@ class Applied(str, Enum):
 
 
 class RejectedEvidence(InvalidEvent):
-    """Evidence the stream refuses (unknown capability, score not in [0, 1]); it is dead-lettered."""
+    """Evidence the stream refuses (unknown capability, score not in [0, 1], version far ahead); it is
+    dead-lettered."""
 
     def __init__(self, error_class: str, message: str):
         super().__init__(error_class, message, stage="weakness.score")
@@ -161,8 +174,12 @@ class CapabilityState:
 
 
 def apply(state: CapabilityState, evidence: Evidence, params: ScoringSettings) -> Applied:
-    """Add `evidence` to `state` in place (idempotent: duplicates and older re-runs change nothing)."""
-    ledger = state.ledgers.setdefault(evidence.source, Ledger())
+    """Add `evidence` to `state` in place (idempotent: duplicates and older re-runs change nothing).
+
+    Raises `RejectedEvidence` for evidence out of reach (see the module docstring), leaving `state` as it was.
+    """
+    ledger = _ledger_for(state, evidence)
+    _check_reach(state, ledger, evidence)
     if evidence.version <= ledger.folded_through:
         return Applied.LATE
     observations = ledger.window.setdefault(evidence.version, {})
@@ -177,6 +194,35 @@ def apply(state: CapabilityState, evidence: Evidence, params: ScoringSettings) -
             _fold(ledger, version, ledger.window.pop(version), params)
         ledger.folded_through = max(ledger.folded_through, limit)
     return Applied.APPLIED
+
+
+def _ledger_for(state: CapabilityState, evidence: Evidence) -> Ledger:
+    """The ledger of `evidence`'s source: a new one if there is none, or if its only observation is more
+    than MAX_VERSION_LEAP versions ahead of `evidence` (that observation was the outlier).
+
+    >>> outlier = Ledger(newest=10**8, window={10**8: {"k": (0.0, "e", 1.0, 1.0)}})
+    >>> state = CapabilityState(ledgers={"outcome": outlier})
+    >>> _ledger_for(state, Evidence("counting", "outcome", "3/s/i", 3, (0.0, "f", 0.0, 1.0))) is outlier
+    False
+    >>> state.ledgers["outcome"].events
+    0
+    """
+    ledger = state.ledgers.get(evidence.source)
+    if ledger is None or (ledger.events == 1 and ledger.newest - evidence.version > MAX_VERSION_LEAP):
+        ledger = state.ledgers[evidence.source] = Ledger()
+    return ledger
+
+
+def _check_reach(state: CapabilityState, ledger: Ledger, evidence: Evidence) -> None:
+    """Refuse `evidence` whose version is more than MAX_VERSION_LEAP ahead of all of `state`, unless
+    its `ledger` is still empty."""
+    leap = evidence.version - state.newest
+    if ledger.newest >= 0 and leap > MAX_VERSION_LEAP:
+        raise RejectedEvidence(
+            "VersionTooFarAhead",
+            f"policy version {evidence.version} is {leap} versions ahead of the newest evidence about "
+            f"{evidence.capability!r} ({state.newest}); at most {MAX_VERSION_LEAP} are believed",
+        )
 
 
 def _newest_first(window: dict[int, dict[str, Observation]]) -> list[Observation]:
@@ -295,14 +341,16 @@ def summarise(state: CapabilityState, params: ScoringSettings) -> CapabilityWeak
 
 
 def replay(evidence: Iterable[Evidence], params: ScoringSettings) -> dict[str, CapabilityState]:
-    """States from a sequence of evidence, e.g. recomputed from the topics' logs.
+    """States from a sequence of evidence, e.g. recomputed from the topics' logs; refused evidence is
+    left out, as the stream dead-letters it.
 
     >>> replay([], ScoringSettings(taxonomy=("counting",)))
     {}
     """
     states: dict[str, CapabilityState] = {}
     for item in evidence:
-        apply(states.setdefault(item.capability, CapabilityState()), item, params)
+        with suppress(RejectedEvidence):
+            apply(states.setdefault(item.capability, CapabilityState()), item, params)
     return states
 
 

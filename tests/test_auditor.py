@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import shutil
 
 import httpx2
 import pytest
@@ -84,8 +85,8 @@ def audit_settings(**changes) -> AuditorSettings:
     return AuditorSettings(**(defaults | changes))
 
 
-async def test_divergences_where_references_agree_and_the_target_does_not(settings, checkpoint):
-    settings = settings.model_copy(update={"auditor": audit_settings()})
+async def test_divergences_where_references_agree_and_the_target_does_not(settings, checkpoint, tmp_path):
+    settings = settings.model_copy(update={"auditor": audit_settings(), "checkpoint_roots": (checkpoint.parent,)})
     store = BlobStore(settings.blob.url, settings.blob.limits)
     good = scene_item(store)
     truth = truth_of(Auditor(settings.auditor, store, []), [good])
@@ -103,15 +104,20 @@ async def test_divergences_where_references_agree_and_the_target_does_not(settin
             for item in (missing_blob, hostile, broken_scene):
                 await pub.publish_and_wait(item)
             await pub.publish_and_wait(Checkpoint(policy_version=1, uri=str(checkpoint)))
+            outside = shutil.copytree(checkpoint, tmp_path / "elsewhere")
+            await pub.publish_and_wait(Checkpoint(policy_version=2, parent_version=1, uri=str(outside)))
             await pub.publish_and_wait(good)
             async with AsyncSubscriber(settings, [Divergence], group_id="t", service="t", publisher=pub) as sub:
                 found = [d.event for d in await drain(sub, len(truth), timeout_s=120)]
             async with AsyncSubscriber(settings, [DeadLetter], group_id="d", service="t", publisher=pub) as dead:
-                letters = [d.event for d in await drain(dead, 3)]
+                letters = [d.event for d in await drain(dead, 4)]
     finally:
         stop.set()
         await service
 
+    [refused] = [letter for letter in letters if letter.stage == "auditor.load"]
+    assert refused.error_class == "CheckpointOutsideRoots" and str(outside) in refused.error_message
+    letters.remove(refused)
     assert {letter.stage for letter in letters} == {"auditor.handle"}
     assert sorted(letter.error_class for letter in letters) == ["BlobMissing", "InvalidMetadata", "UnknownCapability"]
     assert "astrology" in next(letter.error_message for letter in letters if letter.error_class == "UnknownCapability")

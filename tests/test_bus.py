@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
+from types import SimpleNamespace
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.bus.codec import HEADER_EVENT_ID, HEADER_SCHEMA_VERSION
+from dpe.bus.codec import HEADER_EVENT_ID, HEADER_SCHEMA_VERSION, encode
+from dpe.bus.deadletter import PREFIX_BYTES, dead_letter_for, dead_letter_limit
 from dpe.bus.sync import Publisher, Subscriber
 from dpe.events import Checkpoint, DeadLetter, EvalOutcome
 from dpe.topics import topic_for
@@ -183,3 +186,92 @@ async def test_publisher_refuses_oversized_events(settings):
     async with AsyncPublisher(settings) as pub:
         with pytest.raises(InvalidEvent, match="OversizedEvent"):
             await pub.publish(huge)
+
+
+async def run_until(sub: AsyncSubscriber, handle, done, timeout_s: float = 20.0) -> None:
+    """Run the subscriber's loop until `done()` (or the timeout), then stop it; its errors propagate."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(sub.run(handle, stop))
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not done() and not task.done() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+
+
+async def test_an_oversized_record_is_dead_lettered_truncated_and_never_stops_the_loop(settings):
+    topic = topic_for(EvalOutcome, settings.kafka.topic_prefix)
+    big = b'{"policy_version": 1, "padding": "' + b"x" * (6 << 20) + b'"}'
+    await raw_send(settings, topic, [outcome(0).model_dump_json().encode(), big, outcome(2).model_dump_json().encode()])
+    seen: list[str] = []
+
+    async def handle(delivery):
+        seen.append(delivery.event.item_id)
+
+    async with AsyncPublisher(settings) as pub:
+        async with AsyncSubscriber(settings, [EvalOutcome], group_id="big", service="svc", publisher=pub) as sub:
+            await run_until(sub, handle, lambda: len(seen) == 2)
+        async with AsyncSubscriber(settings, [DeadLetter], group_id="dl", service="test", publisher=pub) as dl:
+            (letter,) = [d.event for d in await drain(dl, 1)]
+        async with AsyncSubscriber(settings, [EvalOutcome], group_id="big", service="svc", publisher=pub) as sub:
+            await run_until(sub, handle, lambda: False, timeout_s=3)  # the restart: nothing left, nothing fails
+            committed = await sub.consumer.committed(TopicPartition(topic, letter.origin_partition))
+    assert seen == ["item-0", "item-2"], "the records before and after the big one are all delivered"
+    assert committed == 3, "the committed offset is past every record, handled or dead-lettered"
+    assert (letter.origin_topic, letter.origin_offset, letter.origin_key) == (topic, 1, "counting")
+    assert letter.error_class == "OversizedEvent" and letter.stage == "decode"
+    assert letter.truncated and letter.payload_bytes == len(big)
+    assert letter.payload_sha256 == hashlib.sha256(big).hexdigest()
+    prefix = base64.b64decode(letter.payload_b64)
+    assert 0 < len(prefix) <= PREFIX_BYTES and big.startswith(prefix)
+
+
+HUGE_HEADERS = [(f"h{i}-" + "\x01" * 5000, b"\x02" * 100_000) for i in range(40)]
+
+
+@pytest.mark.parametrize("max_event_bytes", [1024, 1 << 20])
+def test_a_dead_letter_always_fits_the_dead_letter_topic(max_event_bytes):
+    """Whatever the record (value, key, headers) and however small the events, its letter can be sent."""
+    record = SimpleNamespace(topic="dpe.eval.outcomes", partition=0, offset=9, key=b"\x03" * 100_000,
+                             value=b"v" * (6 << 20), headers=HUGE_HEADERS)
+    letter = dead_letter_for(record, ValueError("\x04" * 20_000), "decode", "test", max_event_bytes)
+    limit = dead_letter_limit(max_event_bytes)
+    assert len(encode(letter, limit)) <= limit
+    assert letter.truncated and letter.payload_bytes == 6 << 20 and (letter.origin_topic, letter.origin_offset) == (
+        "dpe.eval.outcomes", 9)
+    assert base64.b64decode(letter.payload_b64) == record.value[:len(base64.b64decode(letter.payload_b64))]
+
+
+def test_a_dead_letter_that_fits_keeps_everything_untouched():
+    record = SimpleNamespace(topic="t", partition=1, offset=2, key=b"k", value=b"{oops", headers=[("h", b"v")])
+    letter = dead_letter_for(record, ValueError("bad"), "decode", "test", 1 << 20)
+    assert not letter.truncated and base64.b64decode(letter.payload_b64) == b"{oops"
+    assert (letter.payload_bytes, letter.payload_sha256) == (5, hashlib.sha256(b"{oops").hexdigest())
+    assert (letter.origin_key, letter.headers, letter.error_message) == ("k", {"h": "v"}, "bad")
+
+
+STRICT_CASES = {
+    "a string for a boolean": ({"correct": "yes"}, ("correct", "boolean")),
+    "a string for an integer": ({"policy_version": "3"}, ("policy_version", "integer")),
+    "a float for an integer": ({"policy_version": 3.0}, ("policy_version", "integer")),
+    "a string for a number": ({"score": "0.5"}, ("score", "number")),
+    "a version out of range": ({"policy_version": 10**12}, ("policy_version", "not below 1000000000")),
+}
+
+
+async def test_lenient_types_and_out_of_range_numbers_are_dead_lettered_at_decode(settings):
+    topic = topic_for(EvalOutcome, settings.kafka.topic_prefix)
+    valid = json.loads(outcome(0).model_dump_json())
+    bad = [json.dumps(valid | changes).encode() for changes, _ in STRICT_CASES.values()]
+    await raw_send(settings, topic, [outcome(100).model_dump_json().encode(), *bad,
+                                     outcome(101).model_dump_json().encode()])
+    async with AsyncPublisher(settings) as pub:
+        async with AsyncSubscriber(settings, [EvalOutcome], group_id="g", service="svc", publisher=pub) as sub:
+            delivered = await drain(sub, 2)
+        async with AsyncSubscriber(settings, [DeadLetter], group_id="dl", service="test", publisher=pub) as dl:
+            letters = {d.event.origin_offset: d.event for d in await drain(dl, len(bad))}
+    assert [d.event.item_id for d in delivered] == ["item-100", "item-101"]
+    for offset, (case, (_, words)) in enumerate(STRICT_CASES.items(), start=1):
+        letter = letters[offset]
+        assert letter.error_class == "SchemaViolation" and letter.stage == "validate", case
+        assert all(word in letter.error_message for word in words), (case, letter.error_message)

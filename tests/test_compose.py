@@ -192,6 +192,9 @@ def test_dpe_services_are_configured_by_environment_and_the_mounted_yaml(
         monkeypatch.delenv(var)
     settings = Settings.load(ROOT / "deploy/dpe.yaml")
     assert settings.blob.url == "/data/blobs"
+    assert settings.evaluator.synthetic is not None
+    assert settings.stream.quotas.round_evidence == settings.evaluator.synthetic.round_items > 0, \
+        "production plans once per version, when its round suite is graded, as `dpe run` does"
     assert_known_keys(yaml.safe_load((ROOT / "deploy/dpe.yaml").read_text()), Settings, "deploy/dpe.yaml")
 
 
@@ -254,6 +257,20 @@ def test_each_service_exports_metrics_on_its_own_port(dpe_services: dict[str, di
     for name, svc in ports.items():
         assert svc["environment"]["DPE_METRICS__PORT"] == str(METRICS_PORTS[name]), name
         assert [container_port(p) for p in svc["expose"]] == [METRICS_PORTS[name]], name
+
+
+def test_every_scraped_dpe_container_serves_metrics_beyond_its_loopback(
+    dpe_services: dict[str, dict[str, Any]], prometheus: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Metrics listen on 127.0.0.1 unless told otherwise: each container Prometheus scrapes tells it."""
+    scraped = {target.rsplit(":", 1)[0] for targets in scrape_targets(prometheus).values() for target in targets}
+    assert scraped & set(dpe_services) == set(METRICS_PORTS)
+    for var in [v for v in os.environ if v.startswith("DPE_")]:
+        monkeypatch.delenv(var)
+    assert Settings.load().metrics.addr == "127.0.0.1"
+    for name in sorted(scraped & set(dpe_services)):
+        monkeypatch.setenv("DPE_METRICS__ADDR", dpe_services[name]["environment"].get("DPE_METRICS__ADDR", "unset"))
+        assert Settings.load().metrics.addr == "0.0.0.0", name
 
 
 def test_every_exposed_port_is_scraped(services: dict[str, dict[str, Any]], prometheus: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -86,3 +87,26 @@ def test_security_settings_reach_every_client_library():
         assert options["sasl_mechanism"] == "SCRAM-SHA-512"
         assert options["sasl_plain_username"] == "svc"
         assert options["sasl_plain_password"] == SECRET
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise(monkeypatch):
+    assert Settings.load().metrics.addr == "127.0.0.1"
+    monkeypatch.setenv("DPE_METRICS__ADDR", "0.0.0.0")
+    assert Settings.load().metrics.addr == "0.0.0.0", "containers say so (docker-compose.yml)"
+
+
+def test_summary_masks_credentials_written_into_urls():
+    endpoint = {"base_url": f"https://user:{SECRET}@api.example/v1", "model": "big-vlm"}
+    settings = Settings.load(overrides={
+        "kafka": {"bootstrap_servers": f"SASL_SSL://svc:{SECRET}@k1:9092,SASL_SSL://svc:{SECRET}@k2:9092"},
+        "blob": {"url": f"s3://key:{SECRET}@minio:9000/bucket/blobs"},
+        "evaluator": {"judge": endpoint},
+        "auditor": {"references": [{"kind": "endpoint", "name": "big", "endpoint": endpoint}]},
+    })
+    summary = settings.summary()
+    assert SECRET not in json.dumps(summary)
+    assert summary["kafka"]["bootstrap_servers"] == "SASL_SSL://***@k1:9092,SASL_SSL://***@k2:9092"
+    assert summary["blob"]["url"] == "s3://***@minio:9000/bucket/blobs"
+    assert summary["evaluator"]["judge"]["base_url"] == "https://***@api.example/v1"
+    assert summary["auditor"]["references"][0]["endpoint"]["base_url"] == "https://***@api.example/v1", "lists too"
+    assert settings.blob.url == f"s3://key:{SECRET}@minio:9000/bucket/blobs", "the settings themselves keep them"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal, Optional
 
 import jsonschema
@@ -9,7 +10,26 @@ import pytest
 from pydantic import Field, ValidationError, create_model
 
 from dpe import events
-from dpe.events import EVENT_MODELS, BlobRef, Checkpoint, EvalOutcome, QuotaPlan, UnlabeledItem
+from dpe.bus.codec import InvalidEvent, decode, encode
+from dpe.events import (
+    EVENT_MODELS,
+    AcceptedSample,
+    AgentStep,
+    BlobRef,
+    CapabilityWeakness,
+    Checkpoint,
+    DeadLetter,
+    Divergence,
+    EvalOutcome,
+    Event,
+    OffsetRange,
+    QCVerdict,
+    QuotaPlan,
+    RejectedSample,
+    SampleBody,
+    UnlabeledItem,
+    WeaknessSnapshot,
+)
 from dpe.schema import SCHEMA_FILE, asyncapi, committed, compatibility_problems, payloads, render_document
 from dpe.topics import MODEL_TOPIC, TOPICS
 
@@ -127,3 +147,52 @@ def test_removed_field_breaks_old_readers():
     new = {**old, "properties": {k: v for k, v in old["properties"].items() if k != "uri"},
            "required": [r for r in old["required"] if r != "uri"]}
     assert any("uri" in p and "old readers" in p for p in compatibility_problems(old, new))
+
+
+BODY = SampleBody(image=BLOB, question="Which colour?", answer="B", answer_type="choice", options=["red", "blue"])
+EXAMPLES: list[Event] = [
+    UnlabeledItem(item_id="abc", image=BLOB, source="synthetic:1", metadata={"objects": [{"n": 2}]}),
+    outcome(error_type="calculation"),
+    Divergence(policy_version=2, item_id="abc", probe_id="p1", capability="counting", question="How many?",
+               image=BLOB, target_answer="3", reference_answers={"r1": "4"}, consensus_answer="4",
+               consensus_strength=1.0),
+    WeaknessSnapshot(seq=3, policy_version=2, events_total=10, capabilities={
+        "counting": CapabilityWeakness(error_rate=0.5, effective_n=4.0, ci_low=0.1, ci_high=0.9, events=4)}),
+    QuotaPlan(round=1, strategy="uniform", budget=3, quotas={"a": 2}, weights={"a": 1.0}, snapshot_id="s",
+              policy_version=2),
+    AcceptedSample(sample_id="s1", capability="color", body=BODY, source_item_id="abc", plan_id="p",
+                   agents=[AgentStep(role="writer", backend="programmatic", tools=["crop"])],
+                   qc=[QCVerdict(check="answerable", passed=True, reason_code="ok", score=0.9)], policy_version=2),
+    RejectedSample(candidate_id="c1", capability="color", source_item_id="abc", plan_id="p",
+                   qc=[QCVerdict(check="answerable", passed=False, reason_code="unanswerable")],
+                   reason_code="unanswerable"),
+    Checkpoint(policy_version=2, parent_version=1, uri="/c/2", metrics={"loss": 0.25},
+               trained_on=[OffsetRange(topic="dpe.samples.accepted", partition=0, start=0, end=7)]),
+    DeadLetter(origin_topic="dpe.eval.outcomes", origin_partition=0, origin_offset=1, stage="decode",
+               error_class="MalformedJSON", error_message="not valid JSON", payload_b64="e29vcHM="),
+]
+
+
+def test_the_examples_cover_every_event_model():
+    assert {type(e) for e in EXAMPLES} == set(EVENT_MODELS)
+
+
+@pytest.mark.parametrize("event", EXAMPLES, ids=lambda event: type(event).__name__)
+def test_every_event_round_trips_through_the_strict_decoder(event):
+    assert decode(type(event), encode(event, max_bytes=100_000), max_bytes=100_000) == event
+
+
+def test_the_decoder_coerces_nothing_even_inside_nested_models():
+    sample = EXAMPLES[5].model_dump(mode="json")
+    sample["qc"][0]["passed"] = "yes"
+    with pytest.raises(InvalidEvent) as caught:
+        decode(AcceptedSample, json.dumps(sample).encode(), max_bytes=100_000)
+    assert caught.value.error_class == "SchemaViolation" and "qc.0.passed" in caught.value.message
+    assert "valid boolean" in caught.value.message
+
+
+@pytest.mark.parametrize("field,value", [("policy_version", 10**9), ("parent_version", 10**12)])
+def test_versions_beyond_any_real_checkpoint_are_refused(field, value):
+    data = EXAMPLES[7].model_dump(mode="json") | {field: value}
+    with pytest.raises(InvalidEvent, match=f"{field}: .*not below {events.MAX_POLICY_VERSION}"):
+        decode(Checkpoint, json.dumps(data).encode(), max_bytes=100_000)

@@ -63,6 +63,7 @@ async def test_checkpoint_events_give_one_keyed_outcome_per_item_and_reruns_repe
     settings, checkpoint, own_answer_benchmark
 ):
     settings = small_settings(settings, benchmarks=[own_answer_benchmark])
+    settings = settings.model_copy(update={"checkpoint_roots": (checkpoint.parent,)})
     evaluator = Evaluator(settings.evaluator, settings.blob.limits)
     expected_items = {(item.suite, item.item_id): item for item in evaluator.items_for(3)}
     assert len(expected_items) == 15

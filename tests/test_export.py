@@ -7,15 +7,18 @@ import json
 import re
 
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 from datasets import load_dataset
 from PIL import Image
 
+from consumers.samples.export import FORMATS, export_samples, trl_rows
 from dpe.blobstore import BlobStore
 from dpe.cli import main
-from dpe.events import AcceptedSample, AgentStep, QCVerdict, SampleBody
+from dpe.events import AcceptedSample, AgentStep, BlobRef, QCVerdict, SampleBody
 from dpe.world import generate_scene, render_scene
 from tests.agent_helpers import png, publish_all
+
 
 def accepted(store: BlobStore, seed: int, capability: str, **body) -> AcceptedSample:
     ref = store.put_image(png(render_scene(generate_scene("shapes", 2, seed=seed))))
@@ -66,3 +69,46 @@ def test_export_writes_trl_and_easyr1_layouts_with_images(settings, tmp_path):
             assert re.fullmatch(r"images/[0-9a-f]{64}\.png", path), "image names come from content hashes only"
             image = Image.open(tmp_path / folder / path)
             assert image.size == (64, 64)
+
+
+def unstored(sample: AcceptedSample) -> AcceptedSample:
+    """`sample` pointing at an image the blob store never held."""
+    ref = BlobRef(sha256="d" * 64, media_type="image/png", size_bytes=9, width=8, height=8)
+    body = sample.body.model_copy(update={"image": ref})
+    return sample.model_copy(update={"sample_id": "e" * 64, "body": body})
+
+
+def test_a_sample_whose_image_is_missing_is_skipped_with_the_reason(settings, tmp_path):
+    store = BlobStore(settings.blob.url, settings.blob.limits)
+    good = accepted(store, 3, "counting", question="How many shapes?", answer="2", answer_type="number")
+    lost = unstored(good)
+    asyncio.run(publish_all(settings, [lost, good]))
+    out = tmp_path / "exports" / "trl"
+    result = cli(settings, "--format", "trl", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"skipped sample {lost.sample_id}: blob {'d' * 64} is not in the store" in result.output
+    assert "exported 1 samples" in result.output and "skipped 1" in result.output
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == [good.sample_id]
+    assert [path.name for path in out.parent.iterdir()] == ["trl"], "no staging folder is left behind"
+
+
+def test_a_failed_export_leaves_no_folder_and_a_used_folder_is_refused(settings, tmp_path, monkeypatch):
+    store = BlobStore(settings.blob.url, settings.blob.limits)
+    sample = accepted(store, 4, "counting", question="How many shapes?", answer="2", answer_type="number")
+    exports = tmp_path / "exports"
+
+    def broken_writer(rows, out):
+        raise OSError("disk full")
+
+    monkeypatch.setitem(FORMATS, "trl", (trl_rows, broken_writer))
+    with pytest.raises(OSError, match="disk full"):
+        export_samples([sample], store, exports / "trl", "trl")
+    assert list(exports.iterdir()) == [], "neither the images nor a staging folder remain"
+
+    monkeypatch.undo()
+    (exports / "used").mkdir()
+    (exports / "used" / "notes.txt").write_text("mine")
+    refused = cli(settings, "--format", "trl", "--out", str(exports / "used"))
+    assert refused.exit_code == 2 and "not an empty folder" in refused.output
+    assert [path.name for path in (exports / "used").iterdir()] == ["notes.txt"]

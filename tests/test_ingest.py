@@ -219,3 +219,39 @@ def test_watch_mode_publishes_new_files_until_sigterm(settings, tmp_path):
     assert proc.returncode == 0, output
     assert "ingest summary" in output and "corrupt" in output
     assert [item.source.endswith("first.png") for item in asyncio.run(read_all(settings, UnlabeledItem))] == [True]
+
+
+def test_cli_ingests_a_folder_given_relative_to_the_working_directory(settings, tmp_path, monkeypatch):
+    folder = tmp_path / "corpus" / "images"
+    folder.mkdir(parents=True)
+    for seed in (50, 51):
+        (folder / f"{seed}.png").write_bytes(png(noisy(seed)))
+    monkeypatch.chdir(tmp_path)
+    result = cli(settings, "corpus/images")
+    assert result.exit_code == 0, result.output
+    assert "not_found" not in result.output
+    items = asyncio.run(read_all(settings, UnlabeledItem))
+    assert sorted(item.source for item in items) == [str(folder / "50.png"), str(folder / "51.png")]
+
+
+def test_cli_fails_saying_which_inputs_were_refused_and_why_when_nothing_is_published(settings, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "corrupt.png").write_bytes(os.urandom(2000))
+    (folder / "empty.png").write_bytes(b"")
+    result = cli(settings, str(folder))
+    assert result.exit_code == 1
+    assert "nothing published: 2 inputs refused" in result.output
+    assert f"{folder / 'corrupt.png'}: corrupt" in result.output and f"{folder / 'empty.png'}: empty" in result.output
+    assert "Traceback" not in result.output
+
+    (tmp_path / "none").mkdir()
+    nothing = cli(settings, str(tmp_path / "none"))
+    assert nothing.exit_code == 1 and "nothing to ingest" in nothing.output
+
+
+def test_cli_reingesting_what_is_on_the_bus_already_succeeds(settings, tmp_path):
+    (tmp_path / "a.png").write_bytes(png(noisy(52)))
+    first, again = cli(settings, str(tmp_path)), cli(settings, str(tmp_path))
+    assert first.exit_code == again.exit_code == 0, again.output
+    assert "duplicate" in again.output

@@ -26,6 +26,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -561,3 +562,14 @@ def test_label_sets_are_bounded() -> None:
         assert len(labels) <= 4, f"{name}: {labels}"
         unbounded = [label for label in labels if UNBOUNDED_LABEL.search(label)]
         assert unbounded == [], f"{name}: labels {unbounded} grow without bound"
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise() -> None:
+    from dpe.broker import free_port
+    from monitoring.metrics import serve_metrics
+
+    port = free_port()
+    serve_metrics(port)
+    listening = [c.laddr.ip for c in psutil.Process().net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening == ["127.0.0.1"]

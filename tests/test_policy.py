@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
+import shutil
 import socket
 import time
 
@@ -20,7 +21,14 @@ from dpe.grading import grade
 from dpe.policy.accuracy import measure_accuracy
 from dpe.policy.config import TinyVLMConfig, WarmupConfig
 from dpe.policy.generation import SamplingParams, generate
-from dpe.policy.model import VISION_TOKENS, build_tiny_policy, load_policy, suppressed_token_ids
+from dpe.policy.model import (
+    PICKLED_WEIGHTS,
+    VISION_TOKENS,
+    PickledWeights,
+    build_tiny_policy,
+    load_policy,
+    suppressed_token_ids,
+)
 from dpe.policy.processor import Qwen2VLNoVideoProcessor, load_processor
 from dpe.policy.prompts import build_messages, format_question, render_prompt
 from dpe.policy.sft import IGNORE_INDEX, sft_batch, train_sft
@@ -109,6 +117,18 @@ def test_save_load_round_trips_exactly(family, items, tmp_path, no_network):
         difference = (policy.model(**inputs).logits - loaded.model(**inputs).logits).abs().max().item()
     assert difference == 0.0
     assert json.loads((tmp_path / "ckpt" / "note.json").read_text()) == {}
+
+
+def test_policies_save_safetensors_and_a_folder_of_pickled_weights_is_refused(policy, tmp_path):
+    saved = policy.save(tmp_path / "safe")
+    assert list(saved.glob("*.safetensors")), "save_pretrained writes safetensors"
+    assert not [path for pattern in PICKLED_WEIGHTS for path in saved.glob(pattern)]
+    pickled = shutil.copytree(saved, tmp_path / "pickled")
+    for weights in pickled.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(policy.model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(PickledWeights, match="pytorch_model.bin holds pickled weights .* safetensors only"):
+        load_policy(pickled)
 
 
 def test_tiny_build_is_deterministic():

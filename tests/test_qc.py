@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -28,6 +29,7 @@ from consumers.qc.settings import DifficultySettings
 from consumers.roles import AnswererQuestion, ItemContext, TaskPlan
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher
+from dpe.config import with_overrides
 from dpe.events import AcceptedSample, BlobRef, Checkpoint, RejectedSample, SampleBody, UnlabeledItem
 from dpe.imaging import Compose, Flip, Recolor, Rotate, Zoom
 from dpe.world import generate_scene, render_scene, scene_capabilities, unlabeled_scene, write_question
@@ -162,7 +164,7 @@ def tiny_policy_folder(tmp_path_factory):
 
 
 async def test_difficulty_band_uses_the_newest_checkpoint(tiny_policy_folder):
-    holder = PolicyHolder(base_policy=tiny_policy_folder)
+    holder = PolicyHolder(base_policy=tiny_policy_folder, roots=[Path(tiny_policy_folder).parent])
     await holder.start()
     assert holder.get().version == 0
     await holder.use(Checkpoint(policy_version=3, uri=tiny_policy_folder))
@@ -237,6 +239,7 @@ async def _count(read, n: int) -> bool:
 async def test_worker_records_the_checkpoint_it_measured_difficulty_against(settings, tiny_policy_folder):
     settings = agent_settings(settings, qc={"difficulty": {"enabled": True, "samples": 3, "min_correct": 0,
                                                            "max_correct": 3, "max_new_tokens": 4}})
+    settings = with_overrides(settings, {"checkpoint_roots": [str(Path(tiny_policy_folder).parent)]})
     quotas = {"counting": 2, "text_reading": 2}
     await publish_all(settings, [Checkpoint(policy_version=3, uri=tiny_policy_folder), plan(quotas)])
     async with AsyncPublisher(settings) as publisher:

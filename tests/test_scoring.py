@@ -11,6 +11,7 @@ import pytest
 from dpe.events import BlobRef, Divergence, EvalOutcome
 from streams.beta import beta_cdf, beta_ppf, credible_interval
 from streams.scoring import (
+    MAX_VERSION_LEAP,
     Applied,
     CapabilityState,
     RejectedEvidence,
@@ -287,3 +288,53 @@ def test_bad_consensus_strength_is_rejected():
     event = divergence(1, "p", 0.5).model_copy(update={"consensus_strength": float("nan")})
     with pytest.raises(RejectedEvidence, match="consensus_strength"):
         divergence_evidence(event, PARAMS)
+
+
+# --- reach: no single event freezes a state ------------------------------------------------------
+
+
+def test_a_version_far_ahead_of_the_state_is_refused_with_a_reason_not_adopted():
+    state = state_of(random_log(random.Random(21), range(1, 4), per_version=5, reruns=1))
+    before = load_state(dump_state(state))
+    far = outcome_evidence(outcome(10**8, "far", 0.0), PARAMS)
+    with pytest.raises(RejectedEvidence) as caught:
+        apply(state, far, PARAMS)
+    assert caught.value.error_class == "VersionTooFarAhead" and caught.value.stage == "weakness.score"
+    assert str(10**8) in caught.value.message and "counting" in caught.value.message
+    assert state == before, "refused evidence leaves the state as it was"
+    assert apply(state, outcome_evidence(outcome(4, "next", 1.0), PARAMS), PARAMS) is Applied.APPLIED
+    assert state.newest == 4
+
+
+def test_a_version_a_little_ahead_is_still_taken():
+    state = state_of([outcome(3, "a", 0.0)])
+    assert apply(state, outcome_evidence(outcome(3 + MAX_VERSION_LEAP, "b", 1.0), PARAMS), PARAMS) is Applied.APPLIED
+
+
+@pytest.mark.parametrize("outlier_first", [True, False])
+def test_a_lone_outlier_is_dropped_whichever_comes_first(outlier_first):
+    good = [outcome(v, f"i{v}", v % 2) for v in (1, 2, 3)]
+    outlier = outcome(10**8, "bogus", 0.0)
+    events = [outlier, *good] if outlier_first else [good[0], outlier, *good[1:]]
+    state = CapabilityState()
+    for event in events:
+        try:
+            apply(state, outcome_evidence(event, PARAMS), PARAMS)
+        except RejectedEvidence:
+            assert not outlier_first, "the outlier is only refused once the ledger has evidence"
+    assert state == state_of(good), "the outlier leaves no trace: the good outcomes all count"
+    assert summarise(state, PARAMS).events == 3
+
+
+def test_a_source_first_seen_far_ahead_of_the_other_is_taken():
+    """Sources are read at different speeds: the first divergence may be far ahead of the outcomes."""
+    state = state_of([outcome(1, "a", 0.0)])
+    far = divergence_evidence(divergence(5 * MAX_VERSION_LEAP, "p", 1.0), PARAMS)
+    assert apply(state, far, PARAMS) is Applied.APPLIED
+    assert apply(state, outcome_evidence(outcome(2, "b", 1.0), PARAMS), PARAMS) is Applied.APPLIED
+
+
+def test_replay_leaves_refused_evidence_out_like_the_stream():
+    good = [outcome(1, "a", 0.0), outcome(2, "b", 1.0)]
+    evidence = [outcome_evidence(e, PARAMS) for e in (good[0], outcome(10**8, "bogus", 0.0), good[1])]
+    assert replay(evidence, PARAMS)["counting"] == state_of(good)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from dpe.events import (
     CapabilityWeakness,
     Checkpoint,
     EvalOutcome,
+    Event,
     QCVerdict,
     QuotaPlan,
     RejectedSample,
@@ -25,9 +28,10 @@ from dpe.events import (
 from dpe.settings import Settings
 from dpe.spiral.experiment import MEAN, ExperimentOptions, ExperimentResult, RunOutcome, arm_statistics, write_results
 from dpe.spiral.report import write_report
-from dpe.spiral.run import SpiralOptions, run_settings
+from dpe.spiral.run import SpiralOptions, child_env, run_settings, write_config
 from dpe.spiral.state import SpiralState
-from dpe.spiral.view import render_view, rounds_table
+from dpe.spiral.view import RoundLog, render_view, rounds_table
+from dpe.supervisor import ServiceSpec, Supervisor
 
 BLOB = BlobRef(sha256="c" * 64, media_type="image/png", size_bytes=9, width=8, height=8)
 
@@ -54,9 +58,9 @@ def plan(version: int, quotas: dict[str, int]) -> QuotaPlan:
                      weights={c: 1.0 for c in quotas}, snapshot_id="s", policy_version=version)
 
 
-def folded() -> SpiralState:
-    state = SpiralState(heldout_suite="heldout")
-    events = [
+def timeline() -> list[Event]:
+    """Two rounds as the topics tell them, duplicates and another suite included."""
+    return [
         heldout(0, "a", "counting", False), heldout(0, "b", "counting", True), heldout(0, "c", "color", True),
         heldout(0, "d", "color", True), heldout(0, "e", "counting", False),
         heldout(0, "diag-only", "counting", True).model_copy(update={"suite": "diagnostic"}),
@@ -67,7 +71,11 @@ def folded() -> SpiralState:
         heldout(1, "c", "color", True), heldout(1, "c", "color", True),
         snapshot(1, {"counting": 0.4, "color": 0.1}), plan(1, {"counting": 5, "color": 3}),
     ]
-    for event in events:
+
+
+def folded() -> SpiralState:
+    state = SpiralState(heldout_suite="heldout")
+    for event in timeline():
         state.apply(event)
     return state
 
@@ -161,4 +169,65 @@ def test_a_run_aligns_the_quota_budget_the_trainer_round_and_the_diagnosis(tmp_p
     assert configured.stream.quotas.round_evidence == configured.evaluator.synthetic.round_items
     assert configured.evaluator.synthetic.heldout_suite in configured.stream.scoring.measure_only_suites
     assert configured.agents.llm.api_key.get_secret_value() == "sk-secret"
-    assert secret_env(configured)["DPE_AGENTS__LLM__API_KEY"] == "sk-secret", "child services get secrets by env"
+    agents = json.loads(secret_env(configured)["DPE_AGENTS"])
+    assert agents["llm"]["api_key"] == "sk-secret", "child services get secrets by env"
+
+
+def test_unattended_run_logs_each_round_once_when_its_heldout_suite_is_graded():
+    state, log, lines = SpiralState(heldout_suite="heldout"), RoundLog(heldout_items=4), []
+    for event in timeline():
+        state.apply(event)
+        lines += log.new_lines(state)
+    assert lines == [
+        "policy v0: 0 samples trained, held-out mean accuracy 0.750 on 4 items, plan –",
+        ("policy v1: 2 samples trained, held-out mean accuracy 0.833 (+0.167 since v0) on 4 items, "
+         "plan dpe_step (color 2, counting 6)"),
+    ]
+    assert log.new_lines(state) == []
+
+
+def test_the_supervisor_reports_each_restart_with_the_exit_code(tmp_path):
+    restarts = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPE_")}
+    supervisor = Supervisor(env=env, log_dir=tmp_path, max_restarts=1, on_restart=restarts.append)
+    supervisor.start(ServiceSpec("broken", ["no-such-command"]))
+    deadline = time.monotonic() + 60
+    try:
+        while not supervisor.check() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        supervisor.stop()
+    assert [str(restart) for restart in restarts] == ["service broken exited with code 2; restart 1 of 1"]
+
+
+SECRETS = {
+    "agents": {"llm": {"api_key": "sk-agents-llm"}},
+    "auditor": {"references": [
+        {"kind": "oracle"},
+        {"kind": "endpoint", "name": "big", "endpoint": {"base_url": "http://vllm:8000/v1", "model": "m",
+                                                         "api_key": "sk-reference"}},
+    ]},
+    "evaluator": {"judge": {"base_url": "http://judge:8000/v1", "model": "j", "api_key": "sk-judge"}},
+    "kafka": {"sasl_password": "sk-kafka"},
+}
+
+
+def test_the_run_config_holds_no_secret_and_services_get_every_secret_by_environment(tmp_path, monkeypatch):
+    settings = Settings.load(overrides=SECRETS)
+    path = tmp_path / "config.yaml"
+    write_config(settings, path)
+    written = path.read_text()
+    assert "sk-" not in written and "api_key" not in written and "sasl_password:" not in written
+    assert "http://vllm:8000/v1" in written, "everything else is written"
+
+    for name in [name for name in os.environ if name.startswith("DPE_")]:
+        monkeypatch.delenv(name)
+    for name, value in child_env(path, settings).items():
+        monkeypatch.setenv(name, value)
+    child = Settings.load()
+    assert child.auditor.references[1].endpoint.api_key.get_secret_value() == "sk-reference"
+    assert child.agents.llm.api_key.get_secret_value() == "sk-agents-llm"
+    assert child.evaluator.judge.api_key.get_secret_value() == "sk-judge"
+    assert child.kafka.sasl_password.get_secret_value() == "sk-kafka"
+    assert child.model_dump(mode="json") == settings.model_dump(mode="json"), "a service sees the run's settings"
+

@@ -180,6 +180,30 @@ def test_a_build_lock_left_by_a_killed_build_does_not_stall_the_next_trainer(tmp
     assert not any(lock.exists() for lock in leftovers)
 
 
+RENDEZVOUS = """
+import json, os, psutil
+from deepspeed import comm
+from trainer.distributed import prepare_process
+from trainer.settings import TrainerSettings
+prepare_process(TrainerSettings(torch_threads=1))
+comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+listening = [c.laddr for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN]
+print(json.dumps({"store": int(os.environ["MASTER_PORT"]), "listening": listening}))
+"""
+"""A trainer process up to its DeepSpeed rendezvous, as `GRPOEngine` starts it without a launcher (no model)."""
+
+
+def test_the_one_process_rendezvous_listens_on_loopback_only():
+    """torch's rendezvous store listens on every interface unless handed a socket; gloo on the host name's address."""
+    env = {name: value for name, value in CLEAN_ENV.items() if not name.startswith("DPE_")}
+    env["TORCH_EXTENSIONS_DIR"] = str(ROOT / ".cache" / "torch_extensions")
+    done = subprocess.run([sys.executable, "-c", RENDEZVOUS], capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env=env, check=True)
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["store"] in [port for _, port in report["listening"]], "the store is the one this process serves"
+    assert {ip for ip, _ in report["listening"]} == {"127.0.0.1"}, report["listening"]
+
+
 def test_staleness_weight_and_recent_ids():
     drop = StalenessSettings(max_versions=2)
     assert [staleness_weight(v, 5, drop) for v in (5, 3, 2, 7)] == [1.0, 1.0, None, 1.0]

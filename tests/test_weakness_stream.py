@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -270,9 +271,11 @@ async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(stream_settin
                                      .model_dump_json().encode()),
         "UnknownDivergenceCapability": (divergences, b"juggling",
                                         divergence(1, "p", "juggling").model_dump_json().encode()),
+        "OversizedEvent": (outcomes, b"counting", b'{"padding": "' + b"x" * (6 << 20) + b'"}'),
+        "VersionTooFarAhead": (outcomes, b"counting", outcome(10**6, "far", False).model_dump_json().encode()),
     }
     good = [outcome(1, "first", False), outcome(1, "last", True)]
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=8 << 20)
     await producer.start()
     try:
         await producer.send_and_wait(outcomes, good[0].model_dump_json().encode(), key=b"counting")
@@ -288,17 +291,25 @@ async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(stream_settin
         await w.until(lambda w: len({(d.origin_topic, d.origin_partition, d.origin_offset) for d in w.letters})
                       == len(bad) and w.latest is not None and w.latest[0].capabilities["counting"].events == 2,
                       what="dead letters and a plan")
-    by_payload = {base64.b64decode(letter.payload_b64): letter for letter in w.letters}
-    assert len(by_payload) == len(bad), "one dead letter per bad record (repeats allowed: at least once)"
+    by_hash = {letter.payload_sha256: letter for letter in w.letters}
+    assert len(by_hash) == len(bad), "one dead letter per bad record (repeats allowed: at least once)"
     for expected_class, (topic, key, value) in bad.items():
-        letter = by_payload[value]
+        letter = by_hash[hashlib.sha256(value).hexdigest()]
+        payload = base64.b64decode(letter.payload_b64)
+        assert payload == value or (letter.truncated and value.startswith(payload)), "payload untouched or cut"
         assert letter.error_class == expected_class.replace("Divergence", "")
         assert (letter.origin_topic, letter.origin_key) == (topic, key.decode())
         assert letter.origin_partition is not None and letter.origin_offset is not None
         assert letter.producer == "weakness" and letter.error_message
-    assert by_payload[bad["UnknownCapability"][2]].stage == "weakness.score"
-    assert "juggling" in by_payload[bad["UnknownCapability"][2]].error_message
-    assert "score" in by_payload[bad["SchemaViolation"][2]].error_message
+    def letter_of(expected_class: str) -> DeadLetter:
+        return by_hash[hashlib.sha256(bad[expected_class][2]).hexdigest()]
+
+    assert letter_of("UnknownCapability").stage == "weakness.score"
+    assert "juggling" in letter_of("UnknownCapability").error_message
+    assert "score" in letter_of("SchemaViolation").error_message
+    assert letter_of("OversizedEvent").truncated and letter_of("OversizedEvent").payload_bytes == len(
+        bad["OversizedEvent"][2]), "a record too big for a dead letter of its own goes truncated, with its size"
+    assert letter_of("VersionTooFarAhead").stage == "weakness.score", "a version far ahead is refused, not adopted"
     assert w.latest[0].capabilities["counting"].error_rate == 0.5, "the valid events around the bad ones count"
     plan = w.latest[1]
     assert (plan.strategy, plan.budget, set(plan.quotas.values())) == ("uniform", 40, {10}), "flags reach the planner"

@@ -1,9 +1,10 @@
 """Process-level setup for training: DeepSpeed config, single-process rendezvous, rollout backend.
 
 On CPU the trainer is one process using DeepSpeed with the gloo backend, which still wants the
-launcher's environment (`single_process_env`). On GPUs the accelerate or DeepSpeed launcher sets
-that environment for several processes, and rank 0 shares each round with the others
-(`share_from_main`).
+launcher's environment (`start_single_process_world`). Its rendezvous store and gloo listen on
+MASTER_ADDR alone: 127.0.0.1 unless the environment names another address. On GPUs the accelerate
+or DeepSpeed launcher sets that environment for several processes, and rank 0 shares each round
+with the others (`share_from_main`).
 
 Example:
     >>> from trainer.settings import TrainerSettings
@@ -20,17 +21,23 @@ import importlib.util
 import json
 import logging
 import os
+import socket
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import torch
+from torch.distributed import TCPStore
 
-from dpe.broker import free_port
 from trainer.settings import TrainerSettings
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+"""Where a one-process world listens when the environment names no MASTER_ADDR."""
 
 
 def deepspeed_config(settings: TrainerSettings) -> dict[str, Any]:
@@ -54,27 +61,74 @@ def deepspeed_config(settings: TrainerSettings) -> dict[str, Any]:
     }
 
 
-def single_process_env() -> dict[str, str]:
-    """Launcher variables for a one-process world, or nothing when a launcher already set them.
+def single_process_env(addr: str, port: int) -> dict[str, str]:
+    """Launcher variables for a one-process world whose rendezvous store is at `addr`:`port`.
 
     Example:
-        >>> sorted(single_process_env()) in ([], ["LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"])
-        True
+        >>> env = single_process_env("127.0.0.1", 29500)
+        >>> env["MASTER_ADDR"], env["MASTER_PORT"], env["WORLD_SIZE"]
+        ('127.0.0.1', '29500', '1')
     """
-    if "WORLD_SIZE" in os.environ:
-        return {}
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port())}
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
+
+
+@cache
+def serve_rendezvous(addr: str) -> TCPStore:
+    """This process's rendezvous store, listening on `addr` alone (started once; lives as long as the process).
+
+    torch's TCPStore server listens on every interface whatever MASTER_ADDR says, unless it is handed
+    a socket already bound. The store is multi-tenant, so the one `init_process_group` opens at
+    MASTER_ADDR:MASTER_PORT is this one.
+
+    Example:
+        >>> store = serve_rendezvous("127.0.0.1")
+        >>> store.port > 0, serve_rendezvous("127.0.0.1") is store
+        (True, True)
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    listener.bind(address)
+    port = listener.getsockname()[1]
+    return TCPStore(addr, port, None, True, wait_for_workers=False, multi_tenant=True,
+                    master_listen_fd=listener.detach())
+
+
+def interface_holding(addr: str) -> str | None:
+    """The name of the network interface that has address `addr` (a name or an IP), or None.
+
+    Example:
+        >>> interface_holding("127.0.0.1") in ("lo", "lo0"), interface_holding("192.0.2.1")
+        (True, None)
+    """
+    wanted = {info[4][0] for info in socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM)}
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(address.address.split("%")[0] in wanted for address in addresses):
+            return name
+    return None
+
+
+def start_single_process_world() -> None:
+    """The launcher's part for a one-process world: rendezvous variables, its store, gloo's interface.
+
+    The store and gloo listen on MASTER_ADDR (127.0.0.1 unless the environment sets it) and nowhere
+    else; GLOO_SOCKET_IFNAME, when set, still names gloo's interface.
+    """
+    addr = os.environ.get("MASTER_ADDR", LOOPBACK)
+    os.environ.update(single_process_env(addr, serve_rendezvous(addr).port))
+    interface = interface_holding(addr)
+    if interface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
 
 
 def prepare_process(settings: TrainerSettings) -> None:
-    """Thread count, extension cache and (with DeepSpeed) the rendezvous variables of this process."""
+    """Thread count, extension cache and (with DeepSpeed, without a launcher) the rendezvous of this process."""
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
         os.environ["OMP_NUM_THREADS"] = str(settings.torch_threads)  # else accelerate resets the thread count
     if settings.deepspeed.enabled:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(settings.extensions_dir).expanduser().resolve()))
-        os.environ.update(single_process_env())
+        if "WORLD_SIZE" not in os.environ:
+            start_single_process_world()
         build_deepspeed_ops(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     else:
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # inherited from a DeepSpeed parent, it would switch it on

@@ -12,7 +12,6 @@ from rich.console import Console
 
 from consumers.agents.service import AgentWorker
 from consumers.agents.settings import AgentsConfig
-from dpe.broker import BrokerError
 from dpe.command import CliState, pass_state
 from dpe.config import with_overrides
 from dpe.lifecycle import run_until_stopped, start_service
@@ -55,7 +54,4 @@ def agents(state: CliState, group: str | None, backend: str | None, llm_url: str
         "qc": {"difficulty": {"enabled": difficulty, "base_policy": base_policy}},
     }})
     start_service(settings, settings.agents.metrics_port)
-    try:
-        run_until_stopped(lambda stop: run_agents(settings, stop))
-    except BrokerError as exc:
-        raise click.ClickException(str(exc)) from None
+    run_until_stopped(lambda stop: run_agents(settings, stop))

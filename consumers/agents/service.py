@@ -75,6 +75,7 @@ from dpe.bus.follower import Follower, now_ms
 from dpe.endpoint.client import EndpointClient
 from dpe.events import AcceptedSample, Checkpoint, Event, QuotaPlan, UnlabeledItem
 from dpe.imaging import PillowEditor
+from dpe.policy.checkpoints import allowed_roots
 from monitoring.metrics import AGENT_ITEMS, AGENT_SAMPLES, QUOTA_PLAN_STARTED, QUOTA_REMAINING
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class AgentWorker:
         self.store = BlobStore(settings.blob.url, settings.blob.limits)
         qc = settings.agents.qc
         self.index = NearDuplicateIndex(qc.image_distance, qc.colour_distance, qc.text_similarity)
-        self.holder = PolicyHolder(qc.difficulty.base_policy)
+        self.holder = PolicyHolder(qc.difficulty.base_policy, allowed_roots(settings))
         self.lock = asyncio.Lock()
         self.inflight: set[asyncio.Task] = set()
         self.revoking = False

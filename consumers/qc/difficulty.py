@@ -1,14 +1,15 @@
 """The difficulty band: how often the current policy solves a sample out of k sampled answers.
 
 `PolicyHolder` keeps the policy to measure against: the newest checkpoint announced on the
-checkpoints topic (loaded from its folder in a thread, swapped in when ready), or a configured base
-policy before the first checkpoint. `PolicyPassRate` rolls out k answers per sample at the
-configured temperature with `dpe.policy.generation.generate`, batching concurrent samples, and
-grades them with `dpe.grading.grade`, the same grading as training rewards.
+checkpoints topic (loaded from its folder in a thread, swapped in when ready; given checkpoint
+roots, one outside them is refused unloaded), or a configured base policy before the first
+checkpoint. `PolicyPassRate` rolls out k answers per sample at the configured temperature with
+`dpe.policy.generation.generate`, batching concurrent samples, and grades them with
+`dpe.grading.grade`, the same grading as training rewards.
 
 Example:
     >>> async def check(settings, image, body):                        # doctest: +SKIP
-    ...     holder = PolicyHolder(settings.agents.qc.difficulty.base_policy)
+    ...     holder = PolicyHolder(settings.agents.qc.difficulty.base_policy, allowed_roots(settings))
     ...     await holder.start()
     ...     return await PolicyPassRate(holder, settings.agents.qc.difficulty).measure(image, body)
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image
@@ -47,10 +50,15 @@ class VersionedPolicy:
 
 
 class PolicyHolder:
-    """The newest policy: the latest checkpoint's, or the base policy (version 0) before any."""
+    """The newest policy: the latest checkpoint's, or the base policy (version 0) before any.
 
-    def __init__(self, base_policy: str | None = None):
+    Announced checkpoints load only from inside `roots` (`dpe.policy.checkpoints.allowed_roots` of the
+    settings); the base policy is the operator's own folder.
+    """
+
+    def __init__(self, base_policy: str | None, roots: Sequence[Path]):
         self.base_policy = base_policy
+        self.roots = roots
         self.current: VersionedPolicy | None = None
 
     async def start(self) -> None:
@@ -63,8 +71,8 @@ class PolicyHolder:
         if self.current is not None and checkpoint.policy_version <= self.current.version:
             return
         try:
-            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri)
-        except Exception as exc:  # noqa: BLE001 - a bad checkpoint must not stop the agents
+            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots)
+        except Exception as exc:  # noqa: BLE001 - a bad (or refused) checkpoint must not stop the agents
             log.error("cannot load policy v%s from %s: %s", checkpoint.policy_version, checkpoint.uri, exc)
             return
         if self.current is None or checkpoint.policy_version > self.current.version:

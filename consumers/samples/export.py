@@ -9,7 +9,11 @@ Formats:
   question) and ``answer`` columns, plus the same extras.
 
 Images are named by their content hash (``images/<sha256>.<ext>``), never by anything in the
-samples. The accepted topic is read in full and deduplicated by `sample_id` (first one wins).
+samples. The accepted topic is read in full and deduplicated by `sample_id` (first one wins). A
+sample whose image the blob store cannot serve (missing or corrupt) is skipped, with the reason.
+
+The export is atomic: it is written into a new folder beside ``out`` and renamed to ``out`` only
+once complete, so a failed export leaves nothing behind. ``out`` must not exist or be empty.
 
 Example:
     >>> rows = trl_rows([sample], {sample.body.image.sha256: "images/ab.png"})     # doctest: +SKIP
@@ -17,15 +21,21 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
-from collections.abc import Callable, Sequence
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpe.blobstore import BlobStore
+from dpe.blobstore import BlobError, BlobStore
 from dpe.bus.follower import read_topic
 from dpe.config import CoreSettings
 from dpe.events import AcceptedSample
@@ -42,21 +52,47 @@ async def read_accepted(settings: CoreSettings) -> list[AcceptedSample]:
     return list(samples.values())
 
 
-def write_images(samples: Sequence[AcceptedSample], store: BlobStore, out: Path) -> dict[str, str]:
-    """Copy each distinct image to ``out/images/<sha256>.<ext>``; sha256 -> path relative to `out`."""
+@dataclass(frozen=True)
+class Skipped:
+    """A sample left out of the export, and why."""
+
+    sample_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What `export_samples` wrote: the data file, how many samples it holds, and the samples skipped."""
+
+    path: Path
+    samples: int
+    skipped: list[Skipped]
+
+
+def write_images(
+    samples: Sequence[AcceptedSample], store: BlobStore, out: Path
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Copy each distinct image to ``out/images/<sha256>.<ext>``.
+
+    Returns sha256 -> path relative to `out` for the images written, and sha256 -> why for those the
+    store cannot serve (`BlobError`: missing or corrupt).
+    """
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
     for sample in samples:
         ref = sample.body.image
-        if ref.sha256 in paths:
+        if ref.sha256 in paths or ref.sha256 in unreadable:
             continue
         relative = f"images/{ref.sha256}.{_EXTENSIONS.get(ref.media_type, 'img')}"
-        target = out / relative
-        if not target.exists():
-            target.write_bytes(store.get_bytes(ref))
+        try:
+            (out / relative).write_bytes(store.get_bytes(ref))
+        except BlobError as exc:
+            unreadable[ref.sha256] = str(exc)
+            continue
         paths[ref.sha256] = relative
-    return paths
+    return paths, unreadable
 
 
 def _extras(sample: AcceptedSample) -> dict[str, Any]:
@@ -122,8 +158,43 @@ FORMATS: dict[str, tuple[Callable[..., list[dict[str, Any]]], Callable[[list[dic
 """Format name -> (row builder, writer)."""
 
 
-def export_samples(samples: Sequence[AcceptedSample], store: BlobStore, out: Path, fmt: str) -> Path:
-    """Write `samples` in format `fmt` under `out`; the path of the data file."""
-    out.mkdir(parents=True, exist_ok=True)
+def export_samples(samples: Sequence[AcceptedSample], store: BlobStore, out: Path, fmt: str) -> Exported:
+    """Write `samples` in format `fmt` as the new folder `out` (atomically), skipping those whose image is unreadable.
+
+    Raises `FileExistsError` when `out` exists and is not an empty folder.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(errno.EEXIST, "exists and is not an empty folder", str(out))
     build, write = FORMATS[fmt]
-    return write(build(samples, write_images(samples, store, out)), out)
+    with _staged(out) as folder:
+        paths, unreadable = write_images(samples, store, folder)
+        kept = [sample for sample in samples if sample.body.image.sha256 in paths]
+        path = write(build(kept, paths), folder)
+    skipped = [Skipped(sample.sample_id, unreadable[sample.body.image.sha256])
+               for sample in samples if sample.body.image.sha256 in unreadable]
+    return Exported(out / path.name, len(kept), skipped)
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new folder beside `out` to write into: renamed to `out` when the block completes, removed if it fails.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "export"
+        >>> with _staged(out) as folder:
+        ...     _ = (folder / "train.jsonl").write_text("{}")
+        ...     out.exists()
+        False
+        >>> sorted(p.name for p in out.parent.iterdir()), (out / "train.jsonl").read_text()
+        (['export'], '{}')
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()
+    try:
+        yield staging
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -29,7 +29,7 @@ from dpe.bus.deadletter import RecordLike, dead_letter_for
 from dpe.bus.delivery import LAG_REPORT_INTERVAL_S, Delivery, Rejection, record_lag, split_records, topic_specs
 from dpe.bus.options import aiokafka_options, consumer_tuning, producer_tuning
 from dpe.config import CoreSettings
-from dpe.events import DeadLetter, Event
+from dpe.events import Event
 from dpe.topics import MODEL_TOPIC, topic_for
 from monitoring.metrics import DEADLETTERS, HANDLE_SECONDS, consumed_counter, published_counter
 
@@ -176,12 +176,15 @@ class AsyncSubscriber:
     async def dead_letter(self, record: RecordLike | Delivery, error: Exception, stage: str) -> None:
         """Send a record that was valid but could not be processed to the dead-letter topic."""
         raw = record.record if isinstance(record, Delivery) else record
-        await self._publish_dead_letter(dead_letter_for(raw, error, f"{self.service}.{stage}", self.service))
+        await self._publish_dead_letter(raw, error, f"{self.service}.{stage}")
 
     async def _send_dead_letter(self, rejection: Rejection) -> None:
-        await self._publish_dead_letter(dead_letter_for(rejection.record, rejection.error, "decode", self.service))
+        await self._publish_dead_letter(rejection.record, rejection.error, "decode")
 
-    async def _publish_dead_letter(self, letter: DeadLetter) -> None:
+    async def _publish_dead_letter(self, record: RecordLike, error: Exception, stage: str) -> None:
+        """Publish the dead letter of `record`, sized for the publisher's dead-letter topic."""
+        max_event_bytes = self.publisher.settings.kafka.max_event_bytes
+        letter = dead_letter_for(record, error, stage, self.service, max_event_bytes)
         await self.publisher.publish_and_wait(letter)
         DEADLETTERS.labels(letter.origin_topic, letter.stage, letter.error_class).inc()
 

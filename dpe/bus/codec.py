@@ -4,6 +4,10 @@ Values are UTF-8 JSON of the event model; headers repeat the envelope (event id,
 version, producer) so that tools can route without parsing. Anything that cannot become a valid
 event raises `InvalidEvent`, whose `error_class` is a stable, bounded name used as a metric label.
 
+Decoding is strict: a value must have its field's JSON type, so ``"yes"`` is no boolean and ``"3"``
+no integer (pydantic's lax mode would coerce both). JSON's own forms still decode: datetimes from
+ISO 8601 strings, enums and literals from their values, tuples from arrays.
+
 Example:
     >>> from dpe.events import Checkpoint
     >>> raw = encode(Checkpoint(policy_version=1, uri="/ckpt/1"), max_bytes=10_000)
@@ -13,6 +17,10 @@ Example:
     Traceback (most recent call last):
     ...
     dpe.bus.codec.InvalidEvent: MalformedJSON: not valid JSON: ...
+    >>> decode(Checkpoint, b'{"policy_version": "1", "uri": "/ckpt/1"}', max_bytes=10_000)
+    Traceback (most recent call last):
+    ...
+    dpe.bus.codec.InvalidEvent: SchemaViolation: Checkpoint: policy_version: Input should be a valid integer
 """
 
 from __future__ import annotations
@@ -59,13 +67,14 @@ def headers_for(event: Event) -> list[tuple[str, bytes]]:
 
 
 def decode(model: type[Event], value: bytes | None, max_bytes: int) -> Event:
-    """Parse and validate a record value as `model`, or raise InvalidEvent saying why not."""
+    """Parse and validate a record value as `model` (strictly: no type coercion), or raise InvalidEvent
+    saying why not."""
     if value is None or len(value) == 0:
         raise InvalidEvent("EmptyMessage", "the record has no value")
     if len(value) > max_bytes:
         raise InvalidEvent("OversizedEvent", f"{len(value)} bytes, over the {max_bytes}-byte limit")
     try:
-        return model.model_validate_json(value)
+        return model.model_validate_json(value, strict=True)
     except ValidationError as exc:
         raise _explain(model, exc) from None
 

@@ -22,7 +22,7 @@ from dpe.bus.deadletter import RecordLike, dead_letter_for
 from dpe.bus.delivery import LAG_REPORT_INTERVAL_S, Delivery, record_lag, split_records, topic_specs
 from dpe.bus.options import consumer_tuning, kafka_python_options, producer_tuning
 from dpe.config import CoreSettings
-from dpe.events import DeadLetter, Event
+from dpe.events import Event
 from dpe.topics import MODEL_TOPIC, topic_for
 from monitoring.metrics import DEADLETTERS, consumed_counter, published_counter
 
@@ -111,7 +111,7 @@ class Subscriber:
         records = [record for batch in data.values() for record in batch]
         deliveries, rejections = split_records(records, self._specs, self.settings.kafka.max_event_bytes)
         for rejection in rejections:
-            self._publish_dead_letter(dead_letter_for(rejection.record, rejection.error, "decode", self.service))
+            self._publish_dead_letter(rejection.record, rejection.error, "decode")
         for delivery in deliveries:
             consumed_counter(delivery.topic).inc()
         if time.monotonic() - self._lag_reported_at >= LAG_REPORT_INTERVAL_S:
@@ -121,9 +121,11 @@ class Subscriber:
     def dead_letter(self, record: RecordLike | Delivery, error: Exception, stage: str) -> None:
         """Send a record that was valid but could not be processed to the dead-letter topic."""
         raw = record.record if isinstance(record, Delivery) else record
-        self._publish_dead_letter(dead_letter_for(raw, error, f"{self.service}.{stage}", self.service))
+        self._publish_dead_letter(raw, error, f"{self.service}.{stage}")
 
-    def _publish_dead_letter(self, letter: DeadLetter) -> None:
+    def _publish_dead_letter(self, record: RecordLike, error: Exception, stage: str) -> None:
+        """Publish the dead letter of `record`, sized for this bus's dead-letter topic."""
+        letter = dead_letter_for(record, error, stage, self.service, self.settings.kafka.max_event_bytes)
         self.publisher.publish(letter).get(timeout=30)
         DEADLETTERS.labels(letter.origin_topic, letter.stage, letter.error_class).inc()
 

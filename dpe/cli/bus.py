@@ -19,6 +19,7 @@ from dpe.bus.codec import InvalidEvent, decode
 from dpe.bus.options import consumer_tuning, kafka_python_options
 from dpe.bus.sync import Publisher
 from dpe.command import CliState, pass_state
+from dpe.config import mask_userinfo
 from dpe.lifecycle import run_until_stopped
 from dpe.schema import SCHEMA_FILE, asyncapi, committed, compatibility_problems, payloads, render_document
 from dpe.settings import Settings
@@ -28,10 +29,7 @@ console = Console()
 
 
 def _bootstrap(state: CliState) -> str:
-    try:
-        return resolve_bootstrap(state.settings_as(Settings))
-    except BrokerError as exc:
-        raise click.ClickException(str(exc)) from None
+    return resolve_bootstrap(state.settings_as(Settings))
 
 
 def _full_topic(state: CliState, name: str) -> str:
@@ -52,7 +50,8 @@ def broker(state: CliState, port: int | None, create_topics: bool) -> None:
     """Run the embedded Kafka-compatible broker until Ctrl-C (memory storage)."""
     settings = state.settings_as(Settings)
     if settings.kafka.bootstrap_servers:
-        raise click.ClickException(f"an external Kafka is configured ({settings.kafka.bootstrap_servers})")
+        configured = mask_userinfo(settings.kafka.bootstrap_servers)
+        raise click.ClickException(f"an external Kafka is configured ({configured})")
     settings.home.mkdir(parents=True, exist_ok=True)
     with EmbeddedBroker(port=port, log_path=settings.home / "broker.log") as running:
         try:
@@ -175,7 +174,7 @@ def publish(state: CliState, topic: str, source: IO[str]) -> None:
             if not line.strip():
                 continue
             try:
-                event = spec.model.model_validate_json(line)
+                event = spec.model.model_validate_json(line, strict=True)
             except ValidationError as exc:
                 bad += 1
                 first = exc.errors(include_url=False)[0]
@@ -193,7 +192,7 @@ def publish(state: CliState, topic: str, source: IO[str]) -> None:
 @click.command()
 @pass_state
 def doctor(state: CliState) -> None:
-    """Check the broker, the topics and the blob store; print the configuration without secrets."""
+    """Check the broker, the topics and the blob store; print the configuration without secrets or URL credentials."""
     settings = state.settings_as(Settings)
     checks: list[tuple[str, bool, str]] = []
     try:
@@ -213,7 +212,7 @@ def doctor(state: CliState) -> None:
         checks.append(("blob store writable", False, f"{settings.blob.url}: {exc}"))
     table = Table("check", "ok", "detail")
     for name, ok, detail in checks:
-        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", detail)
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", mask_userinfo(detail))
     console.print(table)
     console.print_json(json.dumps(settings.summary()))
     if not all(ok for _, ok, _ in checks):

@@ -1,15 +1,23 @@
 """Announced checkpoints as their readers see them: where a URI points, loading it, the newest one on the bus.
 
 The evaluator, the auditor and the difficulty band load policies only through `load_checkpoint`.
+A URI read from the bus is loaded only from inside the allowed checkpoint roots (`allowed_roots`:
+``<home>/checkpoints``, the model cache and ``checkpoint_roots``), symlinks and ``..`` resolved
+first; anything else is refused (`CheckpointOutsideRoots`) before a file is read.
 torch and transformers are imported when a policy is loaded, not when this module is.
 
 Example:
     >>> checkpoint_folder("file:///ckpt/3")
     PosixPath('/ckpt/3')
+    >>> checkpoint_folder("/ckpt/../etc", roots=[Path("/ckpt")])
+    Traceback (most recent call last):
+    ...
+    dpe.policy.checkpoints.CheckpointOutsideRoots: checkpoint '/ckpt/../etc' is /etc, outside the checkpoint roots /ckpt
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,20 +29,51 @@ if TYPE_CHECKING:
     from dpe.policy.model import Policy
 
 
-def checkpoint_folder(uri: str) -> Path:
-    """The local folder a checkpoint URI names (a path or a ``file://`` URL); other schemes are refused."""
+class CheckpointOutsideRoots(ValueError):
+    """A checkpoint URI that names a folder outside every allowed checkpoint root: never loaded."""
+
+
+def allowed_roots(settings: CoreSettings) -> tuple[Path, ...]:
+    """The folders announced checkpoints may be loaded from: ``<home>/checkpoints`` (the trainer's), the
+    model cache (warmed base models, `dpe run`'s among them) and the configured ``checkpoint_roots``.
+
+    Example:
+        >>> roots = allowed_roots(CoreSettings(home="/data/home", checkpoint_roots=["/models"]))
+        >>> roots[0], roots[-1]
+        (PosixPath('/data/home/checkpoints'), PosixPath('/models'))
+    """
+    from dpe.policy.warmup import default_cache_dir
+
+    return (settings.home / "checkpoints", default_cache_dir(), *settings.checkpoint_roots)
+
+
+def checkpoint_folder(uri: str, roots: Sequence[Path] | None = None) -> Path:
+    """The local folder a checkpoint URI names (a path or a ``file://`` URL), symlinks and ``..`` resolved.
+
+    Given `roots`, a folder outside all of them is refused (`CheckpointOutsideRoots`); other schemes
+    than ``file`` always are.
+    """
     if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    if "://" in uri:
+        folder = Path(uri.removeprefix("file://")).resolve()
+    elif "://" in uri:
         raise ValueError(f"checkpoint URI {uri!r}: only local folders can be loaded")
-    return Path(uri)
+    else:
+        folder = Path(uri).resolve()
+    if roots is not None and not any(folder.is_relative_to(root.resolve()) for root in roots):
+        shown = ", ".join(str(root) for root in roots)
+        raise CheckpointOutsideRoots(f"checkpoint {uri!r} is {folder}, outside the checkpoint roots {shown}")
+    return folder
 
 
-def load_checkpoint(uri: str) -> "Policy":
-    """The policy saved at `uri` (a folder path or a ``file://`` URL)."""
+def load_checkpoint(uri: str, *, roots: Sequence[Path] | None = None) -> "Policy":
+    """The policy saved at `uri` (a folder path or a ``file://`` URL), refused outside `roots`.
+
+    `roots` is None only for a folder the operator configured (a base policy, a reference model),
+    never for a URI read from the bus: pass `allowed_roots` of the settings.
+    """
     from dpe.policy.model import load_policy
 
-    return load_policy(checkpoint_folder(uri))
+    return load_policy(checkpoint_folder(uri, roots))
 
 
 async def latest_checkpoint(settings: CoreSettings, *, service: str, timeout_ms: int = 500) -> Checkpoint | None:

@@ -6,6 +6,11 @@ own process under a `Supervisor` (the trainer announces the base model as policy
 watches the topics (read-only) until the trainer has published `rounds` checkpoints and the evaluator has graded the last one on the held-out suite. It then stops every
 service and writes ``summary.json`` and ``report.html`` into ``runs/<id>/``.
 
+With a terminal it shows a live view; without one (``--no-live``, or output to a file or a pipe)
+it prints one line per round (`RoundLog`) and one per service restart instead.
+
+The run's ``config.yaml`` holds no secret: the services get theirs by environment (`secret_env`).
+
 Example:
     >>> result = run_spiral(Settings.load(), SpiralOptions(rounds=3))   # doctest: +SKIP
     >>> result.rounds[-1].heldout_accuracy                              # doctest: +SKIP
@@ -18,11 +23,13 @@ import contextlib
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+from pydantic import SecretStr
+from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.live import Live
 
@@ -36,7 +43,7 @@ from dpe.policy.warmup import warm_up
 from dpe.settings import Settings
 from dpe.spiral.report import write_report
 from dpe.spiral.state import RoundRecord, SpiralState
-from dpe.spiral.view import render_view
+from dpe.spiral.view import RoundLog, render_view
 from dpe.supervisor import ServiceSpec, Supervisor
 
 OBSERVED = [EvalOutcome, AcceptedSample, RejectedSample, Checkpoint, WeaknessSnapshot, QuotaPlan]
@@ -88,6 +95,8 @@ def bus_for(settings: Settings, log_path: Path) -> Iterator[str]:
 def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, base_model: Path) -> Settings:
     """The settings every service of this run reads: the user's, plus the run's bus, folders, model and rounds.
 
+    The base model's folder joins the checkpoint roots: version 0 is announced from there.
+
     A round is one policy version: its plan is made once the evaluator has graded the version's
     round suite, and the trainer closes it when the plan's `round_samples` samples have arrived (or
     `round_timeout_s` after its first sample, when the unlabeled data cannot fill the plan).
@@ -100,6 +109,7 @@ def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, bas
         quotas["strategy"] = options.strategy
     overrides: dict[str, Any] = {
         "home": str(home),
+        "checkpoint_roots": [*map(str, settings.checkpoint_roots), str(base_model)],
         "kafka": {"bootstrap_servers": bootstrap},
         "blob": {"url": str(home / "blobs")},
         "stream": {"quotas": quotas},
@@ -123,15 +133,35 @@ def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]
     return [ServiceSpec(spec.name, ["--log-level", "INFO", *spec.args]) for spec in specs]
 
 
-def _write_config(settings: Settings, path: Path) -> None:
+def write_config(settings: Settings, path: Path) -> None:
+    """`settings` as YAML at `path`, every secret left out, wherever it is (`child_env` carries them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = settings.model_dump(mode="json", exclude={"kafka": {"sasl_password", "ssl_password"}})
+    data = to_jsonable_python(_without_secrets(settings.model_dump()))
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def _child_env(config_path: Path, settings: Settings) -> dict[str, str]:
+def _without_secrets(data: Any) -> Any:
+    """Plain data (a model's python-mode dump) with every `SecretStr` left out, in mappings and lists alike.
+
+    >>> _without_secrets({"a": 1, "key": SecretStr("k"), "refs": [{"key": SecretStr("k"), "b": 2}]})
+    {'a': 1, 'refs': [{'b': 2}]}
+    """
+    if isinstance(data, dict):
+        return {key: _without_secrets(value) for key, value in data.items() if not isinstance(value, SecretStr)}
+    if isinstance(data, (list, tuple)):
+        return [_without_secrets(value) for value in data if not isinstance(value, SecretStr)]
+    return data
+
+
+def child_env(config_path: Path, settings: Settings) -> dict[str, str]:
+    """The services' environment: ours without ``DPE_*``, the written config, and `settings`' secrets."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DPE_")}
     return env | {"DPE_CONFIG": str(config_path.resolve())} | secret_env(settings)
+
+
+def _say(console: Console, started: float, line: str) -> None:
+    """One unwrapped, unstyled line with the seconds since the run started."""
+    console.print(f"[{time.monotonic() - started:.0f}s] {line}", soft_wrap=True, markup=False, highlight=False)
 
 
 def _done(state: SpiralState, rounds: int | None, heldout_items: int) -> bool:
@@ -148,6 +178,7 @@ async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState,
                                    subscribe=False, read_only=True) as sub:
             await sub.assign_all()
             live = Live(console=console, refresh_per_second=2, transient=False) if options.live else None
+            log = RoundLog(heldout_items)
             with live or contextlib.nullcontext():
                 while not _done(state, options.rounds, heldout_items):
                     for delivery in await sub.fetch(max_records=5000, timeout_ms=250):
@@ -158,6 +189,9 @@ async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState,
                     elapsed = time.monotonic() - started
                     if live is not None:
                         live.update(render_view(state, options.rounds, supervisor.status(), elapsed))
+                    else:
+                        for line in log.new_lines(state):
+                            _say(console, started, line)
                     if options.timeout_s is not None and elapsed > options.timeout_s:
                         return False
     return True
@@ -178,6 +212,7 @@ def _base_model(options: SpiralOptions, console: Console) -> Path:
 def run_spiral(settings: Settings, options: SpiralOptions, console: Console | None = None) -> SpiralResult:
     """Run the spiral for `options.rounds` rounds (None: until interrupted); see the module docstring."""
     console = console or Console()
+    options = replace(options, live=options.live and console.is_terminal)
     started = time.monotonic()
     base_model = _base_model(options, console)
     run_dir = options.run_dir
@@ -185,8 +220,9 @@ def run_spiral(settings: Settings, options: SpiralOptions, console: Console | No
         configured = run_settings(settings, options, bootstrap, base_model)
         ensure_topics(configured, bootstrap)
         config_path = run_dir / "config.yaml"
-        _write_config(configured, config_path)
-        supervisor = Supervisor(env=_child_env(config_path, configured), log_dir=run_dir / "logs")
+        write_config(configured, config_path)
+        supervisor = Supervisor(env=child_env(config_path, configured), log_dir=run_dir / "logs",
+                                on_restart=None if options.live else lambda event: _say(console, started, str(event)))
         synthetic = configured.evaluator.synthetic
         state = SpiralState(heldout_suite=synthetic.heldout_suite if synthetic is not None else "heldout")
         try:

@@ -1,6 +1,10 @@
-"""What a person watches: the live view of a running spiral (`render_view`) and its final table (`rounds_table`)."""
+"""What a person watches: the live view of a running spiral (`render_view`), its final table (`rounds_table`)
+and, run without a terminal, one log line per round (`RoundLog`)."""
 
 from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
 
 from rich.console import Group
 from rich.panel import Panel
@@ -75,3 +79,57 @@ def rounds_table(rounds: list[RoundRecord], title: str) -> Table:
                       if change is not None else "–")
     table.add_row("samples trained", *(str(record.samples_trained) for record in rounds), "", style="dim")
     return table
+
+
+def round_line(state: SpiralState, version: int) -> str:
+    """One line for policy version `version`: samples trained, held-out mean accuracy over capabilities (with the
+    change since v0) and the plan its samples were made for.
+
+    Example:
+        >>> from dpe.events import Checkpoint
+        >>> state = SpiralState()
+        >>> state.apply(Checkpoint(policy_version=1, parent_version=0, uri="/c/1", sample_ids=["a", "b"]))
+        >>> round_line(state, 1)
+        'policy v1: 2 samples trained, held-out mean accuracy – on 0 items, plan –'
+    """
+    accuracy, base = _mean(state.heldout_accuracy(version)), _mean(state.heldout_accuracy(0))
+    mean = f"{accuracy:.3f}" if accuracy is not None else "–"
+    change = f" ({accuracy - base:+.3f} since v0)" if version > 0 and accuracy is not None and base is not None else ""
+    checkpoint = state.checkpoints.get(version)
+    plan = state.latest_plan(version - 1) if version > 0 else None
+    quotas = ", ".join(f"{cap} {n}" for cap, n in sorted(plan.quotas.items())) if plan else ""
+    return (f"policy v{version}: {len(checkpoint.sample_ids) if checkpoint else 0} samples trained, "
+            f"held-out mean accuracy {mean}{change} on {state.heldout_items(version)} items, "
+            f"plan {f'{plan.strategy} ({quotas})' if plan else '–'}")
+
+
+def _mean(accuracy: dict[str, float]) -> float | None:
+    return statistics.fmean(accuracy.values()) if accuracy else None
+
+
+@dataclass
+class RoundLog:
+    """The unattended view: one `round_line` per policy version, in order, once its held-out suite is graded
+    (`heldout_items` outcomes), each version once.
+
+    Example:
+        >>> log = RoundLog(heldout_items=0)
+        >>> log.new_lines(SpiralState())
+        ['policy v0: 0 samples trained, held-out mean accuracy – on 0 items, plan –']
+        >>> log.new_lines(SpiralState())
+        []
+    """
+
+    heldout_items: int
+    next_version: int = 0
+
+    def new_lines(self, state: SpiralState) -> list[str]:
+        """Lines for the versions finished since the last call."""
+        lines = []
+        while self.next_version <= state.policy_version and self._graded(state, self.next_version):
+            lines.append(round_line(state, self.next_version))
+            self.next_version += 1
+        return lines
+
+    def _graded(self, state: SpiralState, version: int) -> bool:
+        return state.heldout_items(version) >= self.heldout_items

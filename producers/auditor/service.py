@@ -10,7 +10,9 @@ eval outcomes.
 
 Items that cannot be audited (an image missing or corrupt in the blob store, metadata that claims a
 scene but is not one, unknown capabilities) are dead-lettered with the reason; the service keeps
-going. Until the first checkpoint is announced there is no target, and unlabeled items wait.
+going. Until the first checkpoint is announced there is no target, and unlabeled items wait. A
+checkpoint outside the checkpoint roots is never loaded: it is dead-lettered with the reason and
+the current target stays.
 
 Example:
     >>> Auditor.selected_fraction("some-item", 0.0, seed=0), Auditor.selected_fraction("some-item", 1.0, seed=0)
@@ -25,6 +27,7 @@ import io
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
@@ -34,7 +37,7 @@ from dpe.bus.delivery import Delivery
 from dpe.events import BlobRef, Checkpoint, Divergence, UnlabeledItem
 from dpe.grading import extract_answer
 from dpe.imaging import ImageEditor, PillowEditor
-from dpe.policy.checkpoints import load_checkpoint
+from dpe.policy.checkpoints import CheckpointOutsideRoots, allowed_roots, load_checkpoint
 from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_ITEMS, AUDIT_PROBES
 from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, View, reference_answerer
 from producers.auditor.consensus import consensus, target_differs
@@ -162,20 +165,24 @@ class Target:
 
 
 class TargetTracker:
-    """Keeps the newest checkpoint as the target; `ready` is set once there is one."""
+    """Keeps the newest checkpoint inside `roots` as the target; `ready` is set once there is one."""
 
-    def __init__(self, max_new_tokens: int) -> None:
+    def __init__(self, max_new_tokens: int, roots: Sequence[Path]) -> None:
         self.max_new_tokens = max_new_tokens
+        self.roots = tuple(roots)
         self.current: Target | None = None
         self.ready = asyncio.Event()
 
     async def on_checkpoint(self, delivery: Delivery) -> None:
-        """Handler of the checkpoints topic: load a newer checkpoint (a bad one is logged and skipped)."""
+        """Handler of the checkpoints topic: load a newer checkpoint (a bad one is logged and skipped; one
+        outside the roots raises `CheckpointOutsideRoots`, unloaded)."""
         checkpoint: Checkpoint = delivery.event
         if self.current is not None and checkpoint.policy_version <= self.current.policy_version:
             return
         try:
-            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri)
+            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots)
+        except CheckpointOutsideRoots:
+            raise
         except Exception as error:  # noqa: BLE001 - a bad checkpoint must not stop auditing with the current one
             log.warning("cannot load checkpoint v%d at %s (%s); keeping the current target",
                         checkpoint.policy_version, checkpoint.uri, error)
@@ -210,11 +217,16 @@ def unlabeled_handler(
 
 async def follow_checkpoints(subscriber: AsyncSubscriber, handle: Callable[[Delivery], Awaitable[None]],
                              stop: asyncio.Event) -> None:
-    """Hand every checkpoint to `handle` until `stop` is set (no group: each auditor reads them all)."""
+    """Hand every checkpoint to `handle` until `stop` is set (no group: each auditor reads them all);
+    one it refuses as outside the checkpoint roots is dead-lettered."""
     await subscriber.assign_all()
     while not stop.is_set():
         for delivery in await subscriber.fetch(timeout_ms=500):
-            await handle(delivery)
+            try:
+                await handle(delivery)
+            except CheckpointOutsideRoots as refused:
+                log.error("refusing checkpoint v%d: %s", delivery.event.policy_version, refused)
+                await subscriber.dead_letter(delivery, refused, "load")
 
 
 async def _until_ready(tracker: TargetTracker, stop: asyncio.Event) -> None:
@@ -230,7 +242,7 @@ async def _until_ready(tracker: TargetTracker, stop: asyncio.Event) -> None:
 async def serve_auditor(settings: AuditorConfig, stop: asyncio.Event, auditor: Auditor | None = None) -> None:
     """Follow checkpoints (the target) and unlabeled items (what to audit) until `stop` is set."""
     auditor = auditor or await asyncio.to_thread(Auditor.from_settings, settings)
-    tracker = TargetTracker(settings.auditor.max_new_tokens)
+    tracker = TargetTracker(settings.auditor.max_new_tokens, allowed_roots(settings))
     async with AsyncPublisher(settings, producer_name=SERVICE) as publisher, AsyncSubscriber(
         settings, [Checkpoint], group_id=None, service=SERVICE, publisher=publisher, subscribe=False, read_only=True
     ) as checkpoints, AsyncSubscriber(

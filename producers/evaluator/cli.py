@@ -17,12 +17,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dpe.broker import BrokerError
 from dpe.bus.aio import AsyncPublisher
 from dpe.command import CliState, pass_state
 from dpe.events import EvalOutcome
 from dpe.lifecycle import run_until_stopped, start_service
-from dpe.policy.checkpoints import latest_checkpoint
+from dpe.policy.checkpoints import allowed_roots, latest_checkpoint
 from dpe.policy.threads import cap_torch_threads
 from producers.evaluator.outcomes import AccuracyRow
 from producers.evaluator.service import SERVICE, Evaluator, publish_outcomes, record_summary, serve_evaluator
@@ -67,20 +66,18 @@ def eval_command(state: CliState, uri: str | None, policy_version: int | None, s
     settings = state.settings_as(EvaluatorConfig)
     if uri is not None and policy_version is None:
         raise click.BadParameter("say which policy version the outcomes are for", param_hint="--policy-version")
+    roots = None  # a folder given on the command line is the operator's own
     if uri is None:
-        try:
-            latest = asyncio.run(latest_checkpoint(settings, service=SERVICE))
-        except BrokerError as error:
-            raise click.ClickException(str(error)) from None
+        latest = asyncio.run(latest_checkpoint(settings, service=SERVICE))
         if latest is None:
             raise click.ClickException("no checkpoint on the bus yet; pass --checkpoint and --policy-version")
-        uri, policy_version = latest.uri, latest.policy_version
+        uri, policy_version, roots = latest.uri, latest.policy_version, allowed_roots(settings)
     runner = Evaluator(settings.evaluator, settings.blob.limits)
     unknown = sorted(set(suites) - set(runner.suite_names))
     if unknown:
         raise click.BadParameter(f"unknown suites {unknown}; configured: {runner.suite_names}", param_hint="--suite")
     cap_torch_threads(settings.evaluator.torch_threads)
-    outcomes = runner.evaluate(uri, policy_version, set(suites) or None)
+    outcomes = runner.evaluate(uri, policy_version, set(suites) or None, roots=roots)
     if publish:
         asyncio.run(_publish(state, outcomes))
     console.print(accuracy_table(record_summary(outcomes)))

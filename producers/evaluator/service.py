@@ -5,7 +5,8 @@ version, for reporting only), a fresh synthetic sample for v, and every configur
 (all rows, or a fresh sample of them per version). Outcomes go to the eval-outcomes topic keyed by
 capability; re-evaluating a checkpoint (a redelivery after a crash, `dpe eval`) reproduces the same
 outcome ids, which consumers overwrite. A checkpoint that cannot be evaluated (missing folder,
-unreadable weights) is dead-lettered with the reason, and the service keeps going.
+unreadable weights, a folder outside the checkpoint roots, never loaded) is dead-lettered with the
+reason, and the service keeps going.
 
 Example:
     >>> stop = asyncio.Event()
@@ -19,6 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
@@ -27,7 +29,7 @@ from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
 from dpe.endpoint.client import EndpointClient
 from dpe.events import Checkpoint, EvalOutcome
-from dpe.policy.checkpoints import load_checkpoint
+from dpe.policy.checkpoints import allowed_roots, load_checkpoint
 from monitoring.metrics import BENCHMARK_ROWS_SKIPPED, EVAL_ACCURACY, EVAL_ITEMS, EVAL_POLICY_VERSION, EVAL_SECONDS
 from producers.evaluator.items import EvalItem, heldout_items, round_items
 from producers.evaluator.judge import Judge
@@ -85,10 +87,12 @@ class Evaluator:
             items += sample_for_version(loaded, suite.sample, suite.seed, policy_version)
         return [item for item in items if suites is None or item.suite in suites]
 
-    def evaluate(self, uri: str, policy_version: int, suites: Collection[str] | None = None) -> list[EvalOutcome]:
-        """Load the checkpoint at `uri` and evaluate it (blocking; CPU-bound)."""
+    def evaluate(self, uri: str, policy_version: int, suites: Collection[str] | None = None, *,
+                 roots: Sequence[Path] | None = None) -> list[EvalOutcome]:
+        """Load the checkpoint at `uri` (refused outside `roots`, see `load_checkpoint`) and evaluate it
+        (blocking; CPU-bound)."""
         started = time.perf_counter()
-        policy = load_checkpoint(uri)
+        policy = load_checkpoint(uri, roots=roots)
         outcomes = evaluate_items(
             policy,
             self.items_for(policy_version, suites),
@@ -142,12 +146,15 @@ async def publish_outcomes(publisher: AsyncPublisher, outcomes: Sequence[EvalOut
         raise TransientError(f"publishing eval outcomes failed: {error}") from error
 
 
-def checkpoint_handler(evaluator: Evaluator, publisher: AsyncPublisher) -> Callable[[Delivery], Awaitable[None]]:
-    """The handler of the checkpoints topic: evaluate in a worker thread, publish, summarise."""
+def checkpoint_handler(
+    evaluator: Evaluator, publisher: AsyncPublisher, roots: Sequence[Path]
+) -> Callable[[Delivery], Awaitable[None]]:
+    """The handler of the checkpoints topic: evaluate in a worker thread (only checkpoints inside `roots`),
+    publish, summarise."""
 
     async def on_checkpoint(delivery: Delivery) -> None:
         checkpoint: Checkpoint = delivery.event
-        outcomes = await asyncio.to_thread(evaluator.evaluate, checkpoint.uri, checkpoint.policy_version)
+        outcomes = await asyncio.to_thread(evaluator.evaluate, checkpoint.uri, checkpoint.policy_version, roots=roots)
         await publish_outcomes(publisher, outcomes)
         record_summary(outcomes)
 
@@ -160,4 +167,4 @@ async def serve_evaluator(settings: EvaluatorConfig, stop: asyncio.Event, evalua
     async with AsyncPublisher(settings, producer_name=SERVICE) as publisher, AsyncSubscriber(
         settings, [Checkpoint], group_id=settings.evaluator.group_id, service=SERVICE, publisher=publisher
     ) as subscriber:
-        await subscriber.run(checkpoint_handler(evaluator, publisher), stop, max_records=1)
+        await subscriber.run(checkpoint_handler(evaluator, publisher, allowed_roots(settings)), stop, max_records=1)

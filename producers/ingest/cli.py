@@ -1,7 +1,8 @@
 """`dpe ingest`: folders, JSONL manifests (files or standard input), the synthetic world, a watched folder.
 
 Shows a progress bar while it runs and ends with a table of published and skipped inputs by
-reason. ``--watch DIR`` keeps polling a folder for new files until SIGTERM or Ctrl-C.
+reason. ``--watch DIR`` keeps polling a folder for new files until SIGTERM or Ctrl-C. A one-shot
+ingest whose inputs all were refused (none published, none already published) fails, listing them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dpe.broker import BrokerError
 from dpe.bus.aio import AsyncPublisher
 from dpe.command import CliState, pass_state
 from dpe.config import with_overrides
@@ -61,11 +61,10 @@ def ingest(state: CliState, folders: tuple[Path, ...], manifests: tuple[str, ...
         raise click.UsageError("an endless --synthetic stream must come alone or with --count")
     inputs, total = _inputs(settings, folders, manifests, synthetic, count, seed, start)
     start_service(settings, settings.ingest.metrics_port)
-    try:
-        report = run_until_stopped(lambda stop: _run(settings, inputs, total, rate, watch, stop))
-    except BrokerError as exc:
-        raise click.ClickException(str(exc)) from None
+    report = run_until_stopped(lambda stop: _run(settings, inputs, total, rate, watch, stop))
     console.print(summary_table(report))
+    if watch is None and not report.on_bus:
+        raise click.ClickException(nothing_published(report))
 
 
 def _inputs(settings: IngestConfig, folders: tuple[Path, ...], manifests: tuple[str, ...], synthetic: bool,
@@ -112,7 +111,7 @@ async def _run(settings: IngestConfig, inputs: Iterable[Input], total: int | Non
             task = progress.add_task("ingest", total=total, published=0, skipped=0)
 
             def advance(outcome: Outcome) -> None:
-                report.counts[outcome.reason] += 1
+                report.record(outcome)
                 progress.update(task, advance=1, published=report.published, skipped=report.skipped)
 
             await ingestor.ingest(_until(paced(inputs, rate), stop), advance)
@@ -154,3 +153,23 @@ def summary_table(report: IngestReport) -> Table:
         table.add_row(outcome, reason, str(n), f"{n / total:.1%}")
     table.add_row("[bold]total[/]", "", str(sum(report.counts.values())), "")
     return table
+
+
+def nothing_published(report: IngestReport) -> str:
+    """Why an ingest published nothing: each refused input (the first `report.keep`) with its reason.
+
+    Example:
+        >>> report = IngestReport()
+        >>> report.record(Outcome("/in/a.png", "not_found", detail="no such file"))
+        >>> print(nothing_published(report))
+        nothing published: 1 input refused
+          /in/a.png: not_found (no such file)
+    """
+    if not report.refused:
+        return "nothing to ingest: no image found in what was given"
+    lines = [f"nothing published: {report.refused} input{'s' if report.refused > 1 else ''} refused"]
+    lines += [f"  {outcome.source}: {outcome.reason}" + (f" ({outcome.detail})" if outcome.detail else "")
+              for outcome in report.refusals]
+    if report.refused > len(report.refusals):
+        lines.append(f"  ... and {report.refused - len(report.refusals)} more")
+    return "\n".join(lines)

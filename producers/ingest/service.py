@@ -44,6 +44,8 @@ from producers.ingest.sources import Entry, Input, Refused
 log = logging.getLogger(__name__)
 
 PUBLISHED = "published"
+DUPLICATE = "duplicate"
+"""Content published before: it is on the bus already, so the input is not counted as refused."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,25 @@ class Outcome:
 
 @dataclass
 class IngestReport:
-    """Counts of outcomes by reason code."""
+    """Counts of outcomes by reason code, and the first `keep` refused inputs with why.
+
+    Example:
+        >>> report = IngestReport()
+        >>> for outcome in (Outcome("a.png", PUBLISHED), Outcome("b.png", DUPLICATE), Outcome("c.png", "corrupt")):
+        ...     report.record(outcome)
+        >>> report.published, report.skipped, report.on_bus, [o.source for o in report.refusals]
+        (1, 2, 2, ['c.png'])
+    """
 
     counts: Counter[str] = field(default_factory=Counter)
+    refusals: list[Outcome] = field(default_factory=list)
+    keep: int = 20
+
+    def record(self, outcome: Outcome) -> None:
+        """Count one outcome; keep it if it is one of the first `keep` refusals."""
+        self.counts[outcome.reason] += 1
+        if outcome.reason not in (PUBLISHED, DUPLICATE) and len(self.refusals) < self.keep:
+            self.refusals.append(outcome)
 
     @property
     def published(self) -> int:
@@ -73,6 +91,16 @@ class IngestReport:
     @property
     def skipped(self) -> int:
         return sum(n for reason, n in self.counts.items() if reason != PUBLISHED)
+
+    @property
+    def on_bus(self) -> int:
+        """Inputs whose content is on the bus now: published by this run or before it."""
+        return self.published + self.counts[DUPLICATE]
+
+    @property
+    def refused(self) -> int:
+        """Inputs that cannot be ingested (neither published nor duplicates)."""
+        return sum(self.counts.values()) - self.on_bus
 
 
 def index_path(settings: IngestConfig):
@@ -103,7 +131,7 @@ class Ingestor:
         report = IngestReport()
         async for entry in _aiter(inputs):
             outcome = await self.ingest_one(entry)
-            report.counts[outcome.reason] += 1
+            report.record(outcome)
             INGEST_ITEMS.labels("published" if outcome.published else "skipped", outcome.reason).inc()
             if on_outcome is not None:
                 on_outcome(outcome)
@@ -126,7 +154,7 @@ class Ingestor:
             return Outcome(entry.source, "unreadable", detail=f"{type(exc).__name__}: {exc}")
         sha = hashlib.sha256(data).hexdigest()
         if sha in self.index or sha in self._pending_hashes:
-            return Outcome(entry.source, "duplicate", sha)
+            return Outcome(entry.source, DUPLICATE, sha)
         try:
             ref = await asyncio.to_thread(self.store.put_image, data)
         except ImageRejected as exc:

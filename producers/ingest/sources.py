@@ -77,10 +77,19 @@ def located_entry(entry: str, base: Path, roots: Roots, max_bytes: int, **extra:
 
 
 def folder_entries(folder: Path, roots: Roots, max_bytes: int) -> Iterator[Input]:
-    """Every image file under `folder` (recursive, sorted, hidden files skipped).
+    """Every image file under `folder` (recursive, sorted, hidden files skipped), labelled by absolute path.
 
-    `folder` itself is an allowed root; a symlink that leads out of it and out of `roots` is refused.
+    A relative `folder` is relative to the working directory. `folder` itself is an allowed root; a
+    symlink that leads out of it and out of `roots` is refused.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.png").write_bytes(b"checked later, by the blob store")
+        >>> [Path(entry.source) == folder / "a.png" for entry in folder_entries(folder, Roots.of([]), 100)]
+        [True]
     """
+    folder = folder.absolute()
     base = Path(os.path.realpath(folder))
     allowed = Roots.of([base]) + roots
     for path in sorted(folder.rglob("*")):
