@@ -30,7 +30,7 @@ from dpe.spiral.experiment import MEAN, ExperimentOptions, ExperimentResult, Run
 from dpe.spiral.report import write_report
 from dpe.spiral.run import SpiralOptions, child_env, run_settings, write_config
 from dpe.spiral.state import SpiralState
-from dpe.spiral.view import RoundLog, render_view, rounds_table
+from dpe.spiral.view import RoundLog, StallLog, render_view, rounds_table
 from dpe.supervisor import ServiceSpec, Supervisor
 
 BLOB = BlobRef(sha256="c" * 64, media_type="image/png", size_bytes=9, width=8, height=8)
@@ -122,6 +122,26 @@ def test_report_writes_summary_and_plots(tmp_path):
     page = report_path.read_text()
     assert page.count("data:image/png;base64,") == 3
     assert "<td>0.67</td>" in page
+
+
+def test_a_stall_is_said_in_words_in_the_view_once_in_the_log_and_in_the_report(tmp_path):
+    """No new policy version for `after_s` while accepted samples wait: the trainer is the one stuck."""
+    state = folded()
+    stalls = StallLog(after_s=600)
+    state.apply(accepted("waiting", "counting"))
+    assert stalls.update(state) is None and stalls.current is None, "the spiral is moving"
+    later = time.monotonic() + 1200
+    began = stalls.update(state, now=later)
+    assert began == ("stalled: no new policy version for 20 min while 1 accepted samples wait for the trainer "
+                     "(see its log)")
+    assert stalls.update(state, now=later + 60) is None and len(stalls.seen) == 1, "one line per stall, not per tick"
+    console = Console(record=True, width=200)
+    console.print(render_view(state, target_rounds=3, services={}, elapsed_s=1300, stall=stalls.current))
+    assert "stalled: no new policy version for 21 min" in console.export_text()
+    state.apply(Checkpoint(policy_version=2, parent_version=1, uri="/c/2", sample_ids=["waiting"]))
+    assert stalls.update(state) is None and stalls.current is None, "a new version ends the stall"
+    _, report = write_report(tmp_path / "run", state.rounds(), meta={"run_id": "r1", "stalls": stalls.seen})
+    assert '<ul class="stalls"><li>stalled: no new policy version for 20 min' in report.read_text()
 
 
 def test_final_table_has_accuracy_per_version_and_the_change():

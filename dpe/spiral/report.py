@@ -77,12 +77,15 @@ def write_report(folder: Path, rounds: Sequence[RoundRecord], meta: dict[str, An
         _figure_png("Held-out accuracy per capability", rounds, "heldout_accuracy", "accuracy"),
     ]
     images = "".join(f'<img alt="plot" src="data:image/png;base64,{png}">' for png in figures)
-    meta_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
+    meta_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                        for k, v in meta.items() if k != "stalls")
+    stalls = "".join(f"<li>{html.escape(stall)}</li>" for stall in meta.get("stalls", []))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dpe-stream run {html.escape(str(meta.get('run_id', '')))}</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{display:block;margin:1em 0}}</style></head>
 <body><h1>dpe-stream run</h1><table>{meta_rows}</table>
+{f'<h2>Stalls</h2><ul class="stalls">{stalls}</ul>' if stalls else ''}
 <h2>Held-out accuracy per policy version</h2>{_table(rounds)}{images}</body></html>
 """
     report_path = folder / "report.html"

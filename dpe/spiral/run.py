@@ -43,7 +43,7 @@ from dpe.policy.warmup import warm_up
 from dpe.settings import Settings
 from dpe.spiral.report import write_report
 from dpe.spiral.state import RoundRecord, SpiralState
-from dpe.spiral.view import RoundLog, render_view
+from dpe.spiral.view import RoundLog, StallLog, render_view
 from dpe.supervisor import ServiceSpec, Supervisor
 
 OBSERVED = [EvalOutcome, AcceptedSample, RejectedSample, Checkpoint, WeaknessSnapshot, QuotaPlan]
@@ -63,6 +63,8 @@ class SpiralOptions:
     ingest_rate: float = 40.0
     auditor: bool = True
     live: bool = True
+    stall_after_s: float = 900.0
+    """No new policy version for this long is a stall, said in words in the view, the log and the report."""
     timeout_s: float | None = 1800.0
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     base_model: Path | None = None
@@ -168,9 +170,10 @@ def _done(state: SpiralState, rounds: int | None, heldout_items: int) -> bool:
     return rounds is not None and state.policy_version >= rounds and state.heldout_items(rounds) >= heldout_items
 
 
-async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState, supervisor: Supervisor,
-                 console: Console, started: float) -> bool:
-    """Fold the observed topics into `state` until the run is done (True) or times out (False)."""
+async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState, stalls: StallLog,
+                 supervisor: Supervisor, console: Console, started: float) -> bool:
+    """Fold the observed topics into `state` until the run is done (True) or times out (False), saying any
+    stall in words (`stalls`)."""
     synthetic = settings.evaluator.synthetic
     heldout_items = synthetic.heldout_items if synthetic is not None else 0
     async with AsyncPublisher(settings, producer_name="dpe-run") as pub:
@@ -187,10 +190,11 @@ async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState,
                     if failed:
                         raise RuntimeError(f"services kept failing: {', '.join(failed)} (see {supervisor.log_dir})")
                     elapsed = time.monotonic() - started
+                    began = stalls.update(state)
                     if live is not None:
-                        live.update(render_view(state, options.rounds, supervisor.status(), elapsed))
+                        live.update(render_view(state, options.rounds, supervisor.status(), elapsed, stalls.current))
                     else:
-                        for line in log.new_lines(state):
+                        for line in [*log.new_lines(state), *([began] if began else [])]:
                             _say(console, started, line)
                     if options.timeout_s is not None and elapsed > options.timeout_s:
                         return False
@@ -225,10 +229,11 @@ def run_spiral(settings: Settings, options: SpiralOptions, console: Console | No
                                 on_restart=None if options.live else lambda event: _say(console, started, str(event)))
         synthetic = configured.evaluator.synthetic
         state = SpiralState(heldout_suite=synthetic.heldout_suite if synthetic is not None else "heldout")
+        stalls = StallLog(options.stall_after_s)
         try:
             for spec in service_specs(options, base_model):
                 supervisor.start(spec)
-            completed = asyncio.run(_watch(configured, options, state, supervisor, console, started))
+            completed = asyncio.run(_watch(configured, options, state, stalls, supervisor, console, started))
         except KeyboardInterrupt:
             completed = False
         finally:
@@ -238,6 +243,7 @@ def run_spiral(settings: Settings, options: SpiralOptions, console: Console | No
     meta = {"run_id": options.run_id, "rounds_requested": options.rounds, "completed": completed,
             "seconds": round(seconds, 1), "strategy": configured.stream.quotas.strategy,
             "round_samples": options.round_samples, "base_model": str(base_model), "bootstrap": bootstrap,
-            "samples_accepted": len(state.accepted_ids), "samples_rejected_by_reason": dict(state.rejected_by_reason)}
+            "samples_accepted": len(state.accepted_ids), "samples_rejected_by_reason": dict(state.rejected_by_reason),
+            "stalls": stalls.seen}
     write_report(run_dir, rounds, meta)
     return SpiralResult(run_dir, rounds, seconds, completed)

@@ -55,6 +55,10 @@ class SpiralState:
     _heldout_capability: dict[str, str] = field(default_factory=dict)
     _accept_times: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
     _seen_rejections: set[str] = field(default_factory=set)
+    _version_at: float = field(default_factory=time.monotonic)
+    """When the newest policy version was seen (or the state began)."""
+    _accepted_before_version: int = 0
+    """Accepted samples seen before the newest policy version: the rest wait for the trainer."""
 
     def apply(self, event: Event) -> None:
         """Fold one event in."""
@@ -72,6 +76,9 @@ class SpiralState:
                 self._seen_rejections.add(event.candidate_id)
                 self.rejected_by_reason[event.reason_code] += 1
         elif isinstance(event, Checkpoint):
+            if event.policy_version not in self.checkpoints and event.policy_version >= self.policy_version:
+                self._version_at = time.monotonic()
+                self._accepted_before_version = len(self.accepted_ids)
             self.checkpoints[event.policy_version] = event
             self.policy_version = max(self.policy_version, event.policy_version)
         elif isinstance(event, WeaknessSnapshot):
@@ -84,6 +91,27 @@ class SpiralState:
         now = time.monotonic()
         recent = [t for t in self._accept_times if now - t <= window_s]
         return len(recent) / window_s
+
+    def stall(self, after_s: float, now: float | None = None) -> str | None:
+        """A stall in words: no new policy version for `after_s` seconds, or None while the spiral moves.
+
+        Example:
+            >>> state = SpiralState()
+            >>> state.apply(Checkpoint(policy_version=0, uri="/c/0"))
+            >>> state.stall(600) is None
+            True
+            >>> state.stall(600, now=time.monotonic() + 900)
+            'stalled: no new policy version for 15 min and no sample accepted since (agents idle: no plan, no unlabeled data, or QC rejects every candidate)'
+        """
+        idle_s = (time.monotonic() if now is None else now) - self._version_at
+        if idle_s < after_s:
+            return None
+        waiting = len(self.accepted_ids) - self._accepted_before_version
+        if waiting:
+            return (f"stalled: no new policy version for {idle_s / 60:.0f} min while {waiting} accepted samples wait "
+                    "for the trainer (see its log)")
+        return (f"stalled: no new policy version for {idle_s / 60:.0f} min and no sample accepted since (agents idle: "
+                "no plan, no unlabeled data, or QC rejects every candidate)")
 
     def heldout_accuracy(self, policy_version: int) -> dict[str, float]:
         """Held-out accuracy per capability of one policy version (items graded so far)."""

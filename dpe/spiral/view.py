@@ -1,10 +1,10 @@
-"""What a person watches: the live view of a running spiral (`render_view`), its final table (`rounds_table`)
-and, run without a terminal, one log line per round (`RoundLog`)."""
+"""What a person watches: the live view of a running spiral (`render_view`), its final table (`rounds_table`),
+run without a terminal one log line per round (`RoundLog`), and stalls in words (`StallLog`)."""
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.console import Group
 from rich.panel import Panel
@@ -19,8 +19,9 @@ def _bar(value: float, width: int = 12) -> str:
     return "█" * filled + "·" * (width - filled)
 
 
-def render_view(state: SpiralState, target_rounds: int | None, services: dict[str, str], elapsed_s: float) -> Group:
-    """Header (version, round, rates, services) and a per-capability table."""
+def render_view(state: SpiralState, target_rounds: int | None, services: dict[str, str], elapsed_s: float,
+                stall: str | None = None) -> Group:
+    """Header (version, round, rates, services), a per-capability table, and the stall in words if there is one."""
     snapshot = state.latest_weakness()
     plan = state.latest_plan()
     heldout = state.heldout_accuracy(state.policy_version)
@@ -58,6 +59,8 @@ def render_view(state: SpiralState, target_rounds: int | None, services: dict[st
     parts = [header, table, service_line]
     if rejected:
         parts.insert(2, Text(f"rejected by reason: {rejected}", style="dim"))
+    if stall:
+        parts.insert(1, Text(stall, style="bold red"))
     strategy = plan.strategy if plan else "–"
     return Group(Panel(Group(*parts), title=f"dpe-stream spiral · strategy {strategy}"))
 
@@ -133,3 +136,33 @@ class RoundLog:
 
     def _graded(self, state: SpiralState, version: int) -> bool:
         return state.heldout_items(version) >= self.heldout_items
+
+
+@dataclass
+class StallLog:
+    """Stalls of the spiral (`SpiralState.stall`), each reported once, when it begins; `seen` goes to the report.
+
+    Example:
+        >>> import time
+        >>> stalls = StallLog(after_s=600)
+        >>> state = SpiralState()
+        >>> stalls.update(state) is None, stalls.current
+        (True, None)
+        >>> stalls.update(state, now=time.monotonic() + 900)[:45]
+        'stalled: no new policy version for 15 min and'
+        >>> stalls.update(state, now=time.monotonic() + 960) is None, len(stalls.seen)
+        (True, 1)
+    """
+
+    after_s: float
+    current: str | None = None
+    seen: list[str] = field(default_factory=list)
+
+    def update(self, state: SpiralState, now: float | None = None) -> str | None:
+        """The stall's message when a stall begins, else None; `current` always holds the latest one."""
+        message = state.stall(self.after_s, now)
+        began = message is not None and self.current is None
+        self.current = message
+        if began:
+            self.seen.append(message)
+        return message if began else None
