@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 from dpe.config import CoreSettings, mask_userinfo
@@ -81,11 +82,16 @@ def wait_until_answers(bootstrap_servers: str, timeout_s: float = 20.0) -> None:
 
 
 class EmbeddedBroker:
-    """A Tansu broker subprocess on a loopback port; a context manager that always stops it."""
+    """A Tansu broker subprocess on a loopback port; a context manager that always stops it.
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None):
+    Each one gets its own cluster id (`dpe.bus.admin.cluster_id` reads it back): offsets read on one
+    embedded broker mean nothing on the next.
+    """
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None, cluster_id: str | None = None):
         self.port = port or free_port()
         self.log_path = log_path
+        self.cluster_id = cluster_id or f"dpe-{uuid.uuid4().hex[:12]}"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,7 +106,7 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [broker_binary(), "broker", "--cluster-id", self.cluster_id, "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=die_with_parent,

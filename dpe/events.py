@@ -71,6 +71,12 @@ Partition = Annotated[int, Field(ge=0), below(MAX_PARTITION)]
 Offset = Annotated[int, Field(ge=0), below(MAX_OFFSET)]
 
 
+CONTRACT = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+"""The configuration of every event and of its parts: unknown fields are ignored, instances are immutable, and
+numbers are finite. JSON has no NaN or infinity; a writer that sends them anyway is refused like any other
+schema violation (pydantic would write them back as null, which no reader could decode)."""
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -82,7 +88,7 @@ def _new_id() -> str:
 class Event(BaseModel):
     """Base of every event: envelope fields and schema-version checking."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = CONTRACT
 
     SCHEMA_VERSION: ClassVar[int] = 1
     MIN_SCHEMA_VERSION: ClassVar[int] = 1
@@ -118,7 +124,7 @@ class Event(BaseModel):
 class BlobRef(BaseModel):
     """Reference to an image in the content-addressed blob store."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = CONTRACT
 
     sha256: str = Field(pattern=SHA256_PATTERN)
     media_type: str = Field(pattern=r"^image/[a-z0-9.+-]+$")
@@ -156,7 +162,7 @@ class EvalOutcome(Event):
     predicted: str = Field(max_length=20_000)
     extracted: str | None = Field(default=None, max_length=2000, description="Answer extracted from the output.")
     correct: bool
-    score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="Graded score in [0, 1].")
+    score: float = Field(ge=0.0, le=1.0, description="Graded score in [0, 1].")
     error_type: ErrorType | None = None
     failure_reason: str | None = Field(default=None, max_length=2000)
 
@@ -195,7 +201,7 @@ class Divergence(Event):
 class CapabilityWeakness(BaseModel):
     """Rolling weakness of one capability."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = CONTRACT
 
     error_rate: float = Field(ge=0.0, le=1.0, description="Exponentially decayed error rate.")
     effective_n: float = Field(ge=0.0, description="Decayed number of observations behind the rate.")
@@ -245,7 +251,7 @@ class QuotaPlan(Event):
 class AgentStep(BaseModel):
     """One agent role's contribution to a sample."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = CONTRACT
 
     role: Literal["planner", "retriever", "editor", "writer", "validator", "answerer"]
     backend: str = Field(max_length=200, description="'programmatic' or the endpoint's model name.")
@@ -256,7 +262,7 @@ class AgentStep(BaseModel):
 class QCVerdict(BaseModel):
     """One quality-control check's result, with its reason code."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = CONTRACT
 
     check: str = Field(max_length=100)
     passed: bool
@@ -280,7 +286,7 @@ class AnswerKey(BaseModel):
         pydantic_core._pydantic_core.ValidationError: 1 validation error for AnswerKey...
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = CONTRACT
 
     answer: str = Field(min_length=1, max_length=2000)
     answer_type: AnswerType
@@ -302,7 +308,7 @@ class AnswerKey(BaseModel):
 class SampleBody(BaseModel):
     """The training content of a sample: image, question and verifiable answer."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = CONTRACT
 
     image: BlobRef
     question: str = Field(min_length=1, max_length=4000)
@@ -354,7 +360,7 @@ class RejectedSample(Event):
 class OffsetRange(BaseModel):
     """Half-open range [start, end) of offsets in one topic partition."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = CONTRACT
 
     topic: str
     partition: Partition

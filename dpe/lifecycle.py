@@ -73,9 +73,20 @@ def sigterm_interrupts() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+QUIET_LOGGERS = {"kafka.net.selector": logging.ERROR}
+"""Library loggers whose warnings say nothing to a user (kafka-python timing its own event loop)."""
+
+
+def configure_logging(level: str) -> None:
+    """Log lines with time, level and logger at `level`; the `QUIET_LOGGERS` only from their level up."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    for name, quiet_level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(quiet_level)
+
+
 def start_service(settings: CoreSettings, service_port: int) -> None:
     """Log at the configured level and expose /metrics on the service's port (``metrics.port`` overrides;
     0 for a service that serves them itself)."""
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(settings.log_level)
+    configure_logging(settings.log_level)
     serve_metrics(settings.metrics.port_for(service_port), settings.metrics.addr)

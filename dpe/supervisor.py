@@ -3,7 +3,8 @@
 Each service is its own process (`python -m dpe serve NAME`), as in production, so a crash or a
 kill -9 of one never takes the others down. The supervisor restarts a service that dies
 unexpectedly (with backoff), telling `on_restart` about each restart, and, on stop, sends SIGTERM
-to all, waits, then SIGKILLs stragglers.
+to all, waits, then SIGKILLs stragglers. It gives up on a service that needed `max_restarts`
+restarts within `window_s` (a crash loop), never on one that crashed now and then over a week.
 
 Example:
     >>> sup = Supervisor(env=dict(os.environ, DPE_CONFIG="run.yaml"), log_dir=Path("/tmp"))  # doctest: +SKIP
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,19 +36,21 @@ class ServiceSpec:
 
 @dataclass(frozen=True)
 class Restart:
-    """A service that died and was started again: its exit code and how many restarts it has had.
+    """A service that died and was started again: its exit code and its restarts within the window.
 
-    >>> str(Restart("agents", 1, restarts=2, max_restarts=5))
-    'service agents exited with code 1; restart 2 of 5'
+    >>> str(Restart("agents", 1, restarts=2, max_restarts=5, window_s=600))
+    'service agents exited with code 1; restart 2 of 5 within 10 min'
     """
 
     name: str
     exit_code: int
     restarts: int
     max_restarts: int
+    window_s: float
 
     def __str__(self) -> str:
-        return f"service {self.name} exited with code {self.exit_code}; restart {self.restarts} of {self.max_restarts}"
+        return (f"service {self.name} exited with code {self.exit_code}; "
+                f"restart {self.restarts} of {self.max_restarts} within {self.window_s / 60:.0f} min")
 
 
 @dataclass
@@ -55,6 +59,8 @@ class _Running:
     proc: subprocess.Popen[bytes]
     started: float
     restarts: int = 0
+    recent: deque[float] = field(default_factory=deque)
+    """When the restarts within the window happened."""
 
 
 class Supervisor:
@@ -63,11 +69,13 @@ class Supervisor:
     `on_restart`, when given, hears of every restart as it happens (`check`).
     """
 
-    def __init__(self, env: dict[str, str], log_dir: Path, max_restarts: int = 5,
-                 on_restart: Callable[[Restart], None] | None = None):
+    def __init__(self, env: dict[str, str], log_dir: Path, max_restarts: int = 5, window_s: float = 600.0,
+                 on_restart: Callable[[Restart], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
         self.env = env
         self.log_dir = log_dir
         self.max_restarts = max_restarts
+        self.window_s = window_s
         self.on_restart = on_restart
         self._running: dict[str, _Running] = {}
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +93,7 @@ class Supervisor:
             log.close()
 
     def start(self, spec: ServiceSpec) -> None:
-        self._running[spec.name] = _Running(spec, self._spawn(spec), time.monotonic())
+        self._running[spec.name] = _Running(spec, self._spawn(spec), self.clock())
 
     def pid(self, name: str) -> int:
         return self._running[name].proc.pid
@@ -107,16 +115,20 @@ class Supervisor:
             code = run.proc.poll()
             if code is None or code == 0:
                 continue
-            if run.restarts >= self.max_restarts:
+            now = self.clock()
+            while run.recent and now - run.recent[0] > self.window_s:
+                run.recent.popleft()
+            if len(run.recent) >= self.max_restarts:
                 failed.append(name)
                 continue
-            backoff = min(10.0, 0.5 * 2 ** run.restarts)
-            if time.monotonic() - run.started >= backoff:
+            backoff = min(10.0, 0.5 * 2 ** len(run.recent))
+            if now - run.started >= backoff:
                 run.proc = self._spawn(run.spec)
-                run.started = time.monotonic()
+                run.started = now
                 run.restarts += 1
+                run.recent.append(now)
                 if self.on_restart is not None:
-                    self.on_restart(Restart(name, code, run.restarts, self.max_restarts))
+                    self.on_restart(Restart(name, code, len(run.recent), self.max_restarts, self.window_s))
         return failed
 
     def stop(self, timeout_s: float = 15.0) -> None:

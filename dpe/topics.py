@@ -82,7 +82,8 @@ TOPICS: dict[str, TopicSpec] = {
         ),
         TopicSpec(
             "checkpoints", Checkpoint, 1, "'policy'",
-            "single partition: policy versions are totally ordered",
+            "single partition: policy versions are totally ordered; compacted, the newest version stays",
+            {"cleanup.policy": "compact"},
         ),
         TopicSpec(
             "deadletter", DeadLetter, 1, "origin topic",

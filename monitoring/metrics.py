@@ -146,9 +146,9 @@ TRAINER_STEP_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 TRAINER_TOKENS_PER_SECOND = Gauge("dpe_trainer_tokens_per_second", "Prompt and completion tokens per second of training.")
+TRAINER_SAMPLE_OUTCOMES = ("trained", "duplicate", "stale_dropped", "stale_downweighted", "dead_lettered")
 TRAINER_SAMPLES = Counter(
-    "dpe_trainer_samples_total",
-    "Accepted samples consumed, by outcome (trained, duplicate, stale_dropped, stale_downweighted, dead_lettered).",
+    "dpe_trainer_samples_total", f"Accepted samples consumed, by outcome ({', '.join(TRAINER_SAMPLE_OUTCOMES)}).",
     ["outcome"],
 )
 TRAINER_ROUNDS = Counter("dpe_trainer_rounds_total", "Micro-rounds trained and checkpointed.")

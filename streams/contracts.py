@@ -15,9 +15,9 @@ Example:
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from dpe.events import CapabilityWeakness, Event
+from dpe.events import CONTRACT, CapabilityWeakness, Event
 
 PARTIAL_SUFFIX = "weakness.partial"
 
@@ -30,7 +30,7 @@ def partial_topic(prefix: str) -> str:
 class CapabilityReport(BaseModel):
     """One capability's weakness as its owning worker sees it, with the state revision it came from."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = CONTRACT
 
     revision: int = Field(ge=0, description="Writes of this capability's state so far; newer wins.")
     policy_version: int = Field(ge=0, description="Newest policy version in this capability's evidence.")

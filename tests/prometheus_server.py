@@ -31,6 +31,9 @@ INSTALL_HINT = "run .ci/install-tools to install it"
 Result = list[dict[str, Any]]
 """The `data.result` list of an instant query: one {"metric": labels, "value": [ts, "v"]} per series."""
 
+RangeResult = list[dict[str, Any]]
+"""The `data.result` list of a range query: one {"metric": labels, "values": [[ts, "v"], ...]} per series."""
+
 
 def require_tool(env_var: str, default: str) -> str:
     """Path of an external tool, from `env_var` or `default` on PATH; fails (never skips) if missing."""
@@ -140,13 +143,25 @@ class PrometheusServer:
         except httpx.TransportError:
             return False
 
-    def query(self, expr: str) -> Result:
-        """Evaluate an instant PromQL query now; raises on an error answer."""
-        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10.0)
+    def api(self, path: str, params: dict[str, Any]) -> Any:
+        """The `data` of a GET of `/api/v1/<path>`; raises ValueError on an error answer (a bad query)."""
+        response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10.0)
         body = response.json()
         if response.status_code != 200 or body.get("status") != "success":
-            raise ValueError(f"query {expr!r} failed: {body.get('errorType')}: {body.get('error')}")
-        return list(body["data"]["result"])
+            raise ValueError(f"{path} {params} failed: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> Result:
+        """Evaluate an instant PromQL query now (or at Unix time `at`); raises on an error answer."""
+        return list(self.api("query", {"query": expr} | ({"time": at} if at is not None else {}))["result"])
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> RangeResult:
+        """Evaluate a PromQL range query from `start` to `end` (Unix times), a point every `step` seconds."""
+        return list(self.api("query_range", {"query": expr, "start": start, "end": end, "step": step})["result"])
+
+    def label_values(self, label: str, selector: str, start: float, end: float) -> list[str]:
+        """Values of `label` on the series of `selector` between `start` and `end`, as Grafana's label_values()."""
+        return list(self.api(f"label/{label}/values", {"match[]": selector, "start": start, "end": end}))
 
     def wait_for(self, expr: str, accept: Callable[[Result], bool] = bool, timeout: float = 30.0) -> Result:
         """Re-run `expr` until `accept(result)`; on timeout fail with the last result and the log."""

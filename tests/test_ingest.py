@@ -255,3 +255,59 @@ def test_cli_reingesting_what_is_on_the_bus_already_succeeds(settings, tmp_path)
     first, again = cli(settings, str(tmp_path)), cli(settings, str(tmp_path))
     assert first.exit_code == again.exit_code == 0, again.output
     assert "duplicate" in again.output
+
+
+async def test_an_endless_source_waits_for_its_consumers_past_max_backlog(settings, broker):
+    """With `ingest.max_backlog` 8 and no consumer, ingest stops publishing after the backlog (plus one
+    acknowledged batch); once a consumer group commits what it read, the rest goes out."""
+    from kafka import KafkaConsumer
+
+    from producers.ingest.sources import synthetic_entries
+
+    configured = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"max_backlog": 8,
+                                                                                          "ack_every": 4})})
+    topic = topic_for(UnlabeledItem, settings.kafka.topic_prefix)
+    async with AsyncPublisher(configured) as publisher:
+        ingestor = Ingestor.from_settings(configured, publisher)
+        task = asyncio.create_task(ingestor.ingest(synthetic_entries(40, seed=3)))
+        await asyncio.sleep(8)
+        published_alone = sum(ingestor.backlog.published.values())
+        assert not task.done() and published_alone <= 8 + 4, published_alone
+
+        consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap_servers, group_id="slow-agents",
+                                 auto_offset_reset="earliest", enable_auto_commit=False)
+        deadline = time.monotonic() + 60
+        while not task.done() and time.monotonic() < deadline:
+            await asyncio.to_thread(consumer.poll, 500)
+            await asyncio.to_thread(consumer.commit)
+        consumer.close()
+        report = await asyncio.wait_for(task, 30)
+    assert report.counts == {"published": 40}
+
+
+def test_a_restarted_endless_synthetic_stream_goes_on_where_it_stopped(settings):
+    """`dpe run` restarts its `dpe ingest --synthetic --rate 40` after a crash or a kill: it must publish new
+    scenes at once, not replay (skipped as duplicates, but paced) every scene its last run published."""
+    args = [sys.executable, "-m", "dpe", "--bootstrap", settings.kafka.bootstrap_servers, "--topic-prefix",
+            settings.kafka.topic_prefix, "--home", str(settings.home), "ingest", "--synthetic", "--rate", "40",
+            "--metrics-port", "0"]
+
+    def run_until(published: int) -> str:
+        proc = subprocess.Popen(args, env=os.environ | {"DPE_BLOB__URL": settings.blob.url}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parent.parent)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(asyncio.run(read_all(settings, UnlabeledItem))) < published:
+                time.sleep(0.5)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            output, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, output
+        return output
+
+    run_until(20)
+    first = len(asyncio.run(read_all(settings, UnlabeledItem)))
+    again = run_until(first + 10)
+    sources = [item.source for item in asyncio.run(read_all(settings, UnlabeledItem))]
+    assert "duplicate" not in again and len(sources) >= first + 10
+    assert len(set(sources)) == len(sources)

@@ -29,14 +29,24 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from monitoring_queries import (
+    DASHBOARDS,
+    RANGE_BUILTINS,
+    ROOT,
+    RULES,
+    alerting_rules,
+    all_panels,
+    all_queries,
+    dashboard_queries,
+    load_dashboards,
+    recording_rules,
+    substitute,
+)
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_server import require_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-DASHBOARDS = ROOT / "monitoring/grafana/dashboards"
-RULES = ROOT / "monitoring/prometheus/rules"
 RULE_TESTS = ROOT / "monitoring/prometheus/tests"
 PROMETHEUS_CONFIG = ROOT / "monitoring/prometheus/prometheus.yml"
 NPM_MODULES = ROOT / ".cache/npm/node_modules"
@@ -46,9 +56,6 @@ DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 SEVERITIES = {"critical", "warning"}
 PROMETHEUS_OWN_SERIES = {"up"}
 """Series Prometheus makes itself for every target, usable without any registry entry."""
-
-RANGE_BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h", "__range_s": "3600"}
-"""Grafana's built-in variables that may appear in PromQL, with a value of the right kind."""
 
 PANEL_TYPES = {
     "bargauge": ("BarGauge", "{}"),
@@ -102,31 +109,6 @@ export default asDashboard;
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_dashboards() -> dict[str, dict[str, Any]]:
-    """Dashboard file stem -> parsed JSON."""
-    return {path.stem: json.loads(path.read_text()) for path in sorted(DASHBOARDS.glob("*.json"))}
-
-
-def load_rule_groups() -> list[dict[str, Any]]:
-    """Every rule group of every rules file."""
-    return [group for path in sorted(RULES.glob("*.yml")) for group in yaml.safe_load(path.read_text())["groups"]]
-
-
-def all_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Top-level panels and the panels inside (collapsed) rows."""
-    for panel in dashboard.get("panels", []):
-        yield panel
-        yield from panel.get("panels", [])
-
-
-def alerting_rules() -> list[dict[str, Any]]:
-    return [rule for group in load_rule_groups() for rule in group["rules"] if "alert" in rule]
-
-
-def recording_rules() -> list[dict[str, Any]]:
-    return [rule for group in load_rule_groups() for rule in group["rules"] if "record" in rule]
-
-
 @pytest.fixture(scope="module")
 def dashboards() -> dict[str, dict[str, Any]]:
     found = load_dashboards()
@@ -135,9 +117,6 @@ def dashboards() -> dict[str, dict[str, Any]]:
 
 
 # --- PromQL: template variables and metric names ---------------------------------------------------
-
-VARIABLE_REF = re.compile(r"\$(\w+)|\$\{(\w+)(?::[^}]*)?\}|\[\[(\w+)(?::\w+)?\]\]")
-LABEL_VALUES = re.compile(r"^label_values\((?:(?P<selector>.+),)?\s*(?P<label>\w+)\s*\)$", re.DOTALL)
 
 STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 LABEL_MATCHERS = re.compile(r"\{[^{}]*\}")
@@ -149,31 +128,6 @@ PROMQL_KEYWORDS = {
     "and", "or", "unless", "atan2", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right",
     "inf", "nan",
 }
-
-
-def variable_values(dashboard: dict[str, Any]) -> dict[str, str]:
-    """A stand-in value for each template variable: a label-value regex, or an interval's first option."""
-    values = dict(RANGE_BUILTINS)
-    for variable in dashboard.get("templating", {}).get("list", []):
-        kind = variable["type"]
-        if kind == "query":
-            values[variable["name"]] = ".+"
-        elif kind == "interval":
-            values[variable["name"]] = variable["query"].split(",")[0].strip()
-        else:
-            raise AssertionError(f"variable {variable['name']}: type {kind} has no stand-in value here")
-    return values
-
-
-def substitute(expr: str, values: dict[str, str]) -> str:
-    """`expr` with every Grafana variable reference ($x, ${x}, ${x:fmt}, [[x]]) replaced by its value."""
-
-    def value(match: re.Match[str]) -> str:
-        name = next(group for group in match.groups() if group)
-        assert name in values, f"undefined template variable ${name} in {expr!r}"
-        return values[name]
-
-    return VARIABLE_REF.sub(value, expr)
 
 
 def metric_names(expr: str) -> set[str]:
@@ -188,43 +142,6 @@ def metric_names(expr: str) -> set[str]:
     text = LABEL_LIST.sub(" ", text)
     text = FUNCTION_CALL.sub("(", text)
     return {name for name in IDENTIFIER.findall(text) if name.lower() not in PROMQL_KEYWORDS}
-
-
-def variable_query(variable: dict[str, Any]) -> str:
-    """The PromQL selector behind a `label_values(selector, label)` query variable."""
-    query = variable["query"]
-    text = query["query"] if isinstance(query, dict) else query
-    match = LABEL_VALUES.match(text.strip())
-    assert match and match["selector"], f"variable {variable['name']}: use label_values(selector, label): {text!r}"
-    return match["selector"].strip()
-
-
-def dashboard_queries(dashboard: dict[str, Any]) -> dict[str, str]:
-    """Recording-rule-safe name -> PromQL (variables substituted) of every panel, annotation and variable query."""
-    values = variable_values(dashboard)
-    queries = {}
-    for panel in all_panels(dashboard):
-        for target in panel.get("targets", []):
-            queries[f"panel_{panel['id']}_{target['refId']}"] = substitute(target["expr"], values)
-    for number, annotation in enumerate(dashboard.get("annotations", {}).get("list", [])):
-        queries[f"annotation_{number}"] = substitute(annotation["target"]["expr"], values)
-    for variable in dashboard.get("templating", {}).get("list", []):
-        if variable["type"] == "query":
-            queries[f"variable_{variable['name']}"] = variable_query(variable)
-    return queries
-
-
-def rule_queries() -> dict[str, str]:
-    """Rule name -> expression of every alerting and recording rule."""
-    return {rule.get("alert") or rule["record"]: rule["expr"] for rule in alerting_rules() + recording_rules()}
-
-
-def all_queries(dashboards: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Where -> PromQL of every query in the dashboards and the rules."""
-    queries = {f"rules: {name}": expr for name, expr in rule_queries().items()}
-    for name, dashboard in dashboards.items():
-        queries |= {f"{name}: {where}": expr for where, expr in dashboard_queries(dashboard).items()}
-    return queries
 
 
 @pytest.mark.parametrize(
@@ -245,7 +162,7 @@ def test_metric_names_are_read_from_promql(expr: str, names: set[str]) -> None:
 def test_template_variables_are_substituted() -> None:
     values = {"capability": ".+", "window": "1h", **RANGE_BUILTINS}
     expr = 'rate(x{capability=~"$capability"}[$__rate_interval]) / avg_over_time(y[${window}]) [[capability]]'
-    assert substitute(expr, values) == 'rate(x{capability=~".+"}[1m]) / avg_over_time(y[1h]) .+'
+    assert substitute(expr, values) == 'rate(x{capability=~".+"}[20s]) / avg_over_time(y[1h]) .+'
     with pytest.raises(AssertionError, match="undefined template variable"):
         substitute("x{a=~'$nope'}", values)
 
@@ -376,7 +293,7 @@ def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_dashboard_queries_parse(dashboards: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     groups = [
-        {"name": name, "rules": [{"record": record, "expr": expr} for record, expr in dashboard_queries(d).items()]}
+        {"name": name, "rules": [{"record": record, "expr": query.expr} for record, query in dashboard_queries(d).items()]}
         for name, d in dashboards.items()
     ]
     path = tmp_path / "dashboard-queries.yml"

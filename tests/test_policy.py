@@ -21,18 +21,12 @@ from dpe.grading import grade
 from dpe.policy.accuracy import measure_accuracy
 from dpe.policy.config import TinyVLMConfig, WarmupConfig
 from dpe.policy.generation import SamplingParams, generate
-from dpe.policy.model import (
-    PICKLED_WEIGHTS,
-    VISION_TOKENS,
-    PickledWeights,
-    build_tiny_policy,
-    load_policy,
-    suppressed_token_ids,
-)
+from dpe.policy.model import VISION_TOKENS, build_tiny_policy, load_policy, suppressed_token_ids
 from dpe.policy.processor import Qwen2VLNoVideoProcessor, load_processor
 from dpe.policy.prompts import build_messages, format_question, render_prompt
 from dpe.policy.sft import IGNORE_INDEX, sft_batch, train_sft
 from dpe.policy.warmup import RECIPE_FILE, cached_folder, warm_up
+from dpe.policy.weights import PICKLED_WEIGHTS, PickledWeights
 from dpe.world import CAPABILITIES, diagnostic_sample, make_item, training_stream
 
 SMALL = TinyVLMConfig(corpus_items=20)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_server import wait_until
 from rich.console import Console
 
 from dpe.config import secret_env
@@ -82,7 +83,7 @@ def folded() -> SpiralState:
 
 def test_state_counts_duplicates_once_and_ignores_other_suites():
     state = folded()
-    assert len(state.accepted_ids) == 2 and dict(state.accepted_by_capability) == {"counting": 1, "color": 1}
+    assert state.accepted == 2 and dict(state.accepted_by_capability) == {"counting": 1, "color": 1}
     assert state.heldout_accuracy(0) == {"color": 1.0, "counting": 1 / 3}
     assert state.heldout_accuracy(1) == {"color": 1.0, "counting": 2 / 3}
     assert state.policy_version == 1
@@ -217,7 +218,25 @@ def test_the_supervisor_reports_each_restart_with_the_exit_code(tmp_path):
             time.sleep(0.1)
     finally:
         supervisor.stop()
-    assert [str(restart) for restart in restarts] == ["service broken exited with code 2; restart 1 of 1"]
+    assert [str(restart) for restart in restarts] == ["service broken exited with code 2; restart 1 of 1 within 10 min"]
+
+
+def test_the_supervisor_gives_up_on_a_crash_loop_but_not_on_crashes_far_apart(tmp_path):
+    clock = [0.0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPE_")}
+    supervisor = Supervisor(env=env, log_dir=tmp_path, max_restarts=2, window_s=600, clock=lambda: clock[0])
+    supervisor.start(ServiceSpec("broken", ["no-such-command"]))
+
+    def crash_and_check(at: float) -> list[str]:
+        wait_until(lambda: supervisor.status()["broken"].startswith("exited"), 30, "the service to crash")
+        clock[0] = at
+        return supervisor.check()
+
+    try:
+        verdicts = [crash_and_check(at) for at in (10, 700, 1400, 1410, 1420)]
+    finally:
+        supervisor.stop()
+    assert verdicts == [[], [], [], [], ["broken"]], "crashes 11 min apart never add up; 3 within 10 min do"
 
 
 SECRETS = {

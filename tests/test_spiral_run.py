@@ -51,17 +51,19 @@ def running(check: Callable[[], object], proc: subprocess.Popen, log: Path) -> C
     return checked
 
 
-def start_forever_run(tmp_path: Path) -> tuple[subprocess.Popen, psutil.Process, Path]:
-    """`dpe run --forever` on a quickly warmed base model, once every service is running: (process, its
-    psutil view, its log)."""
+def start_forever_run(tmp_path: Path, *extra: str, log_name: str = "run.log"
+                      ) -> tuple[subprocess.Popen, psutil.Process, Path]:
+    """`dpe run --forever` (or `dpe run` with `extra` options) on a quickly warmed base model, once every
+    service is running: (process, its psutil view, its log)."""
     base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
     config = tmp_path / "dpe.yaml"
     config.write_text(yaml.safe_dump({section: {"metrics_port": 0} for section in
                                       ("stream", "evaluator", "auditor", "agents", "trainer", "ingest")}))
     env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")}
-    log = tmp_path / "run.log"
-    command = [sys.executable, "-m", "dpe", "--config", str(config), "run", "--forever", "--round-samples", "24",
-               "--base-model", str(base_model), "--no-live", "--runs-dir", str(tmp_path / "runs"), "--run-id", "r"]
+    log = tmp_path / log_name
+    how = list(extra) or ["--forever", "--round-samples", "24", "--base-model", str(base_model), "--run-id", "r"]
+    command = [sys.executable, "-m", "dpe", "--config", str(config), "run", *how, "--no-live",
+               "--runs-dir", str(tmp_path / "runs")]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     run = psutil.Process(proc.pid)
@@ -105,20 +107,58 @@ def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes
     assert (tmp_path / "runs" / "r" / "report.html").exists()
 
 
-def test_sigterm_stops_dpe_run_like_ctrl_c(tmp_path):
-    """What `docker stop` and systemd send: every service stopped, the report written, exit 0."""
-    proc, run, log = start_forever_run(tmp_path)
+def checkpoint_versions(run_dir: Path) -> list[int]:
+    """Policy versions of the complete checkpoints on disk."""
+    return sorted(int(path.name[1:]) for path in (run_dir / "home" / "checkpoints").glob("v*") if path.name[1:].isdigit())
+
+
+def stop_with_sigterm(proc: subprocess.Popen, run: psutil.Process, log: Path) -> None:
+    """What `docker stop` and systemd send: exit 0, and no process of the run left behind."""
+    descendants = {p.pid for p in run.children(recursive=True)}
     try:
-        descendants = {p.pid for p in run.children(recursive=True)}
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, log.read_text(errors="replace")[-3000:]
+        assert proc.wait(90) == 0, log.read_text(errors="replace")[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert not still_alive(descendants), "SIGTERM left processes running"
-    assert json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())["completed"] is False
-    assert (tmp_path / "runs" / "r" / "report.html").exists()
+
+
+def test_sigterm_stops_dpe_run_like_ctrl_c_and_resume_goes_on_across_a_bus_roll(tmp_path):
+    """A run whose embedded broker outgrows its bound (60 MB) is rolled to a fresh one and trains on;
+    SIGTERM stops it like Ctrl-C (report written, run saved); `--resume` goes on from its last
+    checkpoint: the next version number, no second version 0, no sample trained twice, every round planned."""
+    run_dir = tmp_path / "runs" / "r"
+    proc, run, log = start_forever_run(tmp_path, "--forever", "--round-samples", "24", "--run-id", "r",
+                                       "--bus-memory-mb", "60", "--base-model",
+                                       str(warm_up(WarmupConfig(steps=60), show_progress=False).folder))
+    rolled = lambda: "bus rolled to epoch 1" in log.read_text(errors="replace")  # noqa: E731
+    wait_until(running(rolled, proc, log), 400, "the embedded broker to be rolled")
+    versions_at_roll = len(checkpoint_versions(run_dir))
+    wait_until(running(lambda: len(checkpoint_versions(run_dir)) > versions_at_roll, proc, log), 180,
+               "a version trained after the roll")
+    stop_with_sigterm(proc, run, log)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] is False and summary["bus_epochs"] >= 2
+    assert (run_dir / "report.html").exists() and (run_dir / "bus" / "state.jsonl.gz").exists()
+    stopped_at = checkpoint_versions(run_dir)[-1]
+
+    proc, run, log = start_forever_run(tmp_path, "--resume", "r", log_name="resume.log")
+    wait_until(running(lambda: checkpoint_versions(run_dir)[-1] > stopped_at, proc, log), 240,
+               "a version trained after the resume")
+    stop_with_sigterm(proc, run, log)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    versions = [r["policy_version"] for r in summary["rounds"]]
+    assert summary["resumed"] is True and versions == list(range(versions[-1] + 1)) and versions[-1] > stopped_at
+    assert all(sum(r["quota_plan"].values()) == 24 for r in summary["rounds"][:-1]), "every trained round was planned"
+    trainer_log = (run_dir / "logs" / "trainer.log").read_text(errors="replace")
+    assert trainer_log.count("announced policy version 0 ") == 1, "version 0 announced once, not again on resume"
+    manifests = [json.loads((path / "manifest.json").read_text())
+                 for path in (run_dir / "home" / "checkpoints").glob("v*") if path.name[1:].isdigit()]
+    trained = [sample_id for manifest in manifests for sample_id in manifest["event"]["sample_ids"]]
+    assert len(trained) == len(set(trained)) > 0, "no sample trained twice"
 
 
 def test_a_killed_dpe_run_takes_its_services_and_broker_with_it(tmp_path):

@@ -35,13 +35,14 @@ from dpe.events import AcceptedSample, BlobRef, Checkpoint, DeadLetter, Event
 from dpe.policy.config import WarmupConfig
 from dpe.policy.model import load_policy
 from dpe.policy.warmup import warm_up
+from dpe.recent import RecentIds
 from dpe.settings import Settings
 from dpe.topics import topic_for
 from dpe.world import make_item
 from trainer.checkpoints import ANNOUNCED, CheckpointStore, verify
 from trainer.distributed import build_deepspeed_ops
 from trainer.engine import GRPOEngine, step_batches
-from trainer.samples import RecentIds, TrainingSample, staleness_weight
+from trainer.samples import TrainingSample, staleness_weight
 from trainer.service import RoundReport, checkpoint_root, run_trainer
 from trainer.settings import StalenessSettings
 

@@ -59,6 +59,7 @@ class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     event: Checkpoint = Field(description="The announcement, stored so a re-announcement is identical.")
     positions: dict[str, dict[int, int]] = Field(description="Topic -> partition -> next offset to read.")
+    cluster_id: str | None = Field(None, description="The bus `positions` were read on; elsewhere they mean nothing.")
     global_step: int = Field(ge=0)
     skipped: dict[str, list[str]] = Field(default_factory=dict, description="Reason -> sample ids not trained.")
     recent_ids: list[str] = Field(default_factory=list, description="Recently trained ids, oldest first (dedup).")

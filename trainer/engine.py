@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
@@ -78,7 +79,16 @@ class RoundStats:
     steps: list[StepStats] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
-        """Means over the round's steps (reward, its std, zero-std groups, KL, loss), step time, tokens/s."""
+        """Means over the round's steps (reward, its std, zero-std groups, KL, loss), step time, tokens/s.
+
+        A figure that is not finite (a diverged loss, a NaN KL) is left out: the checkpoint event announces
+        finite numbers only.
+
+        Example:
+            >>> summary = RoundStats(2, [StepStats(1.0, 10, float("nan"), {"kl": 0.5})]).summary()
+            >>> summary["kl"], "loss" in summary
+            (0.5, False)
+        """
         out = {"samples": float(self.samples), "steps": float(len(self.steps))}
         if not self.steps:
             return out
@@ -93,7 +103,7 @@ class RoundStats:
             values = [step.metrics[trl_name] for step in self.steps if trl_name in step.metrics]
             if values:
                 out[name] = statistics.fmean(values)
-        return out
+        return {name: value for name, value in out.items() if math.isfinite(value)}
 
 
 def step_batches(

@@ -27,8 +27,9 @@ from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncSubscriber
 from dpe.bus.delivery import Delivery
 from dpe.events import AcceptedSample, OffsetRange
-from monitoring.metrics import TRAINER_LAG, TRAINER_SAMPLES
-from trainer.samples import RecentIds, TrainingSample, load_sample, staleness_weight
+from dpe.recent import RecentIds
+from monitoring.metrics import TRAINER_LAG, TRAINER_SAMPLE_OUTCOMES, TRAINER_SAMPLES
+from trainer.samples import TrainingSample, load_sample, staleness_weight
 from trainer.settings import TrainerSettings
 
 
@@ -87,6 +88,8 @@ class RoundCollector:
         self.settings = settings
         self.recent = recent
         self.pending = Round(start={}, end={})
+        for outcome in TRAINER_SAMPLE_OUTCOMES:  # exported at 0 from the start, not only after a first event
+            TRAINER_SAMPLES.labels(outcome)
 
     async def start(self) -> None:
         """Open the first round at the subscriber's current positions (after `assign_all`)."""

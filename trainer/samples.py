@@ -1,7 +1,7 @@
 """From accepted-sample events to training samples: dedup, staleness, image and answer checks.
 
-A sample is trained at most once: `RecentIds` remembers the ids already trained (it is saved in
-every checkpoint). A sample filtered against a policy too many versions old is dropped or
+A sample is trained at most once: `dpe.recent.RecentIds` remembers the ids already trained (it is
+saved in every checkpoint). A sample filtered against a policy too many versions old is dropped or
 down-weighted (`staleness_weight`). A sample whose image is missing or corrupt in the blob store,
 or whose answer cannot be graded, raises here and is dead-lettered by the caller.
 
@@ -11,14 +11,10 @@ Example:
     True
     >>> staleness_weight(3, 10, StalenessSettings(max_versions=4, action="downweight", decay=0.5))
     0.125
-    >>> ids = RecentIds(capacity=2, ids=["a", "b"]); ids.add("c"); ("a" in ids, ids.ids())
-    (False, ['b', 'c'])
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,31 +57,6 @@ class TrainingSample:
             "tolerance": self.tolerance,
             "weight": self.weight,
         }
-
-
-class RecentIds:
-    """The `capacity` most recently added ids, in order (oldest first), with fast membership."""
-
-    def __init__(self, capacity: int, ids: Iterable[str] = ()):
-        self.capacity = capacity
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        for sample_id in ids:
-            self.add(sample_id)
-
-    def __contains__(self, sample_id: object) -> bool:
-        return sample_id in self._ids
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def add(self, sample_id: str) -> None:
-        self._ids[sample_id] = None
-        self._ids.move_to_end(sample_id)
-        while len(self._ids) > self.capacity:
-            self._ids.popitem(last=False)
-
-    def ids(self) -> list[str]:
-        return list(self._ids)
 
 
 def staleness_weight(sample_version: int, policy_version: int, settings: StalenessSettings) -> float | None:

@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpe.blobstore import BlobStore
+from dpe.broker import resolve_bootstrap
+from dpe.bus.admin import cluster_id
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.events import AcceptedSample, Checkpoint
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import RECIPE_FILE, cached_folder
+from dpe.recent import RecentIds
 from monitoring.metrics import (
     TRAINER_CHECKPOINT_SECONDS,
     TRAINER_KL,
@@ -48,17 +51,11 @@ from trainer.checkpoints import CheckpointStore, Manifest, StoredCheckpoint, fol
 from trainer.distributed import share_from_main
 from trainer.engine import GRPOEngine, RoundStats
 from trainer.rounds import Round, RoundCollector, positions_by_topic, positions_from_topics
-from trainer.samples import RecentIds
-from trainer.settings import TrainerConfig
+from trainer.settings import TrainerConfig, checkpoint_root
 
 log = logging.getLogger(__name__)
 
 PRODUCER = "trainer"
-
-
-def checkpoint_root(settings: TrainerConfig) -> Path:
-    """Where the trainer's checkpoints live: the configured folder or ``<home>/checkpoints``."""
-    return settings.trainer.checkpoints.folder or settings.home / "checkpoints"
 
 
 def base_model_folder(settings: TrainerConfig) -> Path:
@@ -139,50 +136,76 @@ async def run_trainer(
         log.info("continuing from checkpoint %s (policy version %d)", latest.path, latest.version)
     else:
         log.info("no checkpoint in %s: starting from the base model %s (policy version 0)", store.folder, base)
+    bus = cluster_id(settings, resolve_bootstrap(settings))
     try:
         async with AsyncPublisher(settings, producer_name=PRODUCER) as publisher, AsyncSubscriber(
-            settings, [AcceptedSample], group_id=None, service=PRODUCER, publisher=publisher, subscribe=False
+            settings, [AcceptedSample], group_id=trainer_settings.group_id, service=PRODUCER, publisher=publisher,
+            subscribe=False
         ) as subscriber:
-            leader = _Leader(settings, engine, store, publisher, subscriber, latest)
+            leader = _Leader(settings, engine, store, publisher, subscriber, latest, bus)
             if latest is None:
-                await announce_base(settings, publisher, base)
+                await announce_if_missing(settings, publisher, Checkpoint(producer=PRODUCER, policy_version=0,
+                                                                          uri=str(base)))
             return await leader.run(stop, max_rounds)
     finally:
         share_from_main(None, engine.num_processes)
 
 
-async def announce_base(settings: TrainerConfig, publisher: AsyncPublisher, base: Path) -> None:
-    """Announce the base model as policy version 0 when the checkpoints topic is empty, so that the
-    evaluator diagnoses it and the first round gets a plan (a restart before round 1 finds it there)."""
+async def newest_announced(settings: TrainerConfig, publisher: AsyncPublisher) -> int | None:
+    """The newest policy version on the checkpoints topic (None: the topic is empty)."""
+    newest: int | None = None
     async with AsyncSubscriber(settings, [Checkpoint], group_id=None, service=PRODUCER, publisher=publisher,
                                subscribe=False, read_only=True) as reader:
         await reader.assign_all()
-        if await reader.fetch(max_records=1, timeout_ms=2000):
-            return
-    await publisher.publish_and_wait(Checkpoint(producer=PRODUCER, policy_version=0, uri=str(base)))
-    log.info("announced the base model %s as policy version 0", base)
+        async for deliveries in reader.until_end(max_records=5000, timeout_ms=2000):
+            for delivery in deliveries:
+                newest = max(delivery.event.policy_version, newest or 0)
+    return newest
+
+
+async def announce_if_missing(settings: TrainerConfig, publisher: AsyncPublisher, event: Checkpoint) -> bool:
+    """Announce `event` unless the checkpoints topic already holds its version or a newer one.
+
+    The base model is announced as version 0 on an empty topic, so that the evaluator diagnoses it and
+    the first round gets a plan; the newest checkpoint is announced again on a bus that has not seen
+    it (a resumed run whose saved bus is older than its checkpoints).
+    """
+    newest = await newest_announced(settings, publisher)
+    if newest is not None and newest >= event.policy_version:
+        return False
+    await publisher.publish_and_wait(event)
+    log.info("announced policy version %d (%s) on a bus whose newest was %s", event.policy_version, event.uri, newest)
+    return True
 
 
 class _Leader:
     """Rank 0's round loop."""
 
     def __init__(self, settings: TrainerConfig, engine: GRPOEngine, store: CheckpointStore, publisher: AsyncPublisher,
-                 subscriber: AsyncSubscriber, latest: StoredCheckpoint | None):
+                 subscriber: AsyncSubscriber, latest: StoredCheckpoint | None, bus: str):
         self.settings = settings
         self.engine = engine
         self.store = store
         self.publisher = publisher
         self.subscriber = subscriber
         self.latest = latest
+        self.bus = bus
         self.version = latest.version if latest else 0
         recent = RecentIds(settings.trainer.checkpoints.dedup_window, latest.manifest.recent_ids if latest else ())
         blobs = BlobStore(settings.blob.url, settings.blob.limits)
         self.collector = RoundCollector(subscriber, blobs, settings.trainer, recent)
 
     async def run(self, stop: asyncio.Event, max_rounds: int | None) -> list[RoundReport]:
-        if self.latest is not None and not self.latest.announced:
-            await self.announce(self.latest)
-        await self.subscriber.assign_all(positions_from_topics(self.latest.manifest.positions) if self.latest else {})
+        latest = self.latest
+        if latest is not None and not latest.announced:
+            await self.announce(latest)
+        elif latest is not None:
+            await announce_if_missing(self.settings, self.publisher, latest.manifest.event)
+        same_bus = latest is not None and latest.manifest.cluster_id == self.bus
+        if latest is not None and not same_bus:
+            log.info("checkpoint %d was read on bus %s, this is %s: going on from group %s's committed offsets",
+                     latest.version, latest.manifest.cluster_id, self.bus, self.settings.trainer.group_id)
+        await self.subscriber.assign_all(positions_from_topics(latest.manifest.positions) if same_bus else {})
         await self.collector.start()
         TRAINER_POLICY_VERSION.set(self.version)
         start = {f"{tp.topic}/{tp.partition}": offset for tp, offset in self.collector.pending.start.items()}
@@ -227,6 +250,7 @@ class _Leader:
         manifest = Manifest(
             event=event,
             positions=positions_by_topic(rnd.end),
+            cluster_id=self.bus,
             global_step=engine.global_step,
             skipped=dict(rnd.skipped),
             recent_ids=recent.ids(),
@@ -235,6 +259,7 @@ class _Leader:
         written = time.perf_counter()
         log.info("round: checkpoint %d written to %s", version, checkpoint.path)
         await self.announce(checkpoint)
+        await self.subscriber.commit(dict(rnd.end))
         announced = time.perf_counter()
         self.collector.committed()
         self.version = version

@@ -139,6 +139,11 @@ class TrainerSettings(Section):
     """Everything the trainer service reads."""
 
     base_model: Path | None = Field(None, description="Local model folder of policy version 0.")
+    group_id: str = Field(
+        "trainer", description="Consumer group the read positions are committed to after each checkpoint. The "
+        "checkpoint's own positions win on the bus that gave them; on another bus (a new cluster id: a resumed or "
+        "rolled embedded broker) the group's offsets, carried over by dpe.bus.carry, say where to go on."
+    )
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
     rounds: RoundSettings = Field(default_factory=RoundSettings)
     staleness: StalenessSettings = Field(default_factory=StalenessSettings)
@@ -160,3 +165,13 @@ class TrainerConfig(CoreSettings):
     """What the trainer reads: the core settings and its own section."""
 
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+
+
+def checkpoint_root(settings: TrainerConfig) -> Path:
+    """Where the trainer's checkpoints live: the configured folder or ``<home>/checkpoints``.
+
+    Example:
+        >>> checkpoint_root(TrainerConfig(home="/srv/dpe"))
+        PosixPath('/srv/dpe/checkpoints')
+    """
+    return settings.trainer.checkpoints.folder or settings.home / "checkpoints"

@@ -75,7 +75,7 @@ from dpe.bus.follower import Follower, now_ms
 from dpe.endpoint.client import EndpointClient
 from dpe.events import AcceptedSample, Checkpoint, Event, QuotaPlan, UnlabeledItem
 from dpe.imaging import PillowEditor
-from dpe.policy.checkpoints import allowed_roots
+from dpe.policy.checkpoints import REFUSALS, allowed_roots, loadable_folder
 from monitoring.metrics import AGENT_ITEMS, AGENT_SAMPLES, QUOTA_PLAN_STARTED, QUOTA_REMAINING
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,8 @@ class AgentWorker:
         async with AsyncPublisher(settings, producer_name="agents") as publisher:
             self.publisher = publisher
             self.follower = Follower(settings, publisher, {QuotaPlan: self._on_plans, AcceptedSample: self._on_accepted,
-                                                           Checkpoint: self._on_checkpoints})
+                                                           Checkpoint: self._on_checkpoints},
+                                     service="agents", dead_letters=[QuotaPlan])
             self.items = AsyncSubscriber(settings, [UnlabeledItem], group_id=settings.agents.group_id, service="agents",
                                          publisher=publisher, subscribe=False)
             await self.items.start()
@@ -215,7 +216,7 @@ class AgentWorker:
 
     def _policy_version(self) -> int:
         """The version a sample is made against: with the difficulty band on, the policy it measures with;
-        with it off, the newest announced version (0 before any)."""
+        with it off, the newest announced version that is not refused (0 before any)."""
         if self.settings.agents.qc.difficulty.enabled and self.holder.current is not None:
             return self.holder.current.version
         return self.latest_version
@@ -247,10 +248,23 @@ class AgentWorker:
         return keys
 
     async def _on_checkpoints(self, checkpoints: Sequence[Event]) -> None:
-        newest = max(checkpoints, key=lambda checkpoint: checkpoint.policy_version)
+        loadable = [checkpoint for checkpoint in checkpoints if self._loadable(checkpoint)]
+        if not loadable:
+            return
+        newest = max(loadable, key=lambda checkpoint: checkpoint.policy_version)
         self.latest_version = max(self.latest_version, newest.policy_version)
         if self.settings.agents.qc.difficulty.enabled:
             self._loading = asyncio.create_task(self._load_after(self._loading, newest))
+
+    def _loadable(self, checkpoint: Checkpoint) -> bool:
+        """Whether the policy loaders would load `checkpoint`; a refused one (outside the checkpoint roots, pickled
+        weights only) is logged, and its version never becomes a sample's: nothing will ever evaluate it."""
+        try:
+            loadable_folder(checkpoint.uri, self.holder.roots)
+        except REFUSALS as refused:
+            log.error("agents: refusing checkpoint v%d at %s: %s", checkpoint.policy_version, checkpoint.uri, refused)
+            return False
+        return True
 
     async def _load_after(self, previous: asyncio.Task | None, checkpoint: Checkpoint) -> None:
         """Load a checkpoint's policy in the background, after any load already under way."""

@@ -40,6 +40,8 @@ from dpe.grading import grade, normalize_text, parse_number
 from monitoring.metrics import QC_CHECKS
 
 OK = "ok"
+CHECK_ERROR = "check_error"
+"""The reason of a check that raised."""
 
 
 @dataclass
@@ -211,6 +213,9 @@ class QCChain:
 
     def __init__(self, checks: Sequence[Check]):
         self.checks = list(checks)
+        for check in self.checks:  # the outcomes every check has, exported at 0 before its first candidate
+            for reason in (OK, CHECK_ERROR):
+                QC_CHECKS.labels(check.name, reason)
 
     async def run(self, candidate: Candidate) -> list[QCVerdict]:
         verdicts = []
@@ -218,7 +223,7 @@ class QCChain:
             try:
                 verdict = await check(candidate)
             except Exception as exc:  # noqa: BLE001 - a broken check rejects, it never crashes the crew
-                verdict = _verdict(check.name, "check_error", f"{type(exc).__name__}: {exc}")
+                verdict = _verdict(check.name, CHECK_ERROR, f"{type(exc).__name__}: {exc}")
             QC_CHECKS.labels(check.name, verdict.reason_code).inc()
             verdicts.append(verdict)
             if not verdict.passed:

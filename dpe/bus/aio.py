@@ -157,6 +157,29 @@ class AsyncSubscriber:
         A `read_only` subscriber (an observer such as the live view) skips rejects instead: the
         services that own the topic dead-letter them.
         """
+        deliveries, _ = await self._fetch(max_records, timeout_ms)
+        return deliveries
+
+    async def batches(self, max_records: int = 1000, timeout_ms: int = 200) -> AsyncIterator[list[Delivery]]:
+        """Endless batches of valid deliveries; empty batches come too, so callers can act on time."""
+        while True:
+            yield await self.fetch(max_records, timeout_ms)
+
+    async def until_end(self, max_records: int = 1000, timeout_ms: int = 500) -> AsyncIterator[list[Delivery]]:
+        """Batches of valid deliveries until a fetch brings no record at all (nothing more within `timeout_ms`).
+
+        A fetch whose records all fail to decode (a 6 MB record comes alone) yields an empty batch: it is not
+        the end of the topic, and the valid records behind it are still read.
+        """
+        while True:
+            deliveries, fetched = await self._fetch(max_records, timeout_ms)
+            if not fetched:
+                return
+            yield deliveries
+
+    async def _fetch(self, max_records: int, timeout_ms: int) -> tuple[list[Delivery], int]:
+        """One batch of valid deliveries (rejects dead-lettered or, read-only, skipped), and how many records were
+        fetched, valid or not."""
         data = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         records = [record for batch in data.values() for record in batch]
         deliveries, rejections = split_records(records, self._specs, self.settings.kafka.max_event_bytes)
@@ -166,12 +189,7 @@ class AsyncSubscriber:
             consumed_counter(delivery.topic).inc()
         if time.monotonic() - self._lag_reported_at >= LAG_REPORT_INTERVAL_S:
             await self.lag()
-        return deliveries
-
-    async def batches(self, max_records: int = 1000, timeout_ms: int = 200) -> AsyncIterator[list[Delivery]]:
-        """Endless batches of valid deliveries; empty batches come too, so callers can act on time."""
-        while True:
-            yield await self.fetch(max_records, timeout_ms)
+        return deliveries, len(records)
 
     async def dead_letter(self, record: RecordLike | Delivery, error: Exception, stage: str) -> None:
         """Send a record that was valid but could not be processed to the dead-letter topic."""
@@ -188,10 +206,10 @@ class AsyncSubscriber:
         await self.publisher.publish_and_wait(letter)
         DEADLETTERS.labels(letter.origin_topic, letter.stage, letter.error_class).inc()
 
-    async def commit(self) -> None:
-        """Commit the consumed positions (call after the batch's effects are durable)."""
+    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Commit the consumed positions, or `offsets` (call after the batch's effects are durable)."""
         if self.group_id is not None:
-            await self.consumer.commit()
+            await self.consumer.commit(offsets)
 
     async def lag(self) -> dict[TopicPartition, int]:
         """Messages behind the high-water mark of the last fetch, per assigned partition."""

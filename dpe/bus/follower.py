@@ -7,7 +7,9 @@ moment and everything up to that answer's high-water mark has been handled. (Hig
 come from fetch responses, not `end_offsets`, which the embedded broker gets wrong.)
 
 Records that do not decode are logged and skipped here; dead-lettering them is the job of the
-topic's owning consumer group, so N workers do not file N copies.
+topic's owning consumer group, so N workers do not file N copies. A topic that no consumer group
+owns (the quota plans: every agent worker follows them, none consumes them in a group) is named
+in `dead_letters`: its undecodable records are dead-lettered by every follower, one letter each.
 
 Example:
     >>> follower = Follower(settings, publisher, {QuotaPlan: on_plans})   # doctest: +SKIP
@@ -21,10 +23,10 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.bus.delivery import split_records, topic_specs
+from dpe.bus.delivery import Rejection, split_records, topic_specs
 from dpe.config import CoreSettings
 from dpe.events import Event
 
@@ -41,10 +43,12 @@ def now_ms() -> int:
 class Follower:
     """Reads its topics in full and keeps handlers up to date; see the module docstring."""
 
-    def __init__(self, settings: CoreSettings, publisher: AsyncPublisher, handlers: Mapping[type[Event], Handler]):
+    def __init__(self, settings: CoreSettings, publisher: AsyncPublisher, handlers: Mapping[type[Event], Handler], *,
+                 service: str = "follower", dead_letters: Collection[type[Event]] = ()):
         self.settings = settings
         self.handlers = dict(handlers)
-        self.sub = AsyncSubscriber(settings, list(handlers), group_id=None, service="agents-follower",
+        self.dead_letters = frozenset(dead_letters)
+        self.sub = AsyncSubscriber(settings, list(handlers), group_id=None, service=service,
                                    publisher=publisher, subscribe=False)
         self._specs = topic_specs(self.sub.topics, settings.kafka.topic_prefix)
         self._guard_ms = settings.kafka.fetch_max_wait_ms + 100
@@ -75,14 +79,22 @@ class Follower:
         records = [record for batch in data.values() for record in batch]
         deliveries, rejections = split_records(records, self._specs, self.settings.kafka.max_event_bytes)
         for rejection in rejections:
-            log.warning("skipping undecodable record %s[%s]@%s: %s", rejection.record.topic, rejection.record.partition,
-                        rejection.record.offset, rejection.error)
+            await self._refuse(rejection)
         by_type: dict[type[Event], list[Event]] = defaultdict(list)
         for delivery in deliveries:
             by_type[type(delivery.event)].append(delivery.event)
         for model, events in by_type.items():
             await self.handlers[model](events)
         await self._note_progress()
+
+    async def _refuse(self, rejection: Rejection) -> None:
+        """Dead-letter an undecodable record of a topic in `dead_letters`; log and skip any other."""
+        record = rejection.record
+        if self._specs[record.topic].model in self.dead_letters:
+            await self.sub.dead_letter(record, rejection.error, "decode")
+        else:
+            log.warning("skipping undecodable record %s[%s]@%s: %s", record.topic, record.partition, record.offset,
+                        rejection.error)
 
     async def _note_progress(self) -> None:
         consumer = self.sub.consumer

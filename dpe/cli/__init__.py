@@ -12,7 +12,6 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 from collections.abc import Callable
 from itertools import takewhile
@@ -23,6 +22,7 @@ import click
 from dpe.cli.stages import SERVICE_COMMANDS
 from dpe.command import CliState
 from dpe.config import CoreSettings, mask_userinfo
+from dpe.lifecycle import configure_logging
 
 
 class LazyGroup(click.Group):
@@ -166,7 +166,7 @@ def main(ctx: click.Context, config_file: str | None, bootstrap: str | None, top
     overrides = {"home": home, "log_level": log_level,
                  "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": topic_prefix}}
     ctx.obj = CliState(config_file, overrides)
-    logging.basicConfig(level=log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level or "WARNING")
 
 
 @main.group(cls=LazyGroup, lazy=SERVICE_COMMANDS)

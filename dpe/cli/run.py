@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -34,22 +35,33 @@ console = Console()
 @click.option("--run-id", default=None, help="Folder name under --runs-dir (default: time + random).")
 @click.option("--live/--no-live", default=True, show_default=True, help="Live table of the spiral.")
 @click.option("--timeout", "timeout_s", type=float, default=1800.0, show_default=True, help="Give up after seconds.")
+@click.option("--bus-memory-mb", type=click.FloatRange(min=1), default=SpiralOptions.bus_memory_mb, show_default=True,
+              help="Roll the embedded broker (carry its state to a fresh one) past this resident memory.")
+@click.option("--resume", "resume_id", default=None, metavar="RUN_ID",
+              help="Go on with the stopped run RUN_ID under --runs-dir, with the options it started with.")
 @pass_state
 def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round_samples: int,
-        base_model: Path | None, runs_dir: Path, run_id: str | None, live: bool, timeout_s: float) -> None:
+        base_model: Path | None, runs_dir: Path, run_id: str | None, live: bool, timeout_s: float,
+        bus_memory_mb: float, resume_id: str | None) -> None:
     """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds.
 
-    Ctrl-C and SIGTERM (``docker stop``, systemd) both stop every service and still write the report.
+    Ctrl-C and SIGTERM (``docker stop``, systemd) both stop every service, save the run for --resume
+    and still write the report.
     """
     sigterm_interrupts()
-    options = SpiralOptions(rounds=None if forever else rounds, round_samples=round_samples, strategy=strategy,
-                            base_model=base_model, runs_dir=runs_dir, live=live, timeout_s=None if forever else timeout_s,
-                            **({"run_id": run_id} if run_id else {}))
+    session = {"live": live, "timeout_s": None if forever else timeout_s}
+    if resume_id is not None:
+        options = SpiralOptions.resumed(runs_dir, resume_id, **session)
+        options = replace(options, timeout_s=None) if options.rounds is None else options
+    else:
+        options = SpiralOptions(rounds=None if forever else rounds, round_samples=round_samples, strategy=strategy,
+                                base_model=base_model, runs_dir=runs_dir, bus_memory_mb=bus_memory_mb, **session,
+                                **({"run_id": run_id} if run_id else {}))
     result = run_spiral(state.settings_as(Settings), options, console)
     console.print(rounds_table(result.rounds, title=f"run {options.run_id}"))
     console.print(f"{'completed' if result.completed else 'stopped'} in {result.seconds:.0f}s; "
                   f"summary: {result.run_dir / 'summary.json'}; report: {result.run_dir / 'report.html'}")
-    if not result.completed and not forever:
+    if not result.completed and not forever and options.rounds is not None:
         sys.exit(1)
 
 

@@ -3,7 +3,9 @@
 The evaluator, the auditor and the difficulty band load policies only through `load_checkpoint`.
 A URI read from the bus is loaded only from inside the allowed checkpoint roots (`allowed_roots`:
 ``<home>/checkpoints``, the model cache and ``checkpoint_roots``), symlinks and ``..`` resolved
-first; anything else is refused (`CheckpointOutsideRoots`) before a file is read.
+first; anything else is refused (`CheckpointOutsideRoots`) before a file is read, and so is a folder
+whose only weights are pickled (`PickledWeights`). `loadable_folder` makes both checks without
+loading anything, for readers that only need to know whether a checkpoint is one they would load.
 torch and transformers are imported when a policy is loaded, not when this module is.
 
 Example:
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.config import CoreSettings
 from dpe.events import Checkpoint
+from dpe.policy.weights import PickledWeights, refuse_pickled_weights
 
 if TYPE_CHECKING:
     from dpe.policy.model import Policy
@@ -31,6 +34,10 @@ if TYPE_CHECKING:
 
 class CheckpointOutsideRoots(ValueError):
     """A checkpoint URI that names a folder outside every allowed checkpoint root: never loaded."""
+
+
+REFUSALS: tuple[type[ValueError], ...] = (CheckpointOutsideRoots, PickledWeights)
+"""Why an announced checkpoint is refused before any of it is read (`loadable_folder`)."""
 
 
 def allowed_roots(settings: CoreSettings) -> tuple[Path, ...]:
@@ -65,15 +72,31 @@ def checkpoint_folder(uri: str, roots: Sequence[Path] | None = None) -> Path:
     return folder
 
 
+def loadable_folder(uri: str, roots: Sequence[Path] | None = None) -> Path:
+    """The folder `load_checkpoint` would load for `uri`; raises one of `REFUSALS` for a folder outside `roots`
+    or one whose only weights are pickled. Nothing is loaded.
+
+    Example:
+        >>> loadable_folder("/ckpt/../etc", roots=[Path("/ckpt")])
+        Traceback (most recent call last):
+        ...
+        dpe.policy.checkpoints.CheckpointOutsideRoots: checkpoint '/ckpt/../etc' is /etc, outside the checkpoint roots /ckpt
+    """
+    folder = checkpoint_folder(uri, roots)
+    refuse_pickled_weights(folder)
+    return folder
+
+
 def load_checkpoint(uri: str, *, roots: Sequence[Path] | None = None) -> "Policy":
-    """The policy saved at `uri` (a folder path or a ``file://`` URL), refused outside `roots`.
+    """The policy saved at `uri` (a folder path or a ``file://`` URL), refused outside `roots` or with pickled
+    weights only (`loadable_folder`).
 
     `roots` is None only for a folder the operator configured (a base policy, a reference model),
     never for a URI read from the bus: pass `allowed_roots` of the settings.
     """
     from dpe.policy.model import load_policy
 
-    return load_policy(checkpoint_folder(uri, roots))
+    return load_policy(loadable_folder(uri, roots))
 
 
 async def latest_checkpoint(settings: CoreSettings, *, service: str, timeout_ms: int = 500) -> Checkpoint | None:
@@ -83,7 +106,7 @@ async def latest_checkpoint(settings: CoreSettings, *, service: str, timeout_ms:
     ) as subscriber:
         await subscriber.assign_all()
         latest: Checkpoint | None = None
-        while deliveries := await subscriber.fetch(timeout_ms=timeout_ms):
+        async for deliveries in subscriber.until_end(timeout_ms=timeout_ms):
             for delivery in deliveries:
                 if latest is None or delivery.event.policy_version >= latest.policy_version:
                     latest = delivery.event

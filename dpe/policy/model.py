@@ -40,6 +40,7 @@ from transformers.processing_utils import ProcessorMixin
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.processor import PROCESSOR_CLASSES, load_processor
 from dpe.policy.tokenizer import CHAT_TEMPLATE, train_tokenizer, world_corpus
+from dpe.policy.weights import refuse_pickled_weights
 
 VISION_TOKENS: tuple[str, ...] = (
     "<|vision_start|>",
@@ -49,14 +50,6 @@ VISION_TOKENS: tuple[str, ...] = (
     "<|video_pad|>",
 )
 """Tokens the policy must never generate: sampling one breaks the next forward pass."""
-
-PICKLED_WEIGHTS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
-"""File patterns of weights saved with pickle (torch.save), which `load_policy` never reads."""
-
-
-class PickledWeights(ValueError):
-    """A model folder whose only weights are pickled: loading them could run any code."""
-
 
 @dataclass
 class Policy:
@@ -125,31 +118,11 @@ def build_tiny_policy(config: TinyVLMConfig = TinyVLMConfig()) -> Policy:
     return Policy(model=model.eval(), processor=processor)
 
 
-def refuse_pickled_weights(folder: str | Path) -> None:
-    """Raise `PickledWeights` for a folder that holds pickled weights and no safetensors ones.
-
-    Example:
-        >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> _ = (folder / "pytorch_model.bin").write_bytes(b"")
-        >>> refuse_pickled_weights(folder)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        dpe.policy.model.PickledWeights: .../pytorch_model.bin holds pickled weights and the folder has no ...
-    """
-    folder = Path(folder)
-    pickled = sorted(path for pattern in PICKLED_WEIGHTS for path in folder.glob(pattern))
-    if pickled and not any(folder.glob("*.safetensors")):
-        raise PickledWeights(
-            f"{pickled[0]} holds pickled weights and the folder has no *.safetensors: dpe loads model "
-            "weights from safetensors only (convert them: load in a trusted process, then save_pretrained)"
-        )
-
-
 def load_policy(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Policy:
     """Load a local checkpoint folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL...) with its processor.
 
-    Weights come from safetensors only: a folder with pickled weights alone is refused (`PickledWeights`).
+    Weights come from safetensors only: a folder with pickled weights alone is refused
+    (`dpe.policy.weights.PickledWeights`).
     """
     refuse_pickled_weights(folder)
     model = AutoModelForImageTextToText.from_pretrained(

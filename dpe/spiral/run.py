@@ -3,8 +3,15 @@
 `run_spiral` starts the embedded broker (unless Kafka is configured), makes sure the warmed tiny
 base model exists (cached by recipe), writes the run's configuration, starts each service as its
 own process under a `Supervisor` (the trainer announces the base model as policy version 0), and
-watches the topics (read-only) until the trainer has published `rounds` checkpoints and the evaluator has graded the last one on the held-out suite. It then stops every
-service and writes ``summary.json`` and ``report.html`` into ``runs/<id>/``.
+watches the topics (read-only) until the trainer has published `rounds` checkpoints and the
+evaluator has graded the last one on the held-out suite. It then stops every service and writes
+``summary.json`` and ``report.html`` into ``runs/<id>/``.
+
+Always on: when the embedded broker outgrows ``bus_memory_mb`` the services are stopped, the bus is
+carried over to a fresh broker and they start again (`dpe.spiral.bus`). Whenever the run stops
+(done, Ctrl-C, SIGTERM, timeout) it saves its bus and history (``state.json``), so
+``dpe run --resume <id>`` goes on with the same options, checkpoints, version numbers, weakness
+state and plans.
 
 With a terminal it shows a live view; without one (``--no-live``, or output to a file or a pipe)
 it prints one line per round (`RoundLog`) and one per service restart instead.
@@ -20,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from pydantic import SecretStr
@@ -33,7 +41,6 @@ from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.live import Live
 
-from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.config import secret_env, with_overrides
@@ -41,6 +48,7 @@ from dpe.events import AcceptedSample, Checkpoint, EvalOutcome, QuotaPlan, Rejec
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
 from dpe.settings import Settings
+from dpe.spiral.bus import RunBus
 from dpe.spiral.report import write_report
 from dpe.spiral.state import RoundRecord, SpiralState
 from dpe.spiral.view import RoundLog, StallLog, render_view
@@ -69,10 +77,41 @@ class SpiralOptions:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     base_model: Path | None = None
     """A local model folder to start from instead of the warmed tiny model."""
+    bus_memory_mb: float | None = 1024.0
+    """The embedded broker is rolled (its state carried over to a fresh one) past this resident memory."""
+    bus_max_tail: int = 20_000
+    """Most unconsumed records per partition a roll or a resume carries over (older ones are dropped)."""
+    resume: bool = False
+    """Go on with the stopped run `run_id`: its options, bus, checkpoints and history (`resumed`)."""
 
     @property
     def run_dir(self) -> Path:
         return self.runs_dir / self.run_id
+
+    def save(self) -> None:
+        """Write the options a resume goes on with to ``<run>/run.json``."""
+        kept = {name: getattr(self, name) for name in RESUMED_OPTIONS}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "run.json").write_text(json.dumps(to_jsonable_python(kept), indent=1))
+
+    @classmethod
+    def resumed(cls, runs_dir: Path, run_id: str, **now: Any) -> "SpiralOptions":
+        """The options of the stopped run `run_id`, with `now`'s (how to show and bound this session) on top."""
+        path = runs_dir / run_id / "run.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no run to resume at {path} (was it started with `dpe run`?)")
+        saved = json.loads(path.read_text())
+        saved["base_model"] = Path(saved["base_model"]) if saved.get("base_model") else None
+        return cls(runs_dir=runs_dir, run_id=run_id, resume=True, **saved, **now)
+
+
+RESUMED_OPTIONS = ("rounds", "round_samples", "round_timeout_s", "strategy", "ingest_rate", "auditor",
+                   "stall_after_s", "base_model", "bus_memory_mb", "bus_max_tail")
+"""What a resumed run keeps of the run it goes on with (the rest says how this session shows and ends)."""
+
+
+STATE_FILE = "state.json"
+"""The run's history (`SpiralState.to_json`), written whenever it stops or rolls; a resume starts from it."""
 
 
 @dataclass
@@ -83,15 +122,8 @@ class SpiralResult:
     completed: bool
 
 
-@contextlib.contextmanager
-def bus_for(settings: Settings, log_path: Path) -> Iterator[str]:
-    """The configured external Kafka, or an embedded broker for the duration of the block."""
-    if settings.kafka.bootstrap_servers:
-        yield settings.kafka.bootstrap_servers
-        return
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with EmbeddedBroker(log_path=log_path) as broker:
-        yield broker.bootstrap_servers
+INGEST_BACKLOG = 2000
+"""Unconsumed unlabeled items the run's endless synthetic ingest stays under (`ingest.max_backlog`)."""
 
 
 def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, base_model: Path) -> Settings:
@@ -115,6 +147,7 @@ def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, bas
         "kafka": {"bootstrap_servers": bootstrap},
         "blob": {"url": str(home / "blobs")},
         "stream": {"quotas": quotas},
+        "ingest": {"max_backlog": INGEST_BACKLOG},
         "trainer": {"base_model": str(base_model),
                     "rounds": {"max_samples": options.round_samples, "max_seconds": options.round_timeout_s}},
     }
@@ -170,18 +203,17 @@ def _done(state: SpiralState, rounds: int | None, heldout_items: int) -> bool:
     return rounds is not None and state.policy_version >= rounds and state.heldout_items(rounds) >= heldout_items
 
 
-async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState, stalls: StallLog,
-                 supervisor: Supervisor, console: Console, started: float) -> bool:
-    """Fold the observed topics into `state` until the run is done (True) or times out (False), saying any
-    stall in words (`stalls`)."""
-    synthetic = settings.evaluator.synthetic
-    heldout_items = synthetic.heldout_items if synthetic is not None else 0
+async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState, log: RoundLog, stalls: StallLog,
+                 supervisor: Supervisor, bus: RunBus, console: Console, started: float) -> str:
+    """Fold the observed topics into `state` until the run is done ("done"), times out ("timeout") or its
+    embedded broker outgrew its memory bound ("roll"), saying any stall in words (`stalls`)."""
+    heldout_items = log.heldout_items
     async with AsyncPublisher(settings, producer_name="dpe-run") as pub:
         async with AsyncSubscriber(settings, OBSERVED, group_id=None, service="run", publisher=pub,
                                    subscribe=False, read_only=True) as sub:
             await sub.assign_all()
             live = Live(console=console, refresh_per_second=2, transient=False) if options.live else None
-            log = RoundLog(heldout_items)
+            checked_bus = time.monotonic()
             with live or contextlib.nullcontext():
                 while not _done(state, options.rounds, heldout_items):
                     for delivery in await sub.fetch(max_records=5000, timeout_ms=250):
@@ -197,8 +229,16 @@ async def _watch(settings: Settings, options: SpiralOptions, state: SpiralState,
                         for line in [*log.new_lines(state), *([began] if began else [])]:
                             _say(console, started, line)
                     if options.timeout_s is not None and elapsed > options.timeout_s:
-                        return False
-    return True
+                        return "timeout"
+                    if time.monotonic() - checked_bus >= BUS_CHECK_S:
+                        checked_bus = time.monotonic()
+                        if bus.due():
+                            return "roll"
+    return "done"
+
+
+BUS_CHECK_S = 10.0
+"""How often the watcher checks the embedded broker's memory against `SpiralOptions.bus_memory_mb`."""
 
 
 def _base_model(options: SpiralOptions, console: Console) -> Path:
@@ -213,37 +253,72 @@ def _base_model(options: SpiralOptions, console: Console) -> Path:
     return warmed.folder
 
 
+def _initial_state(settings: Settings, options: SpiralOptions) -> SpiralState:
+    """The saved history of a resumed run, else an empty one."""
+    path = options.run_dir / STATE_FILE
+    if options.resume:
+        if not path.is_file():
+            raise FileNotFoundError(f"no history to resume at {path} (a killed run saves none; start a new one)")
+        return SpiralState.from_json(json.loads(path.read_text()))
+    synthetic = settings.evaluator.synthetic
+    return SpiralState(heldout_suite=synthetic.heldout_suite if synthetic is not None else "heldout")
+
+
+def _save_state(run_dir: Path, state: SpiralState) -> None:
+    tmp = run_dir / f"{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state.to_json()))
+    tmp.replace(run_dir / STATE_FILE)
+
+
+def _run_epoch(settings: Settings, options: SpiralOptions, bus: RunBus, state: SpiralState, log: RoundLog,
+               stalls: StallLog, base_model: Path, console: Console, started: float) -> str:
+    """Run every service on the bus as it is now, until `_watch` says why to stop; stop them."""
+    configured = run_settings(settings, options, bus.bootstrap, base_model)
+    ensure_topics(configured, bus.bootstrap)
+    config_path = options.run_dir / "config.yaml"
+    write_config(configured, config_path)
+    supervisor = Supervisor(env=child_env(config_path, configured), log_dir=options.run_dir / "logs",
+                            on_restart=None if options.live else lambda event: _say(console, started, str(event)))
+    try:
+        for spec in service_specs(options, base_model):
+            supervisor.start(spec)
+        return asyncio.run(_watch(configured, options, state, log, stalls, supervisor, bus, console, started))
+    finally:
+        supervisor.stop()
+
+
 def run_spiral(settings: Settings, options: SpiralOptions, console: Console | None = None) -> SpiralResult:
     """Run the spiral for `options.rounds` rounds (None: until interrupted); see the module docstring."""
     console = console or Console()
     options = replace(options, live=options.live and console.is_terminal)
     started = time.monotonic()
     base_model = _base_model(options, console)
-    run_dir = options.run_dir
-    with bus_for(settings, run_dir / "logs" / "broker.log") as bootstrap:
-        configured = run_settings(settings, options, bootstrap, base_model)
-        ensure_topics(configured, bootstrap)
-        config_path = run_dir / "config.yaml"
-        write_config(configured, config_path)
-        supervisor = Supervisor(env=child_env(config_path, configured), log_dir=run_dir / "logs",
-                                on_restart=None if options.live else lambda event: _say(console, started, str(event)))
-        synthetic = configured.evaluator.synthetic
-        state = SpiralState(heldout_suite=synthetic.heldout_suite if synthetic is not None else "heldout")
-        stalls = StallLog(options.stall_after_s)
-        try:
-            for spec in service_specs(options, base_model):
-                supervisor.start(spec)
-            completed = asyncio.run(_watch(configured, options, state, stalls, supervisor, console, started))
-        except KeyboardInterrupt:
-            completed = False
-        finally:
-            supervisor.stop()
+    options = replace(options, base_model=base_model)
+    state = _initial_state(settings, options)
+    options.save()
+    bus = RunBus(settings, options.run_dir, memory_mb=options.bus_memory_mb, max_tail=options.bus_max_tail)
+    synthetic = settings.evaluator.synthetic
+    log = RoundLog(synthetic.heldout_items if synthetic is not None else 0, next_version=state.policy_version)
+    stalls = StallLog(options.stall_after_s)
+    outcome = "stopped"
+    try:
+        bus.start(resume=options.resume)
+        while (outcome := _run_epoch(settings, options, bus, state, log, stalls, base_model, console,
+                                     started)) == "roll":
+            _say(console, started, str(bus.roll()))
+            _save_state(options.run_dir, state)
+    except KeyboardInterrupt:
+        outcome = "stopped"
+    finally:
+        bus.stop()
+        _save_state(options.run_dir, state)
     seconds = time.monotonic() - started
     rounds = state.rounds()
-    meta = {"run_id": options.run_id, "rounds_requested": options.rounds, "completed": completed,
-            "seconds": round(seconds, 1), "strategy": configured.stream.quotas.strategy,
-            "round_samples": options.round_samples, "base_model": str(base_model), "bootstrap": bootstrap,
-            "samples_accepted": len(state.accepted_ids), "samples_rejected_by_reason": dict(state.rejected_by_reason),
+    meta = {"run_id": options.run_id, "rounds_requested": options.rounds, "completed": outcome == "done",
+            "resumed": options.resume, "seconds": round(seconds, 1),
+            "strategy": options.strategy or settings.stream.quotas.strategy, "round_samples": options.round_samples,
+            "base_model": str(base_model), "bus_epochs": bus.epoch + 1,
+            "samples_accepted": state.accepted, "samples_rejected_by_reason": dict(state.rejected_by_reason),
             "stalls": stalls.seen}
-    write_report(run_dir, rounds, meta)
-    return SpiralResult(run_dir, rounds, seconds, completed)
+    write_report(options.run_dir, rounds, meta)
+    return SpiralResult(options.run_dir, rounds, seconds, outcome == "done")

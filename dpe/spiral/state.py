@@ -17,9 +17,38 @@ from __future__ import annotations
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from dpe.events import AcceptedSample, Checkpoint, EvalOutcome, Event, QuotaPlan, RejectedSample, WeaknessSnapshot
+from dpe.events import (
+    AcceptedSample,
+    Checkpoint,
+    EvalOutcome,
+    Event,
+    QuotaPlan,
+    RejectedSample,
+    WeaknessSnapshot,
+)
+from dpe.recent import RecentIds
+
+SEEN_IDS = 100_000
+"""Accepted and rejected ids remembered for de-duplication (a roll or resume re-delivers recent ones)."""
+HELDOUT_ITEM_VERSIONS = 4
+"""Newest versions whose held-out items are kept one by one; older ones are folded into counts."""
+
+Versioned = TypeVar("Versioned", WeaknessSnapshot, QuotaPlan)
+
+
+def _keep_newest(by_version: dict[int, Versioned], event: Versioned) -> None:
+    """Keep `event` as its version's entry unless that entry is newer."""
+    current = by_version.get(event.policy_version)
+    if current is None or event.ts >= current.ts:
+        by_version[event.policy_version] = event
+
+
+def _newest_up_to(by_version: dict[int, Versioned], up_to_version: int | None) -> Versioned | None:
+    """The entry of the newest version at most `up_to_version` (any version when None)."""
+    versions = [v for v in by_version if up_to_version is None or v <= up_to_version]
+    return by_version[max(versions)] if versions else None
 
 
 @dataclass
@@ -41,20 +70,28 @@ class RoundRecord:
 
 @dataclass
 class SpiralState:
-    """Aggregates of the observed topics; idempotent under duplicates."""
+    """Aggregates of the observed topics; idempotent under duplicates, bounded over a week of versions.
+
+    Per version it keeps the newest weakness snapshot and plan, the checkpoint (without its sample
+    ids: `trained` counts them) and held-out counts per capability; graded items are kept one by one
+    for the newest `HELDOUT_ITEM_VERSIONS` versions only, and seen ids in windows of `SEEN_IDS`.
+    """
 
     heldout_suite: str = "heldout"
     policy_version: int = 0
     checkpoints: dict[int, Checkpoint] = field(default_factory=dict)
-    snapshots: list[WeaknessSnapshot] = field(default_factory=list)
-    plans: list[QuotaPlan] = field(default_factory=list)
-    accepted_ids: set[str] = field(default_factory=set)
+    trained: dict[int, int] = field(default_factory=dict)
+    snapshots: dict[int, WeaknessSnapshot] = field(default_factory=dict)
+    plans: dict[int, QuotaPlan] = field(default_factory=dict)
+    accepted: int = 0
     accepted_by_capability: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    _heldout: dict[int, dict[str, bool]] = field(default_factory=lambda: defaultdict(dict))
-    _heldout_capability: dict[str, str] = field(default_factory=dict)
+    _heldout: dict[int, dict[str, tuple[str, bool]]] = field(default_factory=lambda: defaultdict(dict))
+    _heldout_folded: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    """Versions older than the newest few: capability -> [correct, graded]."""
+    _accepted_ids: RecentIds = field(default_factory=lambda: RecentIds(SEEN_IDS))
+    _rejected_ids: RecentIds = field(default_factory=lambda: RecentIds(SEEN_IDS))
     _accept_times: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
-    _seen_rejections: set[str] = field(default_factory=set)
     _version_at: float = field(default_factory=time.monotonic)
     """When the newest policy version was seen (or the state began)."""
     _accepted_before_version: int = 0
@@ -63,28 +100,77 @@ class SpiralState:
     def apply(self, event: Event) -> None:
         """Fold one event in."""
         if isinstance(event, EvalOutcome):
-            if event.suite == self.heldout_suite:
-                self._heldout[event.policy_version][event.item_id] = event.correct
-                self._heldout_capability[event.item_id] = event.capability
+            if event.suite == self.heldout_suite and event.policy_version not in self._heldout_folded:
+                self._heldout[event.policy_version][event.item_id] = (event.capability, event.correct)
         elif isinstance(event, AcceptedSample):
-            if event.sample_id not in self.accepted_ids:
-                self.accepted_ids.add(event.sample_id)
+            if self._accepted_ids.add(event.sample_id):
+                self.accepted += 1
                 self.accepted_by_capability[event.capability] += 1
                 self._accept_times.append(time.monotonic())
         elif isinstance(event, RejectedSample):
-            if event.candidate_id not in self._seen_rejections:
-                self._seen_rejections.add(event.candidate_id)
+            if self._rejected_ids.add(event.candidate_id):
                 self.rejected_by_reason[event.reason_code] += 1
         elif isinstance(event, Checkpoint):
-            if event.policy_version not in self.checkpoints and event.policy_version >= self.policy_version:
-                self._version_at = time.monotonic()
-                self._accepted_before_version = len(self.accepted_ids)
-            self.checkpoints[event.policy_version] = event
-            self.policy_version = max(self.policy_version, event.policy_version)
+            self._apply_checkpoint(event)
         elif isinstance(event, WeaknessSnapshot):
-            self.snapshots.append(event)
+            _keep_newest(self.snapshots, event)
         elif isinstance(event, QuotaPlan):
-            self.plans.append(event)
+            _keep_newest(self.plans, event)
+
+    def _apply_checkpoint(self, event: Checkpoint) -> None:
+        if event.policy_version not in self.checkpoints and event.policy_version >= self.policy_version:
+            self._version_at = time.monotonic()
+            self._accepted_before_version = self.accepted
+        self.trained[event.policy_version] = len(event.sample_ids)
+        self.checkpoints[event.policy_version] = event.model_copy(update={"sample_ids": [], "trained_on": []})
+        self.policy_version = max(self.policy_version, event.policy_version)
+        self._fold_heldout(self.policy_version - HELDOUT_ITEM_VERSIONS)
+
+    def _fold_heldout(self, before: int) -> None:
+        """Turn the graded items of versions older than `before` into per-capability counts."""
+        for version in [v for v in self._heldout if v < before]:
+            counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+            for capability, correct in self._heldout.pop(version).values():
+                counts[capability][0] += correct
+                counts[capability][1] += 1
+            self._heldout_folded[version] = dict(counts)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything `from_json` needs to go on, as JSON-ready data (a resumed run's history).
+
+        >>> state = SpiralState()
+        >>> state.apply(Checkpoint(policy_version=2, uri="/c/2", sample_ids=["a"]))
+        >>> SpiralState.from_json(state.to_json()).rounds()[-1].samples_trained
+        1
+        """
+        self._fold_heldout(self.policy_version + 1)
+        return {
+            "heldout_suite": self.heldout_suite, "policy_version": self.policy_version,
+            "checkpoints": [event.model_dump(mode="json") for event in self.checkpoints.values()],
+            "trained": self.trained, "accepted": self.accepted,
+            "snapshots": [event.model_dump(mode="json") for event in self.snapshots.values()],
+            "plans": [event.model_dump(mode="json") for event in self.plans.values()],
+            "accepted_by_capability": self.accepted_by_capability, "rejected_by_reason": self.rejected_by_reason,
+            "heldout": self._heldout_folded,
+            "accepted_ids": self._accepted_ids.ids(), "rejected_ids": self._rejected_ids.ids(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SpiralState:
+        """The state `to_json` described."""
+        state = cls(heldout_suite=data["heldout_suite"], policy_version=data["policy_version"],
+                    accepted=data["accepted"])
+        state.checkpoints = {e.policy_version: e for e in map(Checkpoint.model_validate, data["checkpoints"])}
+        state.trained = {int(v): n for v, n in data["trained"].items()}
+        state.snapshots = {e.policy_version: e for e in map(WeaknessSnapshot.model_validate, data["snapshots"])}
+        state.plans = {e.policy_version: e for e in map(QuotaPlan.model_validate, data["plans"])}
+        state.accepted_by_capability.update(data["accepted_by_capability"])
+        state.rejected_by_reason.update(data["rejected_by_reason"])
+        state._heldout_folded = {int(v): counts for v, counts in data["heldout"].items()}
+        state._accepted_ids = RecentIds(SEEN_IDS, data["accepted_ids"])
+        state._rejected_ids = RecentIds(SEEN_IDS, data["rejected_ids"])
+        state._accepted_before_version = state.accepted
+        return state
 
     def accepted_per_s(self, window_s: float = 30.0) -> float:
         """Accepted samples per second over the last `window_s` seconds."""
@@ -106,34 +192,39 @@ class SpiralState:
         idle_s = (time.monotonic() if now is None else now) - self._version_at
         if idle_s < after_s:
             return None
-        waiting = len(self.accepted_ids) - self._accepted_before_version
+        waiting = self.accepted - self._accepted_before_version
         if waiting:
             return (f"stalled: no new policy version for {idle_s / 60:.0f} min while {waiting} accepted samples wait "
                     "for the trainer (see its log)")
         return (f"stalled: no new policy version for {idle_s / 60:.0f} min and no sample accepted since (agents idle: "
                 "no plan, no unlabeled data, or QC rejects every candidate)")
 
+    def _heldout_counts(self, policy_version: int) -> dict[str, list[int]]:
+        """Capability -> [correct, graded] of one version's held-out items."""
+        if policy_version in self._heldout_folded:
+            return self._heldout_folded[policy_version]
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for capability, correct in self._heldout.get(policy_version, {}).values():
+            counts[capability][0] += correct
+            counts[capability][1] += 1
+        return counts
+
     def heldout_accuracy(self, policy_version: int) -> dict[str, float]:
         """Held-out accuracy per capability of one policy version (items graded so far)."""
-        per_capability: dict[str, list[bool]] = defaultdict(list)
-        for item_id, correct in self._heldout.get(policy_version, {}).items():
-            per_capability[self._heldout_capability[item_id]].append(correct)
-        return {cap: sum(v) / len(v) for cap, v in sorted(per_capability.items())}
+        return {cap: correct / graded for cap, (correct, graded) in sorted(self._heldout_counts(policy_version).items())}
 
     def heldout_items(self, policy_version: int) -> int:
-        return len(self._heldout.get(policy_version, {}))
+        return sum(graded for _, graded in self._heldout_counts(policy_version).values())
 
     def latest_weakness(self, up_to_version: int | None = None) -> WeaknessSnapshot | None:
-        eligible = [s for s in self.snapshots if up_to_version is None or s.policy_version <= up_to_version]
-        return max(eligible, key=lambda s: (s.policy_version, s.ts), default=None)
+        return _newest_up_to(self.snapshots, up_to_version)
 
     def latest_plan(self, up_to_version: int | None = None) -> QuotaPlan | None:
-        eligible = [p for p in self.plans if up_to_version is None or p.policy_version <= up_to_version]
-        return max(eligible, key=lambda p: (p.policy_version, p.ts), default=None)
+        return _newest_up_to(self.plans, up_to_version)
 
     def rounds(self) -> list[RoundRecord]:
         """One record per policy version seen (0 is the base model)."""
-        versions = sorted(set(self._heldout) | set(self.checkpoints) | {0})
+        versions = sorted(set(self._heldout) | set(self._heldout_folded) | set(self.checkpoints) | {0})
         records = []
         for version in versions:
             snapshot = self.latest_weakness(version)
@@ -146,7 +237,7 @@ class SpiralState:
                 weakness={cap: w.error_rate for cap, w in sorted(snapshot.capabilities.items())} if snapshot else {},
                 quota_plan=dict(sorted(plan.quotas.items())) if plan else {},
                 strategy=plan.strategy if plan else None,
-                samples_trained=len(checkpoint.sample_ids) if checkpoint else 0,
+                samples_trained=self.trained.get(version, 0),
                 trainer_metrics=dict(checkpoint.metrics) if checkpoint else {},
             ))
         return records

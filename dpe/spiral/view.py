@@ -32,7 +32,7 @@ def render_view(state: SpiralState, target_rounds: int | None, services: dict[st
     header = Text.assemble(
         ("policy v", "bold"), f"{state.policy_version}   ",
         ("round ", "bold"), f"{rounds}   ",
-        ("accepted ", "bold"), f"{len(state.accepted_ids)} ({state.accepted_per_s():.1f}/s)   ",
+        ("accepted ", "bold"), f"{state.accepted} ({state.accepted_per_s():.1f}/s)   ",
         ("trainer reward ", "bold"), f"{reward:.3f}   " if reward is not None else "–   ",
         ("elapsed ", "bold"), f"{elapsed_s:.0f}s",
     )
@@ -98,10 +98,9 @@ def round_line(state: SpiralState, version: int) -> str:
     accuracy, base = _mean(state.heldout_accuracy(version)), _mean(state.heldout_accuracy(0))
     mean = f"{accuracy:.3f}" if accuracy is not None else "–"
     change = f" ({accuracy - base:+.3f} since v0)" if version > 0 and accuracy is not None and base is not None else ""
-    checkpoint = state.checkpoints.get(version)
     plan = state.latest_plan(version - 1) if version > 0 else None
     quotas = ", ".join(f"{cap} {n}" for cap, n in sorted(plan.quotas.items())) if plan else ""
-    return (f"policy v{version}: {len(checkpoint.sample_ids) if checkpoint else 0} samples trained, "
+    return (f"policy v{version}: {state.trained.get(version, 0)} samples trained, "
             f"held-out mean accuracy {mean}{change} on {state.heldout_items(version)} items, "
             f"plan {f'{plan.strategy} ({quotas})' if plan else '–'}")
 

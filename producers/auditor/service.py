@@ -11,8 +11,8 @@ eval outcomes.
 Items that cannot be audited (an image missing or corrupt in the blob store, metadata that claims a
 scene but is not one, unknown capabilities) are dead-lettered with the reason; the service keeps
 going. Until the first checkpoint is announced there is no target, and unlabeled items wait. A
-checkpoint outside the checkpoint roots is never loaded: it is dead-lettered with the reason and
-the current target stays.
+checkpoint outside the checkpoint roots or with pickled weights only is never loaded: it is
+dead-lettered with the reason and the current target stays.
 
 Example:
     >>> Auditor.selected_fraction("some-item", 0.0, seed=0), Auditor.selected_fraction("some-item", 1.0, seed=0)
@@ -37,7 +37,7 @@ from dpe.bus.delivery import Delivery
 from dpe.events import BlobRef, Checkpoint, Divergence, UnlabeledItem
 from dpe.grading import extract_answer
 from dpe.imaging import ImageEditor, PillowEditor
-from dpe.policy.checkpoints import CheckpointOutsideRoots, allowed_roots, load_checkpoint
+from dpe.policy.checkpoints import REFUSALS, allowed_roots, load_checkpoint
 from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_ITEMS, AUDIT_PROBES
 from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, View, reference_answerer
 from producers.auditor.consensus import consensus, target_differs
@@ -175,13 +175,13 @@ class TargetTracker:
 
     async def on_checkpoint(self, delivery: Delivery) -> None:
         """Handler of the checkpoints topic: load a newer checkpoint (a bad one is logged and skipped; one
-        outside the roots raises `CheckpointOutsideRoots`, unloaded)."""
+        refused unread, outside the roots or with pickled weights only, raises one of `REFUSALS`)."""
         checkpoint: Checkpoint = delivery.event
         if self.current is not None and checkpoint.policy_version <= self.current.policy_version:
             return
         try:
             policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots)
-        except CheckpointOutsideRoots:
+        except REFUSALS:
             raise
         except Exception as error:  # noqa: BLE001 - a bad checkpoint must not stop auditing with the current one
             log.warning("cannot load checkpoint v%d at %s (%s); keeping the current target",
@@ -218,13 +218,13 @@ def unlabeled_handler(
 async def follow_checkpoints(subscriber: AsyncSubscriber, handle: Callable[[Delivery], Awaitable[None]],
                              stop: asyncio.Event) -> None:
     """Hand every checkpoint to `handle` until `stop` is set (no group: each auditor reads them all);
-    one it refuses as outside the checkpoint roots is dead-lettered."""
+    one it refuses unread (`REFUSALS`) is dead-lettered."""
     await subscriber.assign_all()
     while not stop.is_set():
         for delivery in await subscriber.fetch(timeout_ms=500):
             try:
                 await handle(delivery)
-            except CheckpointOutsideRoots as refused:
+            except REFUSALS as refused:
                 log.error("refusing checkpoint v%d: %s", delivery.event.policy_version, refused)
                 await subscriber.dead_letter(delivery, refused, "load")
 

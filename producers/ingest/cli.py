@@ -23,7 +23,7 @@ from dpe.command import CliState, pass_state
 from dpe.config import with_overrides
 from dpe.lifecycle import run_until_stopped, start_service
 from producers.ingest.paths import Roots
-from producers.ingest.service import PUBLISHED, Ingestor, IngestReport, Outcome, paced
+from producers.ingest.service import PUBLISHED, Ingestor, IngestReport, Outcome, index_path, paced
 from producers.ingest.settings import IngestConfig
 from producers.ingest.sources import FolderWatcher, Input, folder_entries, manifest_entries, synthetic_entries
 
@@ -41,7 +41,8 @@ console = Console()
 @click.option("--rate", type=click.FloatRange(min=0), default=0.0, help="Inputs per second at most (0: no limit).")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Synthetic stream seed (default ingest.synthetic_seed).")
-@click.option("--start", type=click.IntRange(min=0), default=0, help="First synthetic scene index.")
+@click.option("--start", type=click.IntRange(min=0), default=None,
+              help="First synthetic scene index (default 0; an endless stream goes on where its last run stopped).")
 @click.option("--watch", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep polling this folder for new images.")
 @click.option("--allowed-root", "allowed_roots", multiple=True,
@@ -49,7 +50,7 @@ console = Console()
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Prometheus port (0: off).")
 @pass_state
 def ingest(state: CliState, folders: tuple[Path, ...], manifests: tuple[str, ...], synthetic: bool, count: int | None,
-           rate: float, seed: int | None, start: int, watch: Path | None, allowed_roots: tuple[str, ...],
+           rate: float, seed: int | None, start: int | None, watch: Path | None, allowed_roots: tuple[str, ...],
            metrics_port: int | None) -> None:
     """Validate, store, deduplicate and publish unlabeled images."""
     configured = state.settings_as(IngestConfig)
@@ -68,7 +69,7 @@ def ingest(state: CliState, folders: tuple[Path, ...], manifests: tuple[str, ...
 
 
 def _inputs(settings: IngestConfig, folders: tuple[Path, ...], manifests: tuple[str, ...], synthetic: bool,
-            count: int | None, seed: int | None, start: int) -> tuple[Iterable[Input], int | None]:
+            count: int | None, seed: int | None, start: int | None) -> tuple[Iterable[Input], int | None]:
     max_bytes = settings.blob.limits.max_bytes
     configured = Roots.of(settings.ingest.allowed_roots)
     parts: list[Iterable[Input]] = []
@@ -81,10 +82,45 @@ def _inputs(settings: IngestConfig, folders: tuple[Path, ...], manifests: tuple[
         parts.append(_manifest(manifest, settings, configured))
         total = None
     if synthetic:
-        parts.append(synthetic_entries(count, settings.ingest.synthetic_seed if seed is None else seed, start,
-                                       settings.ingest.image_size))
+        seed = settings.ingest.synthetic_seed if seed is None else seed
+        position = index_path(settings).parent / f"synthetic-{seed}.next"
+        resumed = start is None and count is None
+        first = _next_scene(position) if resumed else start or 0
+        scenes = synthetic_entries(count, seed, first, settings.ingest.image_size)
+        parts.append(_noting_next(scenes, position, first) if resumed else scenes)
         total = None if total is None or count is None else total + count
     return itertools.chain.from_iterable(parts), total
+
+
+def _next_scene(position: Path) -> int:
+    """The synthetic scene index an endless stream stopped at, from its `position` file (0 without one)."""
+    try:
+        return int(position.read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _noting_next(scenes: Iterator[Input], position: Path, first: int) -> Iterator[Input]:
+    """`scenes` (numbered from `first`), writing to `position` the index after each one the ingestor has taken.
+
+    A restarted endless stream goes on from there: replaying from 0 would offer every scene published
+    before, each skipped as a duplicate but paced at `--rate`, so the agents would get no new item
+    for as long as the last run lasted. Scenes taken but not yet acknowledged when the stream was
+    killed (at most ``ingest.ack_every``) are not offered again: the synthetic world has no end, they
+    are only scenes fewer.
+
+    >>> import tempfile
+    >>> position = Path(tempfile.mkdtemp()) / "synthetic-0.next"
+    >>> scenes = _noting_next(iter("abc"), position, first=5)
+    >>> next(scenes), next(scenes), position.read_text()   # 'b' is out but not yet taken: the ingestor asks for 'c'
+    ('a', 'b', '6')
+    """
+    position.parent.mkdir(parents=True, exist_ok=True)
+    for index, scene in enumerate(scenes, first + 1):
+        yield scene
+        written = position.with_suffix(".tmp")
+        written.write_text(str(index))
+        written.replace(position)
 
 
 def _manifest(manifest: str, settings: IngestConfig, configured: Roots) -> Iterator[Input]:

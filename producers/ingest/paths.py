@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,18 +96,23 @@ def read_bounded(location: str, max_bytes: int) -> bytes:
     """The bytes at a confined location, refusing more than `max_bytes` without reading them all.
 
     Local files are opened without following a symlink in the last component (a link swapped in
-    after `confine` fails instead of being followed). Raises `ImageRejected("too_many_bytes")`,
-    `FileNotFoundError` or another `OSError`.
+    after `confine` fails instead of being followed) and without blocking: anything but a regular
+    file (a named pipe, which would block the read for ever, a device, a folder) is refused. Raises
+    `ImageRejected("too_many_bytes")`, `FileNotFoundError` or another `OSError`.
     """
     if "://" in location:
         with fsspec.open(location, "rb") as handle:
             data = handle.read(max_bytes + 1)
     else:
-        fd = os.open(location, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(location, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > max_bytes:
-                raise ImageRejected("too_many_bytes", f"file is {size:,} bytes, over the limit of {max_bytes:,} bytes")
+            status = os.fstat(handle.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise OSError(f"{location} is not a regular file")
+            if status.st_size > max_bytes:
+                raise ImageRejected(
+                    "too_many_bytes", f"file is {status.st_size:,} bytes, over the limit of {max_bytes:,} bytes"
+                )
             data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ImageRejected("too_many_bytes", f"more than {max_bytes:,} bytes, the limit")

@@ -28,14 +28,18 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 from pydantic import ValidationError
 
 from dpe.blobstore import BlobStore, ImageRejected
+from dpe.broker import resolve_bootstrap
+from dpe.bus.admin import slowest_committed
 from dpe.bus.aio import AsyncPublisher
 from dpe.bus.codec import InvalidEvent
 from dpe.events import UnlabeledItem
 from monitoring.metrics import INGEST_ITEMS
+from producers.ingest.backlog import Backlog
 from producers.ingest.index import PublishedIndex
 from producers.ingest.paths import PathOutsideRoots
 from producers.ingest.settings import IngestConfig
@@ -111,18 +115,24 @@ def index_path(settings: IngestConfig):
 class Ingestor:
     """Turns inputs into published `UnlabeledItem` events, one `Outcome` each."""
 
-    def __init__(self, publisher: AsyncPublisher, store: BlobStore, index: PublishedIndex, ack_every: int = 256):
+    def __init__(self, publisher: AsyncPublisher, store: BlobStore, index: PublishedIndex, ack_every: int = 256,
+                 backlog: Backlog | None = None, max_backlog: int | None = None):
         self.publisher = publisher
         self.store = store
         self.index = index
         self.ack_every = ack_every
+        self.backlog = backlog
+        self.max_backlog = max_backlog
         self._pending: list[tuple[str, asyncio.Future]] = []
         self._pending_hashes: set[str] = set()
 
     @classmethod
     def from_settings(cls, settings: IngestConfig, publisher: AsyncPublisher) -> "Ingestor":
         store = BlobStore(settings.blob.url, settings.blob.limits)
-        return cls(publisher, store, PublishedIndex(index_path(settings)), settings.ingest.ack_every)
+        topic, bootstrap = publisher.topic(UnlabeledItem), resolve_bootstrap(settings)
+        backlog = Backlog(partial(slowest_committed, settings, bootstrap, topic))
+        return cls(publisher, store, PublishedIndex(index_path(settings)), settings.ingest.ack_every, backlog,
+                   settings.ingest.max_backlog)
 
     async def ingest(
         self, inputs: Iterable[Input] | AsyncIterable[Input], on_outcome: Callable[[Outcome], None] | None = None
@@ -150,7 +160,7 @@ class Ingestor:
             return Outcome(entry.source, "path_outside_roots", detail=str(exc))
         except FileNotFoundError as exc:
             return Outcome(entry.source, "not_found", detail=str(exc))
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a filesystem's own errors (an unknown protocol...) refuse the input
             return Outcome(entry.source, "unreadable", detail=f"{type(exc).__name__}: {exc}")
         sha = hashlib.sha256(data).hexdigest()
         if sha in self.index or sha in self._pending_hashes:
@@ -183,12 +193,16 @@ class Ingestor:
         acked = []
         for sha, future in pending:
             try:
-                await future
+                metadata = await future
                 acked.append(sha)
+                if self.backlog is not None:
+                    self.backlog.acknowledged(metadata.partition, metadata.offset)
             except Exception as exc:  # noqa: BLE001 - an unacknowledged event is retried by the next run
                 log.warning("publishing %s was not acknowledged (%s); it stays out of the index", sha, exc)
         self._pending_hashes.difference_update(sha for sha, _ in pending)
         self.index.add_many(acked)
+        if self.backlog is not None and self.max_backlog is not None:
+            await self.backlog.wait_below(self.max_backlog)
 
 
 async def paced(inputs: Iterable[Input], rate: float) -> AsyncIterator[Input]:

@@ -36,6 +36,10 @@ class IngestSettings(Section):
     synthetic_seed: int = Field(default=0, ge=0, description="Seed of the synthetic world's unlabeled scene stream.")
     image_size: int = Field(default=64, ge=16, le=1024, description="Side of synthetic images in pixels.")
     ack_every: int = Field(default=256, ge=1, description="Wait for broker acks (and update the index) this often.")
+    max_backlog: int | None = Field(
+        default=None, ge=0, description="Wait while more published items than this are unconsumed by the slowest "
+        "consumer group (None: never wait). `dpe run` sets it: its endless synthetic stream should not outrun the agents."
+    )
     metrics_port: int = Field(default=9106, ge=0, le=65535, description="Prometheus port; 0 disables it.")
 
 
