@@ -107,9 +107,10 @@ def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes
     assert (tmp_path / "runs" / "r" / "report.html").exists()
 
 
-def checkpoint_versions(run_dir: Path) -> list[int]:
-    """Policy versions of the complete checkpoints on disk."""
-    return sorted(int(path.name[1:]) for path in (run_dir / "home" / "checkpoints").glob("v*") if path.name[1:].isdigit())
+def newest_checkpoint(run_dir: Path) -> int:
+    """Policy version of the newest complete checkpoint on disk (0: none yet; older ones are pruned)."""
+    return max((int(path.name[1:]) for path in (run_dir / "home" / "checkpoints").glob("v*") if path.name[1:].isdigit()),
+               default=0)
 
 
 def stop_with_sigterm(proc: subprocess.Popen, run: psutil.Process, log: Path) -> None:
@@ -135,17 +136,17 @@ def test_sigterm_stops_dpe_run_like_ctrl_c_and_resume_goes_on_across_a_bus_roll(
                                        str(warm_up(WarmupConfig(steps=60), show_progress=False).folder))
     rolled = lambda: "bus rolled to epoch 1" in log.read_text(errors="replace")  # noqa: E731
     wait_until(running(rolled, proc, log), 400, "the embedded broker to be rolled")
-    versions_at_roll = len(checkpoint_versions(run_dir))
-    wait_until(running(lambda: len(checkpoint_versions(run_dir)) > versions_at_roll, proc, log), 180,
+    newest_at_roll = newest_checkpoint(run_dir)
+    wait_until(running(lambda: newest_checkpoint(run_dir) > newest_at_roll, proc, log), 180,
                "a version trained after the roll")
     stop_with_sigterm(proc, run, log)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] is False and summary["bus_epochs"] >= 2
     assert (run_dir / "report.html").exists() and (run_dir / "bus" / "state.jsonl.gz").exists()
-    stopped_at = checkpoint_versions(run_dir)[-1]
+    stopped_at = newest_checkpoint(run_dir)
 
     proc, run, log = start_forever_run(tmp_path, "--resume", "r", log_name="resume.log")
-    wait_until(running(lambda: checkpoint_versions(run_dir)[-1] > stopped_at, proc, log), 240,
+    wait_until(running(lambda: newest_checkpoint(run_dir) > stopped_at, proc, log), 240,
                "a version trained after the resume")
     stop_with_sigterm(proc, run, log)
 
