@@ -129,11 +129,8 @@ class SpiralState:
     def _fold_heldout(self, before: int) -> None:
         """Turn the graded items of versions older than `before` into per-capability counts."""
         for version in [v for v in self._heldout if v < before]:
-            counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-            for capability, correct in self._heldout.pop(version).values():
-                counts[capability][0] += correct
-                counts[capability][1] += 1
-            self._heldout_folded[version] = dict(counts)
+            self._heldout_folded[version] = dict(self._heldout_counts(version))
+            del self._heldout[version]
 
     def to_json(self) -> dict[str, Any]:
         """Everything `from_json` needs to go on, as JSON-ready data (a resumed run's history).
