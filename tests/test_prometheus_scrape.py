@@ -173,10 +173,12 @@ def test_prometheus_evaluates_the_recording_rules_on_scraped_metrics(
 
 @dataclass(frozen=True)
 class Window:
-    """A dashboard's time range, in Unix seconds."""
+    """A dashboard's time range, in Unix seconds; `compared_since`: when the series that queries compare
+    with their past (the weakness) first appeared, `start` unless told."""
 
     start: float
     end: float
+    compared_since: float | None = None
 
     @property
     def builtins(self) -> dict[str, str]:
@@ -185,12 +187,17 @@ class Window:
 
     @property
     def lookback_s(self) -> int:
-        """The longest `offset` a query is evaluated with: a quarter of the range.
+        """The longest `offset` a query is evaluated with: a quarter of the time the compared series existed.
 
         A run of minutes has no data from hours before; with offsets capped, a query that compares
         with the past (`x - x offset 30m`) still reads the same series, only a shorter way back.
+        On a loaded machine the weakness may appear only late in the run: the cap follows it.
+
+        >>> Window(0, 100).lookback_s, Window(0, 100, compared_since=80).lookback_s
+        (25, 5)
         """
-        return max(1, int((self.end - self.start) / 4))
+        since = self.start if self.compared_since is None else self.compared_since
+        return max(1, int((self.end - since) / 4))
 
 
 def evaluate(server: PrometheusServer, query: Query, window: Window) -> Result:
@@ -294,6 +301,13 @@ def last_all_up(server: PrometheusServer, jobs: Sequence[str], start: float, end
     return max(up)
 
 
+def first_seen(server: PrometheusServer, selector: str, start: float, end: float) -> float:
+    """The first second between `start` and `end` at which Prometheus has a sample of `selector`."""
+    seen = [float(t) for series in server.query_range(selector, start, end, 1) for t, _ in series["values"]]
+    assert seen, f"no sample of {selector} between {start} and {end}"
+    return min(seen)
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory: pytest.TempPathFactory, broker: EmbeddedBroker) -> Iterator[ShortRun]:
     """The README's first command, shortened (one round of 24 samples, a quickly warmed base model), on
@@ -320,7 +334,8 @@ def short_run(tmp_path_factory: pytest.TempPathFactory, broker: EmbeddedBroker) 
         result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=720)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         end = last_all_up(server, list(SERVICE_SECTIONS), started, time.time())
-        yield ShortRun(server, workdir / "runs" / "short", Window(started, end))
+        weakness_since = first_seen(server, "dpe_weakness_error_rate", started, end)
+        yield ShortRun(server, workdir / "runs" / "short", Window(started, end, weakness_since))
 
 
 def test_a_short_dpe_run_completes_a_round_and_prometheus_has_weakness_per_capability(short_run: ShortRun) -> None:
