@@ -2,7 +2,8 @@
 
 Measures, over several repetitions, each on fresh topics fed the same pre-ingested synthetic images:
 
-- accepted samples/s with the programmatic agents and no difficulty check: one worker that has
+- accepted samples/s with the programmatic agents (the fast path that reads the answer key) and no
+  difficulty check: one worker that has
   already joined its group, from publishing a quota plan to the plan being filled;
 - accepted samples/s with the difficulty check: the warmed tiny policy (`dpe.policy.warmup`,
   cached by recipe) rolls out k=9 answers per sample and keeps those it solves 3-7 times, the
@@ -13,7 +14,13 @@ Measures, over several repetitions, each on fresh topics fed the same pre-ingest
   warm-up run that is not counted;
 - the acceptance rate by reason code on the programmatic and the difficulty runs.
 
-Run: `python -m benchmarks.agents [--items 3000] [--repeats 3]`. Tables go to stderr; the last
+With `--teacher` it measures the default roles instead, the pixel stand-ins (`consumers.agents.pixels`)
+on items without metadata: accepted samples/s, and the share of accepted samples whose answer is right,
+graded against the synthetic world's hidden truth by `benchmarks.teacher` (per capability and level,
+with the rejection reasons). Only the grader reads the truth.
+
+Run: `python -m benchmarks.agents [--items 3000] [--repeats 3]`, or
+`python -m benchmarks.agents --teacher --items 600 --per-capability 40 --repeats 3`. Tables go to stderr; the last
 line of stdout is one JSON object with the medians.
 """
 
@@ -41,12 +48,13 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks._stats import print_table, spread
+from benchmarks.teacher import grade_samples, teacher_report
 from consumers.agents.service import AgentWorker
 from dpe.broker import EmbeddedBroker
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher
 from dpe.bus.follower import read_topic
-from dpe.events import Checkpoint, Event, QuotaPlan, RejectedSample, UnlabeledItem
+from dpe.events import AcceptedSample, Checkpoint, Event, QuotaPlan, RejectedSample, UnlabeledItem
 from dpe.settings import Settings
 from dpe.world import CAPABILITIES
 from producers.ingest.service import Ingestor
@@ -83,12 +91,14 @@ async def publish(settings: Settings, events: list[Event]) -> None:
         await publisher.flush()
 
 
-async def prepare_items(bootstrap: str, work: Path, count: int) -> tuple[list[UnlabeledItem], float]:
-    """Ingest `count` synthetic scenes once; their events (re-published to each run) and ingest items/s."""
+async def prepare_items(bootstrap: str, work: Path, count: int, answer_key: bool) -> tuple[list[UnlabeledItem], float]:
+    """Ingest `count` synthetic scenes once (with the answer key for the programmatic fast path, pixels only
+    for the stand-ins); their events (re-published to each run) and ingest items/s."""
     settings = fresh_settings(bootstrap, work)
     async with AsyncPublisher(settings, producer_name="bench") as publisher:
         started = time.perf_counter()
-        report = await Ingestor.from_settings(settings, publisher).ingest(synthetic_entries(count, seed=11))
+        entries = synthetic_entries(count, seed=11, answer_key=answer_key)
+        report = await Ingestor.from_settings(settings, publisher).ingest(entries)
         seconds = time.perf_counter() - started
     return await read_topic(settings, UnlabeledItem), report.published / seconds
 
@@ -181,7 +191,7 @@ async def llm_run(bootstrap: str, work: Path, items: list[UnlabeledItem], url: s
     """Candidates/s and requests/s of the LLM validator and answerer at `concurrency` requests in flight."""
     settings = fresh_settings(
         bootstrap, work, concurrency=concurrency, attempts_per_item=1,
-        backends={"validator": "llm", "answerer": "llm"},
+        backends={"planner": "programmatic", "writer": "programmatic", "validator": "llm", "answerer": "llm"},
         llm={"base_url": url, "concurrency": concurrency, "output_retries": 1, "max_tokens": max_new_tokens},
     )
     await publish(settings, list(items))
@@ -218,13 +228,42 @@ def warmed_policy_folder(steps: int, cache_dir: str | None) -> str:
     return str(warm_up(WarmupConfig(steps=steps), cache_dir=cache_dir, show_progress=False).folder)
 
 
+PROGRAMMATIC = {"backends": dict.fromkeys(("planner", "writer", "validator", "answerer"), "programmatic")}
+"""The benchmarks' fast path: roles that read the answer key from the items' metadata."""
+
+
+async def teacher_bench(args: argparse.Namespace, bootstrap: str, work: Path) -> dict[str, Any]:
+    """The pixel stand-ins (the default roles) on items without metadata: accepted/s and accuracy against the truth."""
+    console = Console(stderr=True)
+    items, _ = await prepare_items(bootstrap, work, args.items, answer_key=False)
+    console.print(f"ingested {len(items)} synthetic images, pixels only")
+    runs, graded, rejected = [], [], []
+    for _ in range(args.repeats):
+        settings = fresh_settings(bootstrap, work, samples_per_item=4)
+        runs.append(await fill(settings, items, args.per_capability, limit_s=args.teacher_seconds))
+        graded += grade_samples(await read_topic(settings, AcceptedSample), items)
+        rejected += await read_topic(settings, RejectedSample)
+        console.print(f"pixel stand-ins: {runs[-1].rate:,.1f} accepted/s")
+    report = teacher_report(graded, rejected)
+    print_table("pixel stand-ins", {"accepted/s": [run.rate for run in runs]}, {"accepted/s": "samples/s"},
+                {"accepted/s": ">= 20"})
+    table = Table("capability", "accepted", "right", title="accepted samples graded against the hidden truth")
+    for capability, accuracy in report["teacher_accuracy_by_capability"].items():
+        table.add_row(capability, str(report["teacher_accepted_by_capability"][capability]), f"{accuracy:.3f}")
+    table.add_row("all", str(len(graded)), f"{report['teacher_answer_accuracy'] or 0:.3f}")
+    console.print(table)
+    console.print(reasons_table("acceptance by reason, pixel stand-ins",
+                                sum((run.outcomes for run in runs), collections.Counter())))
+    return {"accepted_per_s_teacher": _median([run.rate for run in runs]), **report}
+
+
 async def bench(args: argparse.Namespace, bootstrap: str, work: Path) -> dict[str, Any]:
     console = Console(stderr=True)
-    items, ingest_rate = await prepare_items(bootstrap, work, args.items)
+    items, ingest_rate = await prepare_items(bootstrap, work, args.items, answer_key=True)
     console.print(f"ingested {len(items)} synthetic images ({ingest_rate:,.0f} items/s)")
     programmatic = []
     for _ in range(args.repeats):
-        settings = fresh_settings(bootstrap, work, samples_per_item=4)
+        settings = fresh_settings(bootstrap, work, samples_per_item=4, **PROGRAMMATIC)
         programmatic.append(await fill(settings, items, args.per_capability, limit_s=120))
         console.print(f"programmatic: {programmatic[-1].rate:,.0f} accepted/s")
 
@@ -232,7 +271,8 @@ async def bench(args: argparse.Namespace, bootstrap: str, work: Path) -> dict[st
     if args.difficulty_repeats:
         checkpoint = Checkpoint(policy_version=1, uri=warmed_policy_folder(args.warmup_steps, args.model_cache))
     for _ in range(args.difficulty_repeats):
-        settings = fresh_settings(bootstrap, work, samples_per_item=4, qc={"difficulty": REFERENCE_BAND})
+        settings = fresh_settings(bootstrap, work, samples_per_item=4, qc={"difficulty": REFERENCE_BAND},
+                                  **PROGRAMMATIC)
         difficulty.append(await fill(settings, items, args.difficulty_per_capability, args.difficulty_seconds,
                                      before=[checkpoint]))
         console.print(f"with difficulty: {difficulty[-1].rate:,.2f} accepted/s")
@@ -295,11 +335,14 @@ def main() -> None:
     parser.add_argument("--llm-items", type=int, default=24)
     parser.add_argument("--llm-repeats", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--teacher", action="store_true",
+                        help="Measure the pixel stand-ins instead: accepted/s and accuracy against the hidden truth.")
+    parser.add_argument("--teacher-seconds", type=float, default=120.0, help="Time cap of a stand-in run.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dpe-bench-agents-"))
     try:
         with EmbeddedBroker() as broker:
-            result = asyncio.run(bench(args, broker.bootstrap_servers, work))
+            result = asyncio.run((teacher_bench if args.teacher else bench)(args, broker.bootstrap_servers, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

@@ -35,7 +35,7 @@ from monitoring.metrics import AGENT_ROLE_SECONDS
 
 T = TypeVar("T")
 
-FailureReason = Literal[EndpointReason, "not_applicable", "failed", "agent_error"]
+FailureReason = Literal[EndpointReason, "not_applicable", "not_perceived", "failed", "agent_error"]
 """Why a role failed (a model's endpoint failing is one reason); the rejection's reason is ``<role>_<reason>``,
 e.g. ``writer_not_applicable``."""
 
@@ -59,7 +59,7 @@ async def run_role(role: str, backend: str, call: Awaitable[T]) -> T:
     except Exception as exc:  # noqa: BLE001 - a broken role rejects its candidate, it never stops the crew
         raise AgentFailure("agent_error", f"{type(exc).__name__}: {exc}"[:300]) from None
     finally:
-        kind = "programmatic" if backend == "programmatic" else "llm"
+        kind = backend if backend in ("pixels", "programmatic") else "llm"
         AGENT_ROLE_SECONDS.labels(role, kind).observe(time.perf_counter() - started)
 
 

@@ -254,7 +254,7 @@ class AgentStep(BaseModel):
     model_config = CONTRACT
 
     role: Literal["planner", "retriever", "editor", "writer", "validator", "answerer"]
-    backend: str = Field(max_length=200, description="'programmatic' or the endpoint's model name.")
+    backend: str = Field(max_length=200, description="'pixels', 'programmatic' or the endpoint's model name.")
     tools: list[str] = Field(default_factory=list)
     detail: str | None = Field(default=None, max_length=2000)
 

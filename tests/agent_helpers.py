@@ -15,6 +15,15 @@ from dpe.events import Event, QuotaPlan
 from dpe.settings import Settings
 
 
+FAST_PATH = {"agents": {"backends": {"planner": "programmatic", "writer": "programmatic", "validator": "programmatic",
+                                      "answerer": "programmatic", "retriever": "metadata"}},
+             "ingest": {"answer_key": True}}
+"""Settings for the benchmarks' fast path: ingest keeps the synthetic world's answer key on the items and the
+agents' roles read it. Tests of mechanics that do not depend on who writes the samples (the ledger under kill -9,
+signals, resume, the bus roll) use it for speed; the default pixel crew has its own tests and runs in the
+Prometheus short run."""
+
+
 async def read_all(settings: Settings, model: type[Event]) -> list[Event]:
     """Every event of `model`'s topic written so far."""
     return await read_topic(settings, model)

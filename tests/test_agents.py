@@ -23,9 +23,10 @@ from dpe.events import AcceptedSample, Checkpoint, DeadLetter, RejectedSample, U
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
 from dpe.topics import topic_for
+from dpe.world import scene_of_source
 from producers.ingest.service import Ingestor, paced
 from producers.ingest.sources import synthetic_entries
-from tests.agent_helpers import eventually, plan, publish_all, read_all
+from tests.agent_helpers import FAST_PATH, eventually, plan, publish_all, read_all
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_QUOTAS = {"counting": 6, "color": 5, "spatial": 4, "existence": 5, "text_reading": 7, "chart": 7, "arithmetic": 7}
@@ -38,9 +39,16 @@ def settings(settings):
     return settings.model_copy(update={"agents": settings.agents.model_copy(update={"group_id": group})})
 
 
+@pytest.fixture
+def fast_path(settings):
+    """Settings on the benchmarks' fast path (`FAST_PATH`); the default pixel crew fills a plan in the first test."""
+    return with_overrides(settings, FAST_PATH)
+
+
 async def ingest(settings, count: int, seed: int = 0, rate: float = 0.0) -> None:
+    entries = synthetic_entries(count, seed, answer_key=settings.ingest.answer_key)
     async with AsyncPublisher(settings, producer_name="ingest") as publisher:
-        report = await Ingestor.from_settings(settings, publisher).ingest(paced(synthetic_entries(count, seed), rate))
+        report = await Ingestor.from_settings(settings, publisher).ingest(paced(entries, rate))
     assert report.published == count
 
 
@@ -136,7 +144,8 @@ async def test_with_the_difficulty_band_off_a_sample_carries_the_newest_announce
     assert len(accepted) == 6 and {sample.policy_version for sample in accepted} == {3}
 
 
-async def test_two_workers_share_the_partitions_and_do_not_overshoot(settings):
+async def test_two_workers_share_the_partitions_and_do_not_overshoot(fast_path):
+    settings = fast_path
     async with running_worker(settings) as one, running_worker(settings) as two:
         assert await eventually(lambda: _both_assigned(one, two), 30, every_s=0.2)
         quotas = {capability: quota * 2 for capability, quota in ALL_QUOTAS.items()}
@@ -161,17 +170,20 @@ def spawn_worker(settings, log: Path) -> subprocess.Popen:
             "--topic-prefix", settings.kafka.topic_prefix, "--home", str(settings.home), "serve", "agents",
             "--group", settings.agents.group_id, "--metrics-port", "0"]
     with open(log, "ab") as out:
-        return subprocess.Popen(args, cwd=REPO, env=os.environ | {"DPE_BLOB__URL": settings.blob.url},
+        env = os.environ | {"DPE_BLOB__URL": settings.blob.url,
+                            "DPE_AGENTS__BACKENDS": settings.agents.backends.model_dump_json()}
+        return subprocess.Popen(args, cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 FILLED = 36
 
 
-async def test_a_worker_killed_with_sigkill_loses_no_item_and_the_plan_is_still_filled(settings, tmp_path):
+async def test_a_worker_killed_with_sigkill_loses_no_item_and_the_plan_is_still_filled(fast_path, tmp_path):
     """Text and formula items are always needed (their quotas exceed the stream), so each must end as an
     accepted or rejected sample; counting and chart quotas are below the stream's 62 shape and 59 chart
     scenes, so they must end exactly filled, and large enough that the kill lands before they are."""
+    settings = fast_path
     quotas = {"counting": FILLED, "chart": FILLED, "text_reading": 1000, "arithmetic": 1000}
     the_plan = plan(quotas)
     await publish_all(settings, [the_plan])
@@ -188,7 +200,7 @@ async def test_a_worker_killed_with_sigkill_loses_no_item_and_the_plan_is_still_
         second = spawn_worker(settings, tmp_path / "second.log")
         await stream
         items = await read_all(settings, UnlabeledItem)
-        needed = {item.item_id for item in items if item.metadata["kind"] in ("text", "formula")}
+        needed = {item.item_id for item in items if scene_of_source(item.source).kind in ("text", "formula")}
 
         async def finished() -> bool:
             outcomes = {s.source_item_id for s in await read_all(settings, AcceptedSample)}

@@ -89,7 +89,7 @@ async def test_divergences_where_references_agree_and_the_target_does_not(settin
     settings = settings.model_copy(update={"auditor": audit_settings(), "checkpoint_roots": (checkpoint.parent,)})
     store = BlobStore(settings.blob.url, settings.blob.limits)
     good = scene_item(store)
-    truth = truth_of(Auditor(settings.auditor, store, []), [good])
+    truth = truth_of(Auditor(settings.auditor, store, [OracleAnswerer()]), [good])
     references = [OracleAnswerer(), reference_endpoint(lambda pixels, question: truth.get((pixels, question)))]
     auditor = Auditor(settings.auditor, store, references)
     missing_blob = good.model_copy(update={"item_id": "missing", "image": BlobRef(
@@ -137,8 +137,7 @@ async def test_divergences_where_references_agree_and_the_target_does_not(settin
 def test_no_divergence_when_all_agree_or_references_split(tmp_path):
     store = BlobStore(str(tmp_path / "blobs"), ImageLimits())
     item = scene_item(store)
-    auditor = Auditor(audit_settings(), store, [])
-    truth = truth_of(auditor, [item])
+    truth = truth_of(Auditor(audit_settings(), store, [OracleAnswerer()]), [item])
     assert truth, "the scene carries probes"
     right = reference_endpoint(lambda pixels, question: truth.get((pixels, question)))
     agreeing = Auditor(audit_settings(), store, [OracleAnswerer(), right])

@@ -557,7 +557,7 @@ def sampled(tail: Tail, item: UnlabeledItem) -> Callable[[], bool]:
 
 
 async def run_agents(request: pytest.FixtureRequest) -> Run:
-    """An `AgentWorker` in this process with the programmatic crew, following plans with room for every item."""
+    """An `AgentWorker` in this process with the default (pixel) crew, following plans with room for every item."""
     settings = request.getfixturevalue("settings")
     settings = with_overrides(settings, {"agents": {"group_id": f"agents-{settings.kafka.topic_prefix}"}})
     caplog = capture_logs(request)

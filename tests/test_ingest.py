@@ -23,8 +23,10 @@ from PIL import Image
 from dpe.blobstore import BlobStore, ImageLimits
 from dpe.bus.aio import AsyncPublisher
 from dpe.cli import main
+from dpe.config import with_overrides
 from dpe.events import UnlabeledItem
 from dpe.topics import topic_for
+from dpe.world import generate_scene
 from producers.ingest.index import PublishedIndex
 from producers.ingest.paths import Roots
 from producers.ingest.service import Ingestor, index_path
@@ -157,6 +159,21 @@ async def test_manifest_entries_are_confined_to_the_allowed_roots(settings, tmp_
     assert "memory://allowed/c.png" in items
 
 
+@pytest.mark.parametrize("answer_key", [False, True])
+async def test_a_scene_in_a_manifests_metadata_is_stripped_unless_the_answer_key_is_kept(settings, tmp_path, answer_key):
+    (tmp_path / "a.png").write_bytes(png(noisy(15)))
+    scene = generate_scene("shapes", 2, seed=1).to_metadata()
+    annotations = {"capabilities": ["counting"], "note": "from the field team"}
+    line = json.dumps({"image": "a.png", "metadata": scene | annotations})
+    settings = with_overrides(settings, {"ingest": {"answer_key": answer_key}})
+    async with AsyncPublisher(settings, producer_name="ingest") as publisher:
+        entries = manifest_entries([line], tmp_path, Roots.of([tmp_path]), max_bytes=1_000_000)
+        report = await Ingestor.from_settings(settings, publisher).ingest(entries)
+    assert report.published == 1
+    [item] = await read_all(settings, UnlabeledItem)
+    assert item.metadata == (scene | annotations if answer_key else annotations)
+
+
 def test_folder_watcher_offers_each_settled_file_once(tmp_path):
     watcher = FolderWatcher(tmp_path, Roots.of([]), max_bytes=1_000_000, settle_polls=1)
     (tmp_path / "new.png").write_bytes(png(noisy(20)))
@@ -193,7 +210,7 @@ def test_cli_ingests_synthetic_scenes_then_a_manifest_from_stdin(settings, tmp_p
     items = asyncio.run(read_all(settings, UnlabeledItem))
     assert len(items) == 13
     synthetic = [item for item in items if item.source.startswith("synthetic:3/")]
-    assert len(synthetic) == 12 and all(item.metadata["kind"] for item in synthetic)
+    assert len(synthetic) == 12 and all(item.metadata == {} for item in synthetic), "pixels only: no answer key"
     assert topic_for(UnlabeledItem, settings.kafka.topic_prefix).endswith("unlabeled")
 
 

@@ -33,7 +33,7 @@ async def run_agents(settings: AgentsConfig, stop: asyncio.Event) -> None:
 
 @click.command()
 @click.option("--group", default=None, help="Consumer group shared by the workers (default agents.group_id).")
-@click.option("--backend", type=click.Choice(["programmatic", "llm"]), default=None,
+@click.option("--backend", type=click.Choice(["pixels", "llm", "programmatic"]), default=None,
               help="Play planner, writer, validator and answerer with this backend.")
 @click.option("--llm-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
 @click.option("--llm-model", default=None, help="Model name at that endpoint.")

@@ -52,6 +52,12 @@ class Roles:
     validator: Validator
     answerer: Answerer
 
+    @property
+    def reads_answer_key(self) -> bool:
+        """Whether a role is the benchmarks' fast path, which reads the synthetic world's scene from metadata."""
+        roles = (self.planner, self.writer, self.validator, self.answerer)
+        return any(role.backend == "programmatic" for role in roles)
+
 
 @dataclass(frozen=True)
 class Passed:
@@ -108,7 +114,8 @@ class Crew:
         self.policy_version = policy_version
 
     async def context(self, item: UnlabeledItem) -> ItemContext:
-        """Load the item's image (hash-checked) and scene; raises the blob store's errors.
+        """Load the item's image (hash-checked), and its scene only for the fast path (`Roles.reads_answer_key`):
+        pixel and model roles never see an item's metadata. Raises the blob store's errors.
 
         Small images are decoded in the event loop (a thread hand-off costs more than the work);
         larger ones in a worker thread.
@@ -117,18 +124,16 @@ class Crew:
             image = self.store.open_image(item.image)
         else:
             image = await asyncio.to_thread(self.store.open_image, item.image)
-        try:
-            scene: Scene | None = Scene.model_validate(item.metadata)
-        except ValidationError:
-            scene = None
+        scene = _answer_key(item) if self.roles.reads_answer_key else None
         ctx = ItemContext(item=item, image=image.convert("RGB"), scene=scene)
         self.roles.search.add(item, ctx.image)
         return ctx
 
-    def capabilities(self, ctx: ItemContext) -> frozenset[str] | None:
-        """What the planner says this item can serve (None: anything may be tried)."""
+    async def capabilities(self, ctx: ItemContext) -> frozenset[str] | None:
+        """What the planner says this item can serve (None: anything may be tried); asked in a worker thread,
+        as a planner that looks at the pixels takes a while."""
         try:
-            return self.roles.planner.capabilities(ctx)
+            return await asyncio.to_thread(self.roles.planner.capabilities, ctx)
         except Exception:  # noqa: BLE001 - metadata the planner cannot read serves nothing
             return frozenset()
 
@@ -210,6 +215,14 @@ class Crew:
             source_item_id=ctx.item.item_id, plan_id=plan_id, agents=steps, qc=verdicts,
             reason_code=failed.reason_code, policy_version=policy_version,
         ))
+
+
+def _answer_key(item: UnlabeledItem) -> Scene | None:
+    """The synthetic world's scene in the item's metadata (the fast path's answer key), or None."""
+    try:
+        return Scene.model_validate(item.metadata)
+    except ValidationError:
+        return None
 
 
 def _refusal(check: str, reason: str, detail: str) -> QCVerdict:

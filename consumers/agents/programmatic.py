@@ -1,4 +1,8 @@
-"""Programmatic agents for the synthetic world: they read the scene in an item's metadata, no model needed.
+"""The benchmarks' fast path: agents that read the synthetic world's answer key, the scene in an item's metadata.
+
+**Not the default, and not honest outside benchmarks**: the default crew sees pixels only
+(`consumers.agents.pixels`), and ingest publishes the answer key only with `ingest.answer_key`.
+These roles stay as a fast, exact reference for benchmarks and tests of the bus machinery.
 
 - `ProgrammaticPlanner`: the capabilities a scene supports, and with probability `edit_rate` one
   edit that provably keeps the answer (`SAFE_EDITS`: right-angle rotations and mirrors for shape
@@ -9,8 +13,8 @@
 - `ProgrammaticValidator`: rule checks of answerability: every object and text stays inside the
   image and large enough to see after the edits, and no edit changes what the question asks
   about (colours after recolouring, positions after mirroring or rotating, hidden content).
-- `ProgrammaticAnswerer`: an independent reader of the world's question templates that computes
-  the answer from the scene on its own (no use of the writer's answer or code).
+- `ProgrammaticAnswerer`: the world's independent template reader (`dpe.world.answers`) on the scene
+  (no use of the writer's answer or code).
 
 Example:
     >>> from PIL import Image
@@ -26,15 +30,15 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from PIL import Image
 
 from consumers.roles import AgentFailure, AnswererQuestion, Draft, ItemContext, TaskPlan, Verdict
 from dpe.imaging import Compose, Crop, EditOp, Flip, Occlude, OverlayText, Recolor, Rotate, Zoom, placement
 from dpe.world import QuestionNotPossible, Scene, scene_capabilities, write_question
-from dpe.world.palette import COLORS, SHAPES
+from dpe.world.answers import NotAnswerable, answer_question
+from dpe.world.palette import COLORS
 
 SAFE_EDITS: dict[str, tuple[str, ...]] = {
     "counting": ("rotate", "flip", "zoom_out", "compose"),
@@ -73,7 +77,8 @@ def _scene(ctx: ItemContext) -> Scene:
     return ctx.scene
 
 
-def _safe_edit(kind: str, rng: random.Random) -> EditOp:
+def safe_edit(kind: str, rng: random.Random) -> EditOp:
+    """One edit of `kind` (a `SAFE_EDITS` name) with parameters drawn from `rng`."""
     if kind == "rotate":
         return Rotate(degrees=rng.choice((90, 180, 270)), expand=True)
     if kind == "flip":
@@ -84,6 +89,17 @@ def _safe_edit(kind: str, rng: random.Random) -> EditOp:
     if kind == "grayscale":
         return Recolor(mode="grayscale")
     return Compose(other=0, place=rng.choice(tuple(REGION_PREFIX)))
+
+
+def edit_plan(item_id: str, capability: str, attempt: int, edit_rate: float,
+              menu: dict[str, tuple[str, ...]]) -> TaskPlan:
+    """The plan for one attempt: the capability, and with chance `edit_rate` one edit from `menu[capability]`,
+    drawn from a seed of the item, capability and attempt (a retry after a crash plans the same)."""
+    rng = random.Random(seed_of(item_id, capability, attempt, "plan"))
+    edits: list[EditOp] = []
+    if rng.random() < edit_rate and menu.get(capability):
+        edits.append(safe_edit(rng.choice(menu[capability]), rng))
+    return TaskPlan(focus=capability, edits=edits)
 
 
 class ProgrammaticPlanner:
@@ -99,11 +115,7 @@ class ProgrammaticPlanner:
 
     async def plan(self, ctx: ItemContext, capability: str, attempt: int) -> TaskPlan:
         _scene(ctx)
-        rng = random.Random(seed_of(ctx.item.item_id, capability, attempt, "plan"))
-        edits: list[EditOp] = []
-        if rng.random() < self.edit_rate and SAFE_EDITS.get(capability):
-            edits.append(_safe_edit(rng.choice(SAFE_EDITS[capability]), rng))
-        return TaskPlan(focus=capability, edits=edits)
+        return edit_plan(ctx.item.item_id, capability, attempt, self.edit_rate, SAFE_EDITS)
 
 
 class ProgrammaticWriter:
@@ -139,17 +151,18 @@ class ProgrammaticValidator:
             return Verdict(answerable=False, reason="no scene metadata to check against")
         words = set(re.findall(r"[a-z]+", " ".join([draft.question, *(draft.options or [])]).lower()))
         for op in plan.edits:
-            problem = _edit_problem(op, words)
+            problem = edit_problem(op, words)
             if problem:
                 return Verdict(answerable=False, reason=problem)
         scale = 1.0
         for op in plan.edits:
             if isinstance(op, Zoom):
                 scale *= op.factor
-        return _visibility(ctx.scene, scale)
+        return visibility(ctx.scene, scale)
 
 
-def _edit_problem(op: EditOp, words: set[str]) -> str | None:
+def edit_problem(op: EditOp, words: set[str]) -> str | None:
+    """Why `op` may change the answer to a question with these `words`, or None when it keeps it."""
     if isinstance(op, (Crop, Occlude)) or (isinstance(op, Zoom) and op.factor > 1):
         return f"the {op.op} edit may hide content"
     if isinstance(op, OverlayText):
@@ -166,7 +179,8 @@ def _edit_problem(op: EditOp, words: set[str]) -> str | None:
     return None
 
 
-def _visibility(scene: Scene, scale: float) -> Verdict:
+def visibility(scene: Scene, scale: float) -> Verdict:
+    """Whether every object and text of `scene` stays inside the image and large enough to see at `scale`."""
     for obj in scene.objects:
         if not (0 <= obj.x - obj.size and obj.x + obj.size <= scene.width and 0 <= obj.y - obj.size
                 and obj.y + obj.size <= scene.height):
@@ -195,121 +209,7 @@ class ProgrammaticAnswerer:
         text = question
         for prefix in REGION_PREFIX.values():
             text = text.removeprefix(prefix)
-        for pattern, solver in _TEMPLATES:
-            match = pattern.fullmatch(text)
-            if match:
-                value = solver(scene, *match.groups())
-                return _as_option(value, options)
-        raise AgentFailure("not_applicable", "the question is not one of the templates this answerer reads")
-
-
-def _as_option(value: str, options: Sequence[str] | None) -> str:
-    if not options:
-        return value
-    for letter, option in zip(string.ascii_uppercase, options):
-        if option == value:
-            return letter
-    return value
-
-
-_PLURALS = {f"{shape}es" if shape.endswith("s") else f"{shape}s": shape for shape in SHAPES}
-
-
-def _known(color: str | None = None, shape: str | None = None) -> None:
-    """Refuse words outside the world's vocabulary: a template this answerer misreads must not get an answer."""
-    if (color is not None and color not in COLORS) or (shape is not None and shape not in SHAPES):
-        raise AgentFailure("not_applicable", f"unknown colour or shape in {color!r} {shape!r}")
-
-
-def _exists(scene: Scene, color: str, shape: str | None) -> str:
-    _known(color, shape)
-    found = any(obj.color == color and (shape is None or obj.shape == shape) for obj in scene.objects)
-    return "yes" if found else "no"
-
-
-def _count_colour(scene: Scene, color: str) -> str:
-    _known(color)
-    return str(sum(obj.color == color for obj in scene.objects))
-
-
-def _find(scene: Scene, color: str, shape: str):
-    found = [obj for obj in scene.objects if obj.color == color and obj.shape == shape]
-    if len(found) != 1:
-        raise AgentFailure("not_applicable", f"no single {color} {shape} in the scene")
-    return found[0]
-
-
-def _count(scene: Scene, word: str) -> str:
-    if word in _PLURALS:
-        return str(sum(obj.shape == _PLURALS[word] for obj in scene.objects))
-    raise AgentFailure("not_applicable", f"unknown shape {word!r}")
-
-
-def _colour_of(scene: Scene, shape: str) -> str:
-    _known(shape=shape)
-    found = [obj for obj in scene.objects if obj.shape == shape]
-    if len(found) != 1:
-        raise AgentFailure("not_applicable", f"not exactly one {shape}")
-    return found[0].color
-
-
-def _where(scene: Scene, color_a: str, shape_a: str, color_b: str, shape_b: str) -> str:
-    a, b = _find(scene, color_a, shape_a), _find(scene, color_b, shape_b)
-    dx, dy = a.x - b.x, a.y - b.y
-    if abs(dx) > abs(dy):
-        return "to the left" if dx < 0 else "to the right"
-    return "above" if dy < 0 else "below"
-
-
-def _bar(scene: Scene, color: str) -> int:
-    if scene.chart is None:
-        raise AgentFailure("not_applicable", "no chart")
-    for bar in scene.chart.bars:
-        if bar.color == color:
-            return bar.value
-    raise AgentFailure("not_applicable", f"no {color} bar")
-
-
-def _extreme(scene: Scene, which: str) -> str:
-    if scene.chart is None:
-        raise AgentFailure("not_applicable", "no chart")
-    values = [bar.value for bar in scene.chart.bars]
-    target = max(values) if which == "tallest" else min(values)
-    return next(bar.color for bar in scene.chart.bars if bar.value == target)
-
-
-def _evaluate(scene: Scene) -> str:
-    if scene.formula is None:
-        raise AgentFailure("not_applicable", "no formula")
-    total, term = 0, scene.formula.operands[0]
-    sign = 1
-    for operator, operand in zip(scene.formula.operators, scene.formula.operands[1:]):
-        if operator == "x":
-            term *= operand
-        else:
-            total += sign * term
-            sign, term = (1 if operator == "+" else -1), operand
-    return str(total + sign * term)
-
-
-def _text(scene: Scene) -> str:
-    if scene.text is None:
-        raise AgentFailure("not_applicable", "no text")
-    return scene.text.text
-
-
-_TEMPLATES: list[tuple[re.Pattern[str], Callable[..., str]]] = [
-    (re.compile(r"How many shapes are in the image\?"), lambda s: str(len(s.objects))),
-    (re.compile(r"How many (\w+) shapes are in the image\?"), _count_colour),
-    (re.compile(r"How many (\w+) are in the image\?"), _count),
-    (re.compile(r"What colour is the (\w+)\?"), _colour_of),
-    (re.compile(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?"), _where),
-    (re.compile(r"Is there a (\w+) shape in the image\?"), lambda s, c: _exists(s, c, None)),
-    (re.compile(r"Is there a (\w+) (\w+) in the image\?"), _exists),
-    (re.compile(r"What word is written in the image\?"), _text),
-    (re.compile(r"What is the value of the (\w+) bar\?"), lambda s, c: str(_bar(s, c))),
-    (re.compile(r"How much taller is the (\w+) bar than the (\w+) bar\?"),
-     lambda s, a, b: str(_bar(s, a) - _bar(s, b))),
-    (re.compile(r"Which bar is the (tallest|shortest)\?"), _extreme),
-    (re.compile(r"What is the result of the expression in the image\?"), _evaluate),
-]
+        try:
+            return answer_question(scene, text, options)
+        except NotAnswerable as exc:
+            raise AgentFailure("not_applicable", str(exc)) from None

@@ -48,6 +48,7 @@ from aiokafka.errors import KafkaError
 from consumers.agents.crew import Crew, Failed, Known, Passed, Roles
 from consumers.agents.ledger import QuotaLedger, Reservation, item_slice
 from consumers.agents.llm import LLMAnswerer, LLMPlanner, LLMValidator, LLMWriter
+from consumers.agents.pixels import PixelAnswerer, PixelPlanner, PixelValidator, PixelWriter
 from consumers.agents.programmatic import (
     ProgrammaticAnswerer,
     ProgrammaticPlanner,
@@ -88,9 +89,11 @@ class MisroutedItem(ValueError):
 def build_roles(settings: AgentsConfig, llm: EndpointClient | None) -> Roles:
     """The crew's roles from `agents.backends` (`llm` needed when any role is played by a model)."""
     agents = settings.agents
-    backends = agents.backends
+    backends, tools = agents.backends, agents.toolchains
 
-    def pick(backend: str, programmatic, model):
+    def pick(backend: str, pixels, programmatic, model):
+        if backend == "pixels":
+            return pixels()
         if backend == "programmatic":
             return programmatic()
         if llm is None:
@@ -98,12 +101,13 @@ def build_roles(settings: AgentsConfig, llm: EndpointClient | None) -> Roles:
         return model(llm)
 
     return Roles(
-        planner=pick(backends.planner, lambda: ProgrammaticPlanner(agents.edit_rate), LLMPlanner),
+        planner=pick(backends.planner, lambda: PixelPlanner(tools.writer, agents.edit_rate),
+                     lambda: ProgrammaticPlanner(agents.edit_rate), LLMPlanner),
         search=SEARCH_BACKENDS[backends.retriever](agents.retrieval_pool),
         editor=PillowEditor(),
-        writer=pick(backends.writer, ProgrammaticWriter, LLMWriter),
-        validator=pick(backends.validator, ProgrammaticValidator, LLMValidator),
-        answerer=pick(backends.answerer, ProgrammaticAnswerer, LLMAnswerer),
+        writer=pick(backends.writer, lambda: PixelWriter(tools.writer), ProgrammaticWriter, LLMWriter),
+        validator=pick(backends.validator, lambda: PixelValidator(tools.checker), ProgrammaticValidator, LLMValidator),
+        answerer=pick(backends.answerer, lambda: PixelAnswerer(tools.checker), ProgrammaticAnswerer, LLMAnswerer),
     )
 
 
@@ -375,7 +379,7 @@ class AgentWorker:
                 f"on {slice_}; publish UnlabeledItems keyed by item_id with the default (murmur2) partitioner"), "route")
             return
         ctx = await self.crew.context(item)
-        possible = self.crew.capabilities(ctx)
+        possible = await self.crew.capabilities(ctx)
         tried: set[str] = set()
         produced = 0
         while produced < self.settings.agents.samples_per_item:

@@ -5,7 +5,7 @@
 Example:
     >>> s = AgentSettings(backends={"writer": "llm"}, qc={"difficulty": {"enabled": True}})
     >>> s.backends.writer, s.backends.planner, s.qc.difficulty.samples
-    ('llm', 'programmatic', 9)
+    ('llm', 'pixels', 9)
     >>> s.llm.model, s.llm.temperature, AgentSettings(llm={"model": "qwen"}).llm.temperature
     ('dpe-tiny', 0.2, 0.2)
 """
@@ -15,25 +15,42 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from consumers.qc.settings import QCSettings
 from dpe.config import CoreSettings
 from dpe.endpoint.settings import EndpointSettings
 from dpe.section import Section
 
-Backend = Literal["programmatic", "llm"]
-"""A role is played by code (the synthetic world's metadata) or by an OpenAI-compatible model."""
+Backend = Literal["pixels", "llm", "programmatic"]
+"""Who plays a role: tools that read the pixels (`consumers.agents.pixels`, the default), a model behind an
+OpenAI-compatible endpoint, or the benchmarks' fast path that reads the synthetic world's answer key from
+the items' metadata (`consumers.agents.programmatic`; only where ingest keeps the metadata)."""
 
 
 class RoleBackends(Section):
-    """Which backend plays each role. The retriever is always code; this picks its search backend."""
+    """Which backend plays each role. The retriever is always code; this picks its search backend
+    (``embedding`` reads the pixels, ``metadata`` the items' metadata and text)."""
 
-    planner: Backend = "programmatic"
-    writer: Backend = "programmatic"
-    validator: Backend = "programmatic"
-    answerer: Backend = "programmatic"
-    retriever: Literal["metadata", "embedding"] = "metadata"
+    planner: Backend = "pixels"
+    writer: Backend = "pixels"
+    validator: Backend = "pixels"
+    answerer: Backend = "pixels"
+    retriever: Literal["metadata", "embedding"] = "embedding"
+
+
+class PixelToolchains(Section):
+    """Which `dpe.perception` toolchain the pixel roles read with: the planner and writer with one, the
+    validator and the independent answerer with the other, so that their agreement is evidence."""
+
+    writer: Literal["regions", "contours"] = "regions"
+    checker: Literal["regions", "contours"] = "contours"
+
+    @model_validator(mode="after")
+    def _independent(self) -> "PixelToolchains":
+        if self.writer == self.checker:
+            raise ValueError(f"the writer and the checker must read with different toolchains, both are {self.writer!r}")
+        return self
 
 
 AGENT_ENDPOINT: dict[str, Any] = {
@@ -47,6 +64,7 @@ class AgentSettings(Section):
 
     group_id: str = "dpe-agents"
     backends: RoleBackends = Field(default_factory=RoleBackends)
+    toolchains: PixelToolchains = Field(default_factory=PixelToolchains)
     llm: EndpointSettings = Field(
         default_factory=lambda: EndpointSettings(**AGENT_ENDPOINT),
         description="The endpoint behind `llm` roles. Unlike `EndpointSettings`' defaults, the agents default to "
@@ -56,7 +74,7 @@ class AgentSettings(Section):
     qc: QCSettings = Field(default_factory=QCSettings)
     attempts_per_item: int = Field(default=3, ge=1, description="Candidates per item and capability (1 + retries).")
     samples_per_item: int = Field(default=1, ge=1, description="Capabilities one item may serve.")
-    edit_rate: float = Field(default=0.25, ge=0, le=1, description="Share of programmatic plans that edit the image.")
+    edit_rate: float = Field(default=0.25, ge=0, le=1, description="Share of pixel and programmatic plans that edit the image.")
     concurrency: int = Field(default=16, ge=1, description="Items in flight per worker.")
     batch_size: int = Field(default=64, ge=1, description="Unlabeled records fetched at once.")
     retrieval_pool: int = Field(default=256, ge=1, description="Recent images the retriever searches.")

@@ -39,10 +39,17 @@ console = Console()
               help="Roll the embedded broker (carry its state to a fresh one) past this resident memory.")
 @click.option("--resume", "resume_id", default=None, metavar="RUN_ID",
               help="Go on with the stopped run RUN_ID under --runs-dir, with the options it started with.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Ingest this folder of images once, instead of the synthetic stream.")
+@click.option("--watch", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Keep ingesting new images from this folder, instead of the synthetic stream.")
+@click.option("--synthetic/--no-synthetic", default=None,
+              help="The synthetic world's stream too (default: only when no folder is given).")
 @pass_state
 def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round_samples: int,
         base_model: Path | None, runs_dir: Path, run_id: str | None, live: bool, timeout_s: float,
-        bus_memory_mb: float, resume_id: str | None) -> None:
+        bus_memory_mb: float, resume_id: str | None, images: Path | None, watch: Path | None,
+        synthetic: bool | None) -> None:
     """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds.
 
     Ctrl-C and SIGTERM (``docker stop``, systemd) both stop every service, save the run for --resume
@@ -56,6 +63,7 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
     else:
         options = SpiralOptions(rounds=None if forever else rounds, round_samples=round_samples, strategy=strategy,
                                 base_model=base_model, runs_dir=runs_dir, bus_memory_mb=bus_memory_mb, **session,
+                                images=images and images.resolve(), watch=watch and watch.resolve(), synthetic=synthetic,
                                 **({"run_id": run_id} if run_id else {}))
     result = run_spiral(state.settings_as(Settings), options, console)
     console.print(rounds_table(result.rounds, title=f"run {options.run_id}"))

@@ -69,6 +69,12 @@ class SpiralOptions:
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
     runs_dir: Path = Path("runs")
     ingest_rate: float = 40.0
+    images: Path | None = None
+    """A folder of images ingested once (beside the synthetic stream only with `synthetic`)."""
+    watch: Path | None = None
+    """A folder watched for new images for as long as the run lasts."""
+    synthetic: bool | None = None
+    """Ingest the synthetic world's endless stream (None: only when no folder is given)."""
     auditor: bool = True
     live: bool = True
     stall_after_s: float = 900.0
@@ -101,12 +107,13 @@ class SpiralOptions:
         if not path.is_file():
             raise FileNotFoundError(f"no run to resume at {path} (was it started with `dpe run`?)")
         saved = json.loads(path.read_text())
-        saved["base_model"] = Path(saved["base_model"]) if saved.get("base_model") else None
+        for name in ("base_model", "images", "watch"):
+            saved[name] = Path(saved[name]) if saved.get(name) else None
         return cls(runs_dir=runs_dir, run_id=run_id, resume=True, **saved, **now)
 
 
-RESUMED_OPTIONS = ("rounds", "round_samples", "round_timeout_s", "strategy", "ingest_rate", "auditor",
-                   "stall_after_s", "base_model", "bus_memory_mb", "bus_max_tail")
+RESUMED_OPTIONS = ("rounds", "round_samples", "round_timeout_s", "strategy", "ingest_rate", "images", "watch",
+                   "synthetic", "auditor", "stall_after_s", "base_model", "bus_memory_mb", "bus_max_tail")
 """What a resumed run keeps of the run it goes on with (the rest says how this session shows and ends)."""
 
 
@@ -161,11 +168,34 @@ def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]
         ServiceSpec("evaluator", ["serve", "evaluator"]),
         ServiceSpec("agents", ["serve", "agents", "--base-policy", str(base_model)]),
         ServiceSpec("trainer", ["serve", "trainer"]),
-        ServiceSpec("ingest", ["ingest", "--synthetic", "--rate", str(options.ingest_rate)]),
+        *ingest_specs(options),
     ]
     if options.auditor:
         specs.append(ServiceSpec("auditor", ["serve", "auditor"]))
     return [ServiceSpec(spec.name, ["--log-level", "INFO", *spec.args]) for spec in specs]
+
+
+def ingest_specs(options: SpiralOptions) -> list[ServiceSpec]:
+    """The run's ingest services: the synthetic stream, a watched folder, a folder read once (`images`).
+
+    The synthetic stream runs unless a folder is given (`synthetic` None) or `synthetic` says otherwise.
+    Each extra ingest process has its metrics off: the run's ``ingest`` job is the main one.
+
+    Example:
+        >>> [spec.args[0:2] for spec in ingest_specs(SpiralOptions(images=Path("in")))]
+        [['ingest', 'in']]
+        >>> [spec.name for spec in ingest_specs(SpiralOptions(watch=Path("in"), synthetic=True))]
+        ['ingest', 'ingest-watch']
+    """
+    rate = ["--rate", str(options.ingest_rate)]
+    synthetic = options.synthetic if options.synthetic is not None else options.images is None and options.watch is None
+    folders = [(folder, args) for folder, args in ((options.watch, ["--watch"]), (options.images, [])) if folder]
+    specs = [ServiceSpec("ingest", ["ingest", "--synthetic", *rate])] if synthetic else []
+    for folder, args in folders:
+        name = "ingest" if not specs else "ingest-watch" if args else "ingest-images"
+        extra = ["--metrics-port", "0"] if specs else []
+        specs.append(ServiceSpec(name, ["ingest", *args, str(folder), "--allowed-root", str(folder), *rate, *extra]))
+    return specs
 
 
 def write_config(settings: Settings, path: Path) -> None:

@@ -17,6 +17,8 @@ from dpe.world.items import (
     image_sha256,
     make_item,
     training_stream,
+    scene_of_source,
+    synthetic_source,
     unlabeled_scene,
 )
 from dpe.world.knobs import DIFFICULTY_LEVELS, Knobs, knobs_for
@@ -58,6 +60,8 @@ __all__ = [
     "scene_capabilities",
     "seed_namespace",
     "training_stream",
+    "scene_of_source",
+    "synthetic_source",
     "unlabeled_scene",
     "write_question",
 ]

@@ -201,3 +201,29 @@ def unlabeled_scene(
     scene_seed = derive_seed("unlabeled", f"{seed}/{index}")
     rng = random.Random(scene_seed)
     return generate_scene(rng.choice(kinds), rng.choice(levels), scene_seed, image_size=image_size)
+
+
+def synthetic_source(index: int, seed: int = 0) -> str:
+    """The `source` an ingested unlabeled scene carries: ``synthetic:<seed>/<index>``.
+
+    Example:
+        >>> synthetic_source(7, seed=2)
+        'synthetic:2/7'
+    """
+    return f"synthetic:{seed}/{index}"
+
+
+def scene_of_source(source: str, image_size: int = 64) -> Scene | None:
+    """The true scene behind a synthetic item's `source`, None for any other source. This is the world's answer
+    key: graders, benchmarks and tests read it; the agents and the auditor never do.
+
+    Example:
+        >>> scene_of_source(synthetic_source(3, seed=1)) == unlabeled_scene(3, 1)
+        True
+        >>> scene_of_source("/data/photo.png") is None
+        True
+    """
+    seed, _, index = source.removeprefix("synthetic:").partition("/")
+    if not source.startswith("synthetic:") or not (seed.isdigit() and index.isdigit()):
+        return None
+    return unlabeled_scene(int(index), int(seed), image_size=image_size)

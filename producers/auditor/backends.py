@@ -1,12 +1,15 @@
 """Who answers the auditor's probes: the target policy and the reference models, behind one interface.
 
 A `ProbeAnswerer` gets (view, probe) pairs and returns one answer text per pair, or None where it
-abstains. Three kinds of reference are pluggable (`AuditorSettings.references`):
+abstains. Four kinds of reference are pluggable (`AuditorSettings.references`):
 
+- ``toolchain`` (the default, twice): a `dpe.perception` toolchain reads the pixels and answers the
+  world's questions about what it saw; the two toolchains share no code, so their consensus is
+  evidence. They stand in on CPU for strong VLM references behind endpoints;
 - ``checkpoint``: another local checkpoint folder (batched greedy generation);
 - ``endpoint``: a model behind an OpenAI-compatible endpoint (the image goes as a data URL);
-- ``oracle``: for the synthetic world only, a programmatic answerer that reads the scene metadata.
-  **The oracle is a stand-in for a strong reference model**: it is right by construction on the
+- ``oracle``: for the benchmarks' fast path only, a programmatic answerer that reads the scene metadata
+  (the world's answer key). **The oracle is a stand-in for a strong reference model**: it is right by construction on the
   questions the world's writer can ask, and abstains on anything else (images without scene
   metadata, questions it would not have written). With real data, use checkpoint or endpoint
   references.
@@ -34,9 +37,12 @@ from dpe.policy.checkpoints import load_checkpoint
 from dpe.policy.generation import SamplingParams, generate
 from dpe.policy.model import Policy
 from dpe.policy.prompts import build_messages, format_question
+from dpe.perception import NotPerceived
+from dpe.perception.toolchain import TOOLCHAINS
 from dpe.world import QuestionNotPossible, Scene, write_question
+from dpe.world.answers import NotAnswerable, answer_question
 from producers.auditor.probes import Probe
-from producers.auditor.settings import CheckpointReference, EndpointReference, OracleReference
+from producers.auditor.settings import CheckpointReference, OracleReference, Reference, ToolchainReference
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,24 @@ class OracleAnswerer:
         return [self._answer(view, probe) for view, probe in asked]
 
 
+class ToolchainAnswerer:
+    """Reads each view's pixels with a `dpe.perception` toolchain and answers the world's question about
+    what it saw; abstains where it sees nothing or cannot read the question."""
+
+    def __init__(self, name: str, toolchain: str) -> None:
+        self.name = name
+        self.toolchain = TOOLCHAINS[toolchain]
+
+    def _answer(self, view: View, probe: Probe) -> str | None:
+        try:
+            return answer_question(self.toolchain.perceive(view.image), probe.question, probe.options)
+        except (NotPerceived, NotAnswerable):
+            return None
+
+    def answer(self, asked: Sequence[tuple[View, Probe]]) -> list[str | None]:
+        return [self._answer(view, probe) for view, probe in asked]
+
+
 class EndpointAnswerer:
     """A model behind an OpenAI-compatible endpoint; an endpoint failure is an abstention.
 
@@ -120,10 +144,10 @@ class EndpointAnswerer:
             return list(pool.map(self._answer, asked))
 
 
-def reference_answerer(
-    reference: OracleReference | CheckpointReference | EndpointReference, max_new_tokens: int
-) -> ProbeAnswerer:
+def reference_answerer(reference: Reference, max_new_tokens: int) -> ProbeAnswerer:
     """The answerer a configured reference describes."""
+    if isinstance(reference, ToolchainReference):
+        return ToolchainAnswerer(reference.name, reference.toolchain)
     if isinstance(reference, OracleReference):
         return OracleAnswerer(reference.name)
     if isinstance(reference, CheckpointReference):

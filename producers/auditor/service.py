@@ -8,6 +8,10 @@ match becomes a Divergence event: the answers, the consensus and its strength, t
 the edit. Divergences are evidence that needs no label; the weakness stream reads them beside the
 eval outcomes.
 
+Probes are written from what the probe writer's toolchain sees in the pixels (`probe_writer`); the
+items' metadata is read only for capability hints, and for the scene only where an oracle reference
+is configured (the benchmarks' fast path, which reads the synthetic world's answer key).
+
 Items that cannot be audited (an image missing or corrupt in the blob store, metadata that claims a
 scene but is not one, unknown capabilities) are dead-lettered with the reason; the service keeps
 going. Until the first checkpoint is announced there is no target, and unlabeled items wait. A
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka.errors import KafkaError
+from PIL import Image
 
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
@@ -37,9 +42,12 @@ from dpe.bus.delivery import Delivery
 from dpe.events import BlobRef, Checkpoint, Divergence, UnlabeledItem
 from dpe.grading import extract_answer
 from dpe.imaging import ImageEditor, PillowEditor
+from dpe.perception import NotPerceived
+from dpe.perception.toolchain import TOOLCHAINS
+from dpe.world import Scene
 from dpe.policy.checkpoints import REFUSALS, allowed_roots, load_checkpoint
 from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_ITEMS, AUDIT_PROBES
-from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, View, reference_answerer
+from producers.auditor.backends import OracleAnswerer, PolicyAnswerer, ProbeAnswerer, View, reference_answerer
 from producers.auditor.consensus import consensus, target_differs
 from producers.auditor.edits import counterfactuals
 from producers.auditor.probes import Probe, capability_hints, generic_probes, scene_of, scene_probes, world_probe
@@ -92,10 +100,11 @@ class Auditor:
 
     def questions(self, item: UnlabeledItem) -> list[tuple[View, Probe]]:
         """Every (view, probe) pair to ask: the item's image and its counterfactuals, each with its probes."""
-        scene = scene_of(item.metadata)
         only = capability_hints(item.metadata, self.settings.capabilities)
         count = self.settings.probes_per_item
-        own = View(item.item_id, self.store.open_image(item.image).convert("RGB"), scene)
+        image = self.store.open_image(item.image).convert("RGB")
+        scene = scene_of(item.metadata) if self.reads_answer_key else self._perceived(image)
+        own = View(item.item_id, image, scene)
         if scene is None:
             probes = generic_probes(self.settings.generic_probes, count=count, only=only)
         else:
@@ -108,6 +117,18 @@ class Auditor:
                 if shown is not None:
                     asked.append((view, shown))
         return asked
+
+    @property
+    def reads_answer_key(self) -> bool:
+        """Whether probes are written from the items' metadata: only with an oracle reference (the fast path)."""
+        return any(isinstance(reference, OracleAnswerer) for reference in self.references)
+
+    def _perceived(self, image: Image.Image) -> Scene | None:
+        """What the probe writer's toolchain sees in the image (None: it sees nothing, generic probes are asked)."""
+        try:
+            return TOOLCHAINS[self.settings.probe_writer].perceive(image)
+        except NotPerceived:
+            return None
 
     @staticmethod
     def _reasked(probe: Probe, view: View) -> Probe | None:

@@ -5,13 +5,15 @@
     auditor:
       sample_fraction: 0.2
       references:
-        - {kind: oracle}
+        - {kind: toolchain, name: regions, toolchain: regions}
         - {kind: endpoint, name: qwen-7b, endpoint: {base_url: "http://vllm:8000/v1", model: Qwen2.5-VL-7B-Instruct}}
 
 Example:
     >>> AuditorSettings(references=[{"kind": "oracle"}, {"kind": "checkpoint", "name": "v0", "uri": "/ckpt/0"}]
     ...                 ).references[1].uri
     '/ckpt/0'
+    >>> [reference.name for reference in AuditorSettings().references]
+    ['regions', 'contours']
 """
 
 from __future__ import annotations
@@ -27,8 +29,18 @@ from dpe.section import Section
 from dpe.taxonomy import KNOWN_CAPABILITIES
 
 
+class ToolchainReference(Section):
+    """A `dpe.perception` toolchain that reads the pixels and answers the world's questions about what it saw
+    (the default references on CPU: two toolchains that share no code stand in for two strong models)."""
+
+    kind: Literal["toolchain"] = "toolchain"
+    name: str = Field(pattern=ID_PATTERN)
+    toolchain: Literal["regions", "contours"]
+
+
 class OracleReference(Section):
-    """The synthetic world's oracle: answers from scene metadata (a stand-in for a strong reference model)."""
+    """The synthetic world's oracle: answers from scene metadata, the world's answer key. Only for the
+    benchmarks' fast path (ingest publishes the answer key only with `ingest.answer_key`)."""
 
     kind: Literal["oracle"] = "oracle"
     name: str = Field("oracle", pattern=ID_PATTERN)
@@ -50,7 +62,13 @@ class EndpointReference(Section):
     endpoint: EndpointSettings
 
 
-Reference = Annotated[OracleReference | CheckpointReference | EndpointReference, Field(discriminator="kind")]
+Reference = Annotated[ToolchainReference | OracleReference | CheckpointReference | EndpointReference,
+                      Field(discriminator="kind")]
+
+DEFAULT_REFERENCES: tuple[ToolchainReference, ...] = (
+    ToolchainReference(name="regions", toolchain="regions"),
+    ToolchainReference(name="contours", toolchain="contours"),
+)
 
 
 class GenericProbe(Section):
@@ -75,7 +93,11 @@ class AuditorSettings(Section):
     The target is always the latest checkpoint on the bus.
     """
 
-    references: list[Reference] = Field(default_factory=lambda: [OracleReference()], min_length=1)
+    references: list[Reference] = Field(default_factory=lambda: list(DEFAULT_REFERENCES), min_length=1)
+    probe_writer: Literal["regions", "contours"] = Field(
+        "regions", description="The toolchain whose reading of the pixels the probes are written from (unless an "
+        "oracle reference is configured: then they are written from the answer key, the benchmarks' fast path).",
+    )
     sample_fraction: float = Field(0.25, ge=0.0, le=1.0, description="Share of unlabeled items audited.")
     probes_per_item: int = Field(3, ge=1)
     edits_per_item: int = Field(2, ge=0, description="Counterfactual edits asked about, per item.")

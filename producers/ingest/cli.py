@@ -86,7 +86,7 @@ def _inputs(settings: IngestConfig, folders: tuple[Path, ...], manifests: tuple[
         position = index_path(settings).parent / f"synthetic-{seed}.next"
         resumed = start is None and count is None
         first = _next_scene(position) if resumed else start or 0
-        scenes = synthetic_entries(count, seed, first, settings.ingest.image_size)
+        scenes = synthetic_entries(count, seed, first, settings.ingest.image_size, settings.ingest.answer_key)
         parts.append(_noting_next(scenes, position, first) if resumed else scenes)
         total = None if total is None or count is None else total + count
     return itertools.chain.from_iterable(parts), total

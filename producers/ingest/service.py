@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -38,6 +39,7 @@ from dpe.bus.admin import slowest_committed
 from dpe.bus.aio import AsyncPublisher
 from dpe.bus.codec import InvalidEvent
 from dpe.events import UnlabeledItem
+from dpe.world import Scene
 from monitoring.metrics import INGEST_ITEMS
 from producers.ingest.backlog import Backlog
 from producers.ingest.index import PublishedIndex
@@ -107,6 +109,17 @@ class IngestReport:
         return sum(self.counts.values()) - self.on_bus
 
 
+def without_answer_key(metadata: dict[str, Any]) -> dict[str, Any]:
+    """An input's annotations without a scene's fields (the synthetic world's answer key): the agents get the
+    pixels, hints such as ``capabilities`` and untrusted notes, never the answer.
+
+    Example:
+        >>> without_answer_key({"kind": "shapes", "objects": [], "capabilities": ["counting"], "note": "x"})
+        {'capabilities': ['counting'], 'note': 'x'}
+    """
+    return {key: value for key, value in metadata.items() if key not in Scene.model_fields}
+
+
 def index_path(settings: IngestConfig):
     """Where the published-hash index lives: `ingest.index_file` or ``<home>/ingest/published.txt``."""
     return settings.ingest.index_file or settings.home / "ingest" / "published.txt"
@@ -116,8 +129,9 @@ class Ingestor:
     """Turns inputs into published `UnlabeledItem` events, one `Outcome` each."""
 
     def __init__(self, publisher: AsyncPublisher, store: BlobStore, index: PublishedIndex, ack_every: int = 256,
-                 backlog: Backlog | None = None, max_backlog: int | None = None):
+                 backlog: Backlog | None = None, max_backlog: int | None = None, answer_key: bool = False):
         self.publisher = publisher
+        self.answer_key = answer_key
         self.store = store
         self.index = index
         self.ack_every = ack_every
@@ -132,7 +146,7 @@ class Ingestor:
         topic, bootstrap = publisher.topic(UnlabeledItem), resolve_bootstrap(settings)
         backlog = Backlog(partial(slowest_committed, settings, bootstrap, topic))
         return cls(publisher, store, PublishedIndex(index_path(settings)), settings.ingest.ack_every, backlog,
-                   settings.ingest.max_backlog)
+                   settings.ingest.max_backlog, settings.ingest.answer_key)
 
     async def ingest(
         self, inputs: Iterable[Input] | AsyncIterable[Input], on_outcome: Callable[[Outcome], None] | None = None
@@ -174,7 +188,8 @@ class Ingestor:
     async def _publish(self, entry: Entry, ref) -> Outcome:
         try:
             item = UnlabeledItem(item_id=ref.sha256, image=ref, source=entry.source[:2000], text=entry.text,
-                                 metadata=entry.metadata, producer="ingest")
+                                 metadata=entry.metadata if self.answer_key else without_answer_key(entry.metadata),
+                                 producer="ingest")
             future = await self.publisher.publish(item)
         except ValidationError as exc:
             return Outcome(entry.source, "invalid_item", ref.sha256, detail=exc.errors(include_url=False)[0]["msg"])

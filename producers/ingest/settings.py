@@ -35,6 +35,11 @@ class IngestSettings(Section):
     max_manifest_line_bytes: int = Field(default=1_000_000, ge=100, description="Longer manifest lines are refused.")
     synthetic_seed: int = Field(default=0, ge=0, description="Seed of the synthetic world's unlabeled scene stream.")
     image_size: int = Field(default=64, ge=16, le=1024, description="Side of synthetic images in pixels.")
+    answer_key: bool = Field(
+        default=False, description="Keep the world's answer key: synthetic items carry their scene as metadata, and "
+        "a scene's fields in a manifest's metadata are kept. Only for the benchmarks' fast path (`agents.backends: "
+        "programmatic`); by default they are stripped and the agents see pixels, hints and notes only."
+    )
     ack_every: int = Field(default=256, ge=1, description="Wait for broker acks (and update the index) this often.")
     max_backlog: int | None = Field(
         default=None, ge=0, description="Wait while more published items than this are unconsumed by the slowest "

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dpe.world import render_scene, unlabeled_scene
+from dpe.world import render_scene, synthetic_source, unlabeled_scene
 from producers.ingest.paths import PathOutsideRoots, Roots, confine, read_bounded
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
@@ -120,18 +120,25 @@ def manifest_entries(
         yield located_entry(parsed.image, base, roots, max_bytes, text=parsed.text, metadata=parsed.metadata)
 
 
-def synthetic_entries(count: int | None, seed: int = 0, start: int = 0, image_size: int = 64) -> Iterator[Input]:
-    """Scenes of the synthetic world as PNG images with their scene as metadata (endless when `count` is None).
+def synthetic_entries(count: int | None, seed: int = 0, start: int = 0, image_size: int = 64,
+                      answer_key: bool = False) -> Iterator[Input]:
+    """Scenes of the synthetic world as PNG images (endless when `count` is None), pixels only.
+
+    With `answer_key` each entry also carries its scene as metadata: the world's answer key, which only
+    the benchmarks' metadata-reading fast path (`consumers.agents.programmatic`) may be given.
 
     Example:
         >>> entry = next(synthetic_entries(1))
-        >>> entry.source, entry.metadata["kind"] in ("shapes", "text", "chart", "formula")
-        ('synthetic:0/0', True)
+        >>> entry.source, entry.metadata
+        ('synthetic:0/0', {})
+        >>> next(synthetic_entries(1, answer_key=True)).metadata["kind"] in ("shapes", "text", "chart", "formula")
+        True
     """
     index = start
     while count is None or index < start + count:
         scene = unlabeled_scene(index, seed, image_size=image_size)
-        yield Entry(source=f"synthetic:{seed}/{index}", read=partial(_png_bytes, scene), metadata=scene.to_metadata())
+        metadata = scene.to_metadata() if answer_key else {}
+        yield Entry(source=synthetic_source(index, seed), read=partial(_png_bytes, scene), metadata=metadata)
         index += 1
 
 
