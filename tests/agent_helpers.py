@@ -17,11 +17,11 @@ from dpe.settings import Settings
 
 FAST_PATH = {"agents": {"backends": {"planner": "programmatic", "writer": "programmatic", "validator": "programmatic",
                                       "answerer": "programmatic", "retriever": "metadata"}},
-             "ingest": {"answer_key": True}}
-"""Settings for the benchmarks' fast path: ingest keeps the synthetic world's answer key on the items and the
-agents' roles read it. Tests of mechanics that do not depend on who writes the samples (the ledger under kill -9,
-signals, resume, the bus roll) use it for speed; the default pixel crew has its own tests and runs in the
-Prometheus short run."""
+             "ingest": {"answer_key": True}, "auditor": {"references": [{"kind": "oracle"}]}}
+"""Settings for the benchmarks' fast path: ingest keeps the synthetic world's answer key on the items, and the
+agents' roles and the auditor's oracle reference read it. Tests of mechanics that do not depend on who writes the samples (the ledger under kill -9,
+signals, resume, the bus roll, the dashboards' short run) use it for speed; the default pixel crew has its own
+tests and runs in the chaos soak."""
 
 
 async def read_all(settings: Settings, model: type[Event]) -> list[Event]:

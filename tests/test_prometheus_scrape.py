@@ -62,6 +62,7 @@ from dpe.policy.warmup import warm_up
 from dpe.settings import Settings
 from dpe.topics import topic_for
 from dpe.world import CAPABILITIES
+from tests.agent_helpers import FAST_PATH
 
 RULE_FILES = sorted(RULES.glob("*.yml"))
 
@@ -310,8 +311,9 @@ def first_seen(server: PrometheusServer, selector: str, start: float, end: float
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory: pytest.TempPathFactory, broker: EmbeddedBroker) -> Iterator[ShortRun]:
-    """The README's first command, shortened (one round of 24 samples, a quickly warmed base model), on
-    the session's broker, every service its own process, scraped by a real Prometheus while it runs.
+    """The README's first command, shortened (one round of 24 samples, a quickly warmed base model, the agents
+    on the benchmarks' labelled fast path), on the session's broker, every service its own process, scraped by a
+    real Prometheus while it runs.
 
     So that every dashboard panel has data, the run also meets what a healthy run meets now and then:
     a malformed record on the bus, an unreachable judge, a benchmark row it cannot use."""
@@ -321,6 +323,9 @@ def short_run(tmp_path_factory: pytest.TempPathFactory, broker: EmbeddedBroker) 
     config = workdir / "dpe.yaml"
     sections = {section: {"metrics_port": ports[service]} for service, section in SERVICE_SECTIONS.items()}
     sections["evaluator"] |= evaluator_exercises(workdir)
+    sections["agents"] |= FAST_PATH["agents"]  # the dashboards, not the crew, are under test: the quick crew
+    sections["ingest"] |= FAST_PATH["ingest"]
+    sections["auditor"] |= FAST_PATH["auditor"]
     kafka = {"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": f"short{uuid.uuid4().hex[:8]}."}
     config.write_text(yaml.safe_dump(sections | {"kafka": kafka}))
     publish_a_record_that_is_no_event(config, broker.bootstrap_servers)

@@ -64,6 +64,7 @@ def start_forever_run(tmp_path: Path, *extra: str, log_name: str = "run.log", ma
     sections = {section: {"metrics_port": 0} for section in ("stream", "evaluator", "auditor", "agents", "ingest")}
     sections["agents"] |= FAST_PATH["agents"]
     sections["ingest"] |= FAST_PATH["ingest"]
+    sections["auditor"] |= FAST_PATH["auditor"]
     trainer = {"metrics_port": 0, "staleness": {"max_versions": max_versions}}
     config.write_text(yaml.safe_dump(sections | {"trainer": trainer}))
     env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")}
@@ -163,7 +164,9 @@ def test_sigterm_stops_dpe_run_like_ctrl_c_and_resume_goes_on_across_a_bus_roll(
 
     summary = json.loads((run_dir / "summary.json").read_text())
     versions = [r["policy_version"] for r in summary["rounds"]]
-    assert summary["resumed"] is True and versions == list(range(versions[-1] + 1)) and versions[-1] > stopped_at
+    assert summary["resumed"] is True and versions == list(range(versions[-1] + 1)) and versions[-1] >= stopped_at, \
+        "the report goes on from the stopped run's rounds (a version still being graded at the stop is not in it)"
+    assert newest_checkpoint(run_dir) > stopped_at, "the resumed run trained a new version"
     assert all(sum(r["quota_plan"].values()) == 24 for r in summary["rounds"][:-1]), "every trained round was planned"
     assert versions[-1] >= 3 and all(r["samples_trained"] == 24 for r in summary["rounds"][1:]), \
         "past the staleness bound, every round trains all its samples"
