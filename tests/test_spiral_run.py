@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import psutil
 import pytest
@@ -52,6 +52,21 @@ def running(check: Callable[[], object], proc: subprocess.Popen, log: Path) -> C
     return checked
 
 
+_RUNS: list[subprocess.Popen] = []
+"""Every `dpe run` a test started: killed at the test's end if still running."""
+
+
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test() -> Iterator[None]:
+    """A test that fails half-way must not leave its `dpe run` running (its services die with it)."""
+    yield
+    while _RUNS:
+        proc = _RUNS.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def start_forever_run(tmp_path: Path, *extra: str, log_name: str = "run.log", max_versions: int = 4
                       ) -> tuple[subprocess.Popen, psutil.Process, Path]:
     """`dpe run --forever` (or `dpe run` with `extra` options) on a quickly warmed base model, once every
@@ -74,6 +89,7 @@ def start_forever_run(tmp_path: Path, *extra: str, log_name: str = "run.log", ma
                "--runs-dir", str(tmp_path / "runs")]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    _RUNS.append(proc)
     run = psutil.Process(proc.pid)
     try:
         wait_until(running(lambda: set(services_of(run)) == set(SERVICES), proc, log), 120, "every service")
@@ -134,6 +150,7 @@ def stop_with_sigterm(proc: subprocess.Popen, run: psutil.Process, log: Path) ->
     assert not still_alive(descendants), "SIGTERM left processes running"
 
 
+@pytest.mark.timeout(900)
 def test_sigterm_stops_dpe_run_like_ctrl_c_and_resume_goes_on_across_a_bus_roll(tmp_path):
     """A run whose embedded broker outgrows its bound (60 MB) is rolled to a fresh one and trains on;
     SIGTERM stops it like Ctrl-C (report written, run saved); `--resume` goes on from its last
@@ -147,7 +164,7 @@ def test_sigterm_stops_dpe_run_like_ctrl_c_and_resume_goes_on_across_a_bus_roll(
                                        str(warm_up(WarmupConfig(steps=60), show_progress=False).folder),
                                        max_versions=1)
     rolled = lambda: "bus rolled to epoch 1" in log.read_text(errors="replace")  # noqa: E731
-    wait_until(running(rolled, proc, log), 400, "the embedded broker to be rolled")
+    wait_until(running(rolled, proc, log), 540, "the embedded broker to be rolled")
     newest_at_roll = newest_checkpoint(run_dir)
     wait_until(running(lambda: newest_checkpoint(run_dir) > newest_at_roll, proc, log), 180,
                "a version trained after the roll")
