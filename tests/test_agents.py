@@ -90,15 +90,17 @@ def test_quota_slices_sum_to_the_quota_and_reservations_never_exceed_room():
 
 
 async def test_one_worker_fills_each_capability_exactly_follows_a_new_plan_and_dead_letters_misrouted_items(settings):
-    await ingest(settings, 480)
-    first = plan(ALL_QUOTAS)
-    await publish_all(settings, [first])
+    await ingest(settings, 1, seed=99)
     misrouted = UnlabeledItem(item_id="f" * 64, image=(await read_all(settings, UnlabeledItem))[0].image, source="test")
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
     await producer.start()
+    # At the head of its partition, so the worker reads it however few items it needs to fill the plans.
     await producer.send_and_wait(topic_for(UnlabeledItem, settings.kafka.topic_prefix), misrouted.model_dump_json().encode(),
                                  key=misrouted.key().encode(), partition=(item_slice(misrouted.item_id, 4) + 1) % 4)
     await producer.stop()
+    await ingest(settings, 480)
+    first = plan(ALL_QUOTAS)
+    await publish_all(settings, [first])
 
     async with running_worker(settings):
         assert await eventually(lambda: _equal(settings, first), 60)

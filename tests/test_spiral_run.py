@@ -152,7 +152,7 @@ def stop_with_sigterm(proc: subprocess.Popen, run: psutil.Process, log: Path) ->
 
 @pytest.mark.timeout(900)
 def test_sigterm_stops_dpe_run_like_ctrl_c_and_resume_goes_on_across_a_bus_roll(tmp_path):
-    """A run whose embedded broker outgrows its bound (60 MB) is rolled to a fresh one and trains on;
+    """A run whose embedded broker outgrows its bound (36 MB) is rolled to a fresh one and trains on;
     SIGTERM stops it like Ctrl-C (report written, run saved); `--resume` goes on from its last
     checkpoint: the next version number, no second version 0, no sample trained twice, every round planned.
 
@@ -160,7 +160,7 @@ def test_sigterm_stops_dpe_run_like_ctrl_c_and_resume_goes_on_across_a_bus_roll(
     trains all its samples (each sample names the version it was made against, so none is dropped as stale)."""
     run_dir = tmp_path / "runs" / "r"
     proc, run, log = start_forever_run(tmp_path, "--forever", "--round-samples", "24", "--run-id", "r",
-                                       "--bus-memory-mb", "60", "--base-model",
+                                       "--bus-memory-mb", "36", "--base-model",
                                        str(warm_up(WarmupConfig(steps=60), show_progress=False).folder),
                                        max_versions=1)
     rolled = lambda: "bus rolled to epoch 1" in log.read_text(errors="replace")  # noqa: E731
