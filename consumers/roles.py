@@ -20,15 +20,15 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Literal, Protocol, TypeVar
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from dpe.endpoint.client import EndpointReason
-from dpe.events import AnswerType, UnlabeledItem
+from dpe.events import AnswerType, CapabilityDiagnosis, UnlabeledItem
 from dpe.imaging import EditOp
 from dpe.world import Scene
 from monitoring.metrics import AGENT_ROLE_SECONDS
@@ -65,14 +65,17 @@ async def run_role(role: str, backend: str, call: Awaitable[T]) -> T:
 
 @dataclass(frozen=True)
 class ItemContext:
-    """What the agents know about an unlabeled item: the event, its image, and its scene when it has one.
+    """What the agents know about an unlabeled item: the event, its image, its scene when it has one, and the
+    diagnosis the current plan was made from.
 
-    `scene` is the item's metadata validated as a synthetic-world scene, or None for other images.
+    `scene` is the item's metadata validated as a synthetic-world scene, and is None except on the benchmarks'
+    fast path. `diagnoses` is the `Diagnosis` of the plan's policy version, per capability (empty before any).
     """
 
     item: UnlabeledItem
     image: Image.Image
     scene: Scene | None
+    diagnoses: Mapping[str, CapabilityDiagnosis] = field(default_factory=dict)
 
 
 class _Output(BaseModel):
@@ -80,9 +83,11 @@ class _Output(BaseModel):
 
 
 class TaskPlan(_Output):
-    """The planner's decision: what to focus the question on, and which edits to make first."""
+    """The planner's decision: what to focus the question on, which kind of question to ask (empty: the
+    writer's choice), and which edits to make first."""
 
     focus: str = Field(default="", max_length=300)
+    kind: str = Field(default="", max_length=100)
     edits: list[EditOp] = Field(default_factory=list, max_length=3)
 
 

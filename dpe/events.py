@@ -198,6 +198,49 @@ class Divergence(Event):
         return self.capability
 
 
+class FailedItem(BaseModel):
+    """One diagnostic item a policy version got wrong, as the agents may see it: the image (a blob), the
+    question, both answers and the judge's reason; never the scene behind it."""
+
+    model_config = CONTRACT
+
+    item_id: str = Field(pattern=ID_PATTERN)
+    suite: str = Field(pattern=ID_PATTERN)
+    image: BlobRef | None = Field(default=None, description="The item's image in the blob store, when stored.")
+    question: str = Field(max_length=2000)
+    expected: str = Field(max_length=2000)
+    given: str = Field(max_length=2000, description="The answer extracted from the policy's output (else its start).")
+    error_type: ErrorType | None = None
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class CapabilityDiagnosis(BaseModel):
+    """What went wrong in one capability on one policy version: the error-type mix, a few failed items, and a
+    short analysis in words."""
+
+    model_config = CONTRACT
+
+    graded: Count = Field(description="Items of this capability graded (the held-out suite is not counted).")
+    wrong: Count
+    error_mix: dict[ErrorType, float] = Field(description="Share of the wrong answers per error type (sums to 1).")
+    failures: list[FailedItem] = Field(max_length=8)
+    analysis: str = Field(max_length=1000)
+
+
+class Diagnosis(Event):
+    """The agents' brief for one policy version: per capability, what its evaluation got wrong and why.
+
+    Written by the evaluator after a version's outcomes, from the suites the weakness stream scores (never the
+    held-out suite, which is for reporting only); the agents' planner and writer read it.
+    """
+
+    policy_version: PolicyVersion
+    capabilities: dict[str, CapabilityDiagnosis]
+
+    def key(self) -> str:
+        return "diagnosis"
+
+
 class CapabilityWeakness(BaseModel):
     """Rolling weakness of one capability."""
 
@@ -416,6 +459,7 @@ class DeadLetter(Event):
 EVENT_MODELS: tuple[type[Event], ...] = (
     UnlabeledItem,
     EvalOutcome,
+    Diagnosis,
     Divergence,
     WeaknessSnapshot,
     QuotaPlan,

@@ -17,6 +17,7 @@ from dpe.events import (
     AcceptedSample,
     Checkpoint,
     DeadLetter,
+    Diagnosis,
     Divergence,
     EvalOutcome,
     Event,
@@ -57,6 +58,10 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(
             "eval.outcomes", EvalOutcome, 4, "capability",
             "by capability: one stream worker owns a capability's state; outcome_id is the idempotency key",
+        ),
+        TopicSpec(
+            "diagnosis", Diagnosis, 1, "'diagnosis'",
+            "single partition: one brief per evaluated policy version, in version order",
         ),
         TopicSpec(
             "audit.divergences", Divergence, 4, "capability",

@@ -19,11 +19,20 @@ from consumers.agents.ledger import QuotaLedger, item_slice, split_quota
 from consumers.agents.service import AgentWorker
 from dpe.bus.aio import AsyncPublisher
 from dpe.config import with_overrides
-from dpe.events import AcceptedSample, Checkpoint, DeadLetter, RejectedSample, UnlabeledItem
+from dpe.events import (
+    AcceptedSample,
+    CapabilityDiagnosis,
+    Checkpoint,
+    DeadLetter,
+    Diagnosis,
+    FailedItem,
+    RejectedSample,
+    UnlabeledItem,
+)
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
 from dpe.topics import topic_for
-from dpe.world import scene_of_source
+from dpe.world import question_kind, scene_of_source
 from producers.ingest.service import Ingestor, paced
 from producers.ingest.sources import synthetic_entries
 from tests.agent_helpers import FAST_PATH, eventually, plan, publish_all, read_all
@@ -144,6 +153,31 @@ async def test_with_the_difficulty_band_off_a_sample_carries_the_newest_announce
         assert await eventually(lambda: _equal(settings, wanted), 60)
     accepted = [s for s in await read_all(settings, AcceptedSample) if s.plan_id == wanted.plan_id]
     assert len(accepted) == 6 and {sample.policy_version for sample in accepted} == {3}
+
+
+async def test_a_plan_is_filled_with_the_diagnosis_of_the_version_it_was_made_from(fast_path):
+    """The worker follows the diagnosis topic: a plan made from version 2's evidence asks what version 2 failed
+    (plain counts), not what version 1 failed (counts by colour), even though version 1's diagnosis came later."""
+    settings = fast_path
+    await ingest(settings, 240, seed=3)
+    by_colour = failing_counts("How many red shapes are in the image?", policy_version=1)
+    plain = failing_counts("How many shapes are in the image?", policy_version=2)
+    wanted = plan({"counting": 12}, policy_version=2)
+    await publish_all(settings, [plain, by_colour, wanted])
+    async with running_worker(settings):
+        assert await eventually(lambda: _equal(settings, wanted), 60)
+    accepted = [s for s in await read_all(settings, AcceptedSample) if s.plan_id == wanted.plan_id]
+    kinds = collections.Counter(question_kind("counting", s.body.question, s.body.answer) for s in accepted)
+    assert kinds["all"] >= 8, kinds
+    assert all("aimed by the diagnosis" in next(step.detail for step in s.agents if step.role == "planner")
+               for s in accepted)
+
+
+def failing_counts(question: str, policy_version: int) -> Diagnosis:
+    """A diagnosis in which every failed counting item asked `question`."""
+    failed = FailedItem(item_id="d1", suite="synthetic", question=question, expected="3", given="4")
+    brief = CapabilityDiagnosis(graded=12, wrong=6, error_mix={"other": 1.0}, failures=[failed] * 6, analysis="")
+    return Diagnosis(policy_version=policy_version, capabilities={"counting": brief})
 
 
 async def test_two_workers_share_the_partitions_and_do_not_overshoot(fast_path):

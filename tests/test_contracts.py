@@ -16,12 +16,15 @@ from dpe.events import (
     AcceptedSample,
     AgentStep,
     BlobRef,
+    CapabilityDiagnosis,
     CapabilityWeakness,
     Checkpoint,
     DeadLetter,
+    Diagnosis,
     Divergence,
     EvalOutcome,
     Event,
+    FailedItem,
     OffsetRange,
     QCVerdict,
     QuotaPlan,
@@ -153,6 +156,10 @@ BODY = SampleBody(image=BLOB, question="Which colour?", answer="B", answer_type=
 EXAMPLES: list[Event] = [
     UnlabeledItem(item_id="abc", image=BLOB, source="synthetic:1", metadata={"objects": [{"n": 2}]}),
     outcome(error_type="calculation"),
+    Diagnosis(policy_version=2, capabilities={"counting": CapabilityDiagnosis(
+        graded=4, wrong=1, error_mix={"calculation": 1.0}, analysis="1 of 4 wrong",
+        failures=[FailedItem(item_id="x1", suite="synthetic", image=BLOB, question="How many?", expected="4",
+                             given="5", error_type="calculation")])}),
     Divergence(policy_version=2, item_id="abc", probe_id="p1", capability="counting", question="How many?",
                image=BLOB, target_answer="3", reference_answers={"r1": "4"}, consensus_answer="4",
                consensus_strength=1.0),
@@ -173,6 +180,11 @@ EXAMPLES: list[Event] = [
 ]
 
 
+def example(model: type[Event]) -> Event:
+    """The example event of `model`."""
+    return next(event for event in EXAMPLES if isinstance(event, model))
+
+
 def test_the_examples_cover_every_event_model():
     assert {type(e) for e in EXAMPLES} == set(EVENT_MODELS)
 
@@ -183,7 +195,7 @@ def test_every_event_round_trips_through_the_strict_decoder(event):
 
 
 def test_the_decoder_coerces_nothing_even_inside_nested_models():
-    sample = EXAMPLES[5].model_dump(mode="json")
+    sample = example(AcceptedSample).model_dump(mode="json")
     sample["qc"][0]["passed"] = "yes"
     with pytest.raises(InvalidEvent) as caught:
         decode(AcceptedSample, json.dumps(sample).encode(), max_bytes=100_000)
@@ -193,6 +205,6 @@ def test_the_decoder_coerces_nothing_even_inside_nested_models():
 
 @pytest.mark.parametrize("field,value", [("policy_version", 10**9), ("parent_version", 10**12)])
 def test_versions_beyond_any_real_checkpoint_are_refused(field, value):
-    data = EXAMPLES[7].model_dump(mode="json") | {field: value}
+    data = example(Checkpoint).model_dump(mode="json") | {field: value}
     with pytest.raises(InvalidEvent, match=f"{field}: .*not below {events.MAX_POLICY_VERSION}"):
         decode(Checkpoint, json.dumps(data).encode(), max_bytes=100_000)

@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
+from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.endpoint.client import EndpointClient
 from dpe.endpoint.settings import EndpointSettings
-from dpe.events import AnswerKey, Checkpoint, DeadLetter, EvalOutcome
+from dpe.events import AnswerKey, Checkpoint, DeadLetter, Diagnosis, EvalOutcome
 from dpe.grading import extract_answer, grade
 from dpe.policy.checkpoints import latest_checkpoint
 from dpe.policy.config import TinyVLMConfig
@@ -64,7 +65,8 @@ async def test_checkpoint_events_give_one_keyed_outcome_per_item_and_reruns_repe
 ):
     settings = small_settings(settings, benchmarks=[own_answer_benchmark])
     settings = settings.model_copy(update={"checkpoint_roots": (checkpoint.parent,)})
-    evaluator = Evaluator(settings.evaluator, settings.blob.limits)
+    store = BlobStore(settings.blob.url, settings.blob.limits)
+    evaluator = Evaluator(settings.evaluator, settings.blob.limits, store)
     expected_items = {(item.suite, item.item_id): item for item in evaluator.items_for(3)}
     assert len(expected_items) == 15
     stop = asyncio.Event()
@@ -79,6 +81,8 @@ async def test_checkpoint_events_give_one_keyed_outcome_per_item_and_reruns_repe
                 second = await drain(sub, 15, timeout_s=120)
             async with AsyncSubscriber(settings, [DeadLetter], group_id="d", service="t", publisher=pub) as dead:
                 letters = [d.event for d in await drain(dead, 1)]
+            async with AsyncSubscriber(settings, [Diagnosis], group_id="b", service="t", publisher=pub) as briefs:
+                diagnoses = [d.event for d in await drain(briefs, 2)]
         assert (await latest_checkpoint(settings, service="t")).policy_version == 3
     finally:
         stop.set()
@@ -98,6 +102,20 @@ async def test_checkpoint_events_give_one_keyed_outcome_per_item_and_reruns_repe
     assert sorted(o.outcome_id for o in outcomes) == sorted(d.event.outcome_id for d in second)
     assert {o.outcome_id: o.extracted for o in outcomes} == {d.event.outcome_id: d.event.extracted for d in second}
 
+    assert [d.policy_version for d in diagnoses] == [3, 3], "one brief per evaluation, after its outcomes"
+    assert diagnoses[0].capabilities == diagnoses[1].capabilities, "a re-run writes the same brief"
+    scored = [o for o in outcomes if o.suite != "heldout"]
+    assert set(diagnoses[0].capabilities) == {o.capability for o in scored}, "the held-out suite never reaches agents"
+    for capability, brief in diagnoses[0].capabilities.items():
+        wrong = [o for o in scored if o.capability == capability and not o.correct]
+        assert brief.graded == sum(o.capability == capability for o in scored) and brief.wrong == len(wrong)
+        assert [f.item_id for f in brief.failures] == [o.item_id for o in wrong][:8]
+        assert (sum(brief.error_mix.values()) == pytest.approx(1.0)) == bool(wrong)
+        assert f"{len(wrong)} of {brief.graded} wrong" in brief.analysis
+        for failure in brief.failures:
+            item = expected_items[(failure.suite, failure.item_id)]
+            assert failure.question == item.question and failure.expected == item.answer
+            assert store.open_image(failure.image).size == item.load_image().size
     assert len(letters) == 1 and letters[0].stage == "evaluator.handle"
     assert "missing" in letters[0].error_message
     assert REGISTRY.get_sample_value("dpe_eval_accuracy", {"capability": "color", "suite": "own"}) == 1.0

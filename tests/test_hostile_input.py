@@ -57,9 +57,11 @@ from dpe.config import with_overrides
 from dpe.events import (
     AcceptedSample,
     BlobRef,
+    CapabilityDiagnosis,
     CapabilityWeakness,
     Checkpoint,
     DeadLetter,
+    Diagnosis,
     Divergence,
     EvalOutcome,
     Event,
@@ -152,6 +154,9 @@ SHAPES: dict[type[Event], Shape] = {
     QuotaPlan: Shape(("weights", "counting"), ("budget",), (("quotas",), {"astrology": 1})),
     AcceptedSample: Shape(("body", "tolerance"), ("policy_version",), (("capability",), "astrology")),
     Checkpoint: Shape(("metrics", "loss"), ("policy_version",)),
+    Diagnosis: Shape(("capabilities", "counting", "error_mix", "other"), ("policy_version",),
+                     (("capabilities",), {"astrology": {"graded": 1, "wrong": 0, "error_mix": {}, "failures": [],
+                                                         "analysis": ""}})),
 }
 
 
@@ -198,6 +203,7 @@ DOORS: tuple[Door, ...] = (
     Door("auditor", Checkpoint, Fate.SKIPPED, "auditor", REFUSED_CHECKPOINTS),
     Door("agents", UnlabeledItem, Fate.DEAD, "agents", {"unknown_capability": HANDLED}),
     Door("agents", QuotaPlan, Fate.DEAD, "agents", {"unknown_capability": HANDLED}),
+    Door("agents", Diagnosis, Fate.DEAD, "agents", {"unknown_capability": HANDLED}),
     Door("agents", AcceptedSample, Fate.LOGGED, "agents", {"unknown_capability": HANDLED}),
     Door("agents", Checkpoint, Fate.LOGGED, "agents",
          {row: Expect(Fate.LOGGED) for row in CHECKPOINT_ROWS}),
@@ -551,6 +557,12 @@ async def ingest_scene(settings: Settings, tail: Tail, index: int) -> UnlabeledI
     return next(item for item in tail.of(UnlabeledItem) if item.item_id == outcomes[0].item_id)
 
 
+def diagnosis(policy_version: int) -> Diagnosis:
+    """A brief of one failed counting item."""
+    brief = CapabilityDiagnosis(graded=2, wrong=1, error_mix={"other": 1.0}, failures=[], analysis="1 of 2 wrong")
+    return Diagnosis(policy_version=policy_version, capabilities={"counting": brief})
+
+
 def sampled(tail: Tail, item: UnlabeledItem) -> Callable[[], bool]:
     """Whether the agents made a sample, accepted or rejected, from `item`."""
     return lambda: any(s.source_item_id == item.item_id for s in tail.of(AcceptedSample) + tail.of(RejectedSample))
@@ -568,7 +580,7 @@ async def run_agents(request: pytest.FixtureRequest) -> Run:
             raw_producer(settings) as send:
         warm_item = await ingest_scene(settings, tail, 0)
         samples = [accepted_sample(warm_item.image, name, plans[0].plan_id) for name in ("warm", "hostile", "behind")]
-        for event in (plans[0], samples[0], Checkpoint(policy_version=1, uri=str(folders.inside))):
+        for event in (plans[0], diagnosis(1), samples[0], Checkpoint(policy_version=1, uri=str(folders.inside))):
             await send_event(send, settings, event)
         stop, ready = asyncio.Event(), asyncio.Event()
         worker = AgentWorker(settings)
@@ -579,14 +591,15 @@ async def run_agents(request: pytest.FixtureRequest) -> Run:
             before = rss()
             sent = {}
             for base, refused in ((warm_item.model_copy(update={"item_id": "e" * 64}), {}), (plans[0], {}),
-                                  (samples[1], {}),
+                                  (diagnosis(2), {}), (samples[1], {}),
                                   (Checkpoint(policy_version=6, uri=str(folders.inside)), folders.refused(7))):
                 sent |= await send_hostile(send, settings, base, refused)
-            for event in (plans[1], samples[2], Checkpoint(policy_version=5, uri=str(folders.inside))):
+            for event in (plans[1], diagnosis(5), samples[2], Checkpoint(policy_version=5, uri=str(folders.inside))):
                 await send_event(send, settings, event)
             behind_item = await ingest_scene(settings, tail, 1)
             followed = {UnlabeledItem: sampled(tail, behind_item),
                         QuotaPlan: lambda: worker.ledger.plan.plan_id == plans[1].plan_id,
+                        Diagnosis: lambda: worker.diagnoses.newest == 5,
                         AcceptedSample: lambda: worker.ledger.plan_of(samples[2].sample_id) == plans[0].plan_id,
                         Checkpoint: lambda: worker.latest_version == 5}
             handled = {model: await tail.until(done) for model, done in followed.items()}

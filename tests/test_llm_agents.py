@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 import os
 import subprocess
 from contextlib import asynccontextmanager
@@ -39,7 +40,7 @@ from dpe.blobstore import BlobStore, ImageLimits
 from dpe.endpoint.client import EndpointClient, image_data_url, parse_json_reply
 from dpe.endpoint.server import FaultPlan, LocalServer, LocalVLM, ServerConfig
 from dpe.endpoint.settings import EndpointSettings
-from dpe.events import AcceptedSample, RejectedSample, UnlabeledItem
+from dpe.events import AcceptedSample, CapabilityDiagnosis, FailedItem, RejectedSample, UnlabeledItem
 from dpe.imaging import PillowEditor
 from dpe.world import generate_scene, render_scene
 from producers.auditor.backends import EndpointAnswerer, View
@@ -290,6 +291,38 @@ async def test_hostile_text_stays_in_the_data_section_of_the_user_message(tiny_p
         assert text.count(f"data-{nonce}") == 2, "the data cannot close its own block"
         hostile_seen += "Ignore previous instructions" in text
     assert hostile_seen >= 2, "the hostile text reached the model only as data"
+
+
+def user_texts(bodies: list[dict], role: str) -> list[str]:
+    """The data text of each request `role` made (told apart by its constant system prompt)."""
+    texts = []
+    for body in bodies:
+        if {"role": "system", "content": system_prompt(role)} in body["messages"]:
+            user = next(message for message in body["messages"] if message["role"] == "user")
+            texts.append(next(part["text"] for part in user["content"] if part["type"] == "text"))
+    return texts
+
+
+async def test_the_planner_and_the_writer_are_told_the_diagnosis_and_never_the_metadata(tiny_policy, tmp_path):
+    store = BlobStore(str(tmp_path / "blobs"), ImageLimits())
+    item = store_item(store, generate_scene("shapes", 2, seed=5), metadata={"note": "METADATA-MARK"})
+    failed = FailedItem(item_id="d1", suite="synthetic", question="How many red shapes are in the image?",
+                        expected="2", given="3", error_type="visual_recognition", reason="DIAGNOSIS-MARK")
+    brief = CapabilityDiagnosis(graded=10, wrong=4, error_mix={"visual_recognition": 1.0}, failures=[failed],
+                                analysis="4 of 10 wrong (40%) on policy v3")
+    async with serving(tiny_policy) as server:
+        llm = EndpointClient(llm_settings(server, output_retries=0))
+        try:
+            for crew in (crew_with(store, planner=LLMPlanner(llm)), crew_with(store, writer=LLMWriter(llm))):
+                await crew.attempt(await crew.context(item, {"counting": brief}), "counting", "plan-1", attempt=0)
+        finally:
+            await llm.close()
+        bodies = list(server.stats.recent)
+    told = {role: user_texts(bodies, role) for role in ("planner", "writer")}
+    for role, texts in told.items():
+        assert texts and all("DIAGNOSIS-MARK" in text and "4 of 10 wrong" in text and "How many red shapes" in text
+                             for text in texts), role
+    assert not any("METADATA-MARK" in json.dumps(body) for body in bodies), "a model role was shown the metadata"
 
 
 def test_model_output_cannot_choose_a_path_or_an_unknown_tool():

@@ -24,10 +24,10 @@ from consumers.qc.checks import QCChain
 from consumers.qc.dedup import NearDuplicateIndex
 from consumers.roles import AgentFailure, ItemContext, TaskPlan
 from dpe.blobstore import BlobStore
-from dpe.events import AcceptedSample, UnlabeledItem
+from dpe.events import AcceptedSample, CapabilityDiagnosis, FailedItem, UnlabeledItem
 from dpe.imaging import Flip, Rotate, apply_edits
 from dpe.perception.toolchain import TOOLCHAINS
-from dpe.world import CAPABILITIES, Scene, generate_scene, render_scene, unlabeled_scene
+from dpe.world import CAPABILITIES, Scene, generate_scene, question_kind, render_scene, unlabeled_scene
 from dpe.world.answers import NotAnswerable, answer_question
 from dpe.world.fonts import font
 from producers.auditor.service import Auditor
@@ -98,6 +98,41 @@ async def test_the_default_crew_writes_right_samples_from_pixels_and_never_reads
     lie_of = {item.item_id: Scene.model_validate(dict(lie._data)) for item, lie in zip(items, lies)}
     told_by_the_lie = sum(_answers(lie_of[sample.source_item_id], sample) == sample.body.answer for sample in accepted)
     assert told_by_the_lie < 0.5 * len(accepted), "the samples follow the metadata, not the pixels"
+
+
+def failing(question: str, expected: str, count: int = 6) -> CapabilityDiagnosis:
+    """A counting diagnosis whose failed items all asked `question`."""
+    failed = FailedItem(item_id="d1", suite="synthetic", question=question, expected=expected, given="0",
+                        error_type="visual_recognition")
+    return CapabilityDiagnosis(graded=20, wrong=count, error_mix={"visual_recognition": 1.0},
+                               failures=[failed] * count, analysis=f"{count} of 20 wrong")
+
+
+async def test_what_the_crew_asks_follows_the_diagnosis_and_changes_when_the_failures_change(pixel_crew):
+    """The planner reads the diagnosis: failures on colour-filtered counts give mostly colour-filtered count
+    questions, failures on plain counts mostly plain ones; no diagnosis leaves the writer's own mix."""
+    crew, store = pixel_crew
+    shapes = [index for index in range(200) if unlabeled_scene(index, 9).kind == "shapes"][:36]
+    items = [stored_item(store, index, 9, {}) for index in shapes]
+
+    async def asked(diagnosis: CapabilityDiagnosis | None) -> collections.Counter:
+        kinds: collections.Counter = collections.Counter()
+        for item in items:
+            ctx = await crew.context(item, {"counting": diagnosis} if diagnosis else None)
+            outcome = await crew.attempt(ctx, "counting", "plan", attempt=0)
+            if isinstance(outcome, Passed):
+                body = outcome.sample.body
+                kinds[question_kind("counting", body.question, body.answer)] += 1
+                planned = next(step.detail for step in outcome.sample.agents if step.role == "planner")
+                assert (diagnosis is None) == ("aimed by the diagnosis" not in planned)
+        return kinds
+
+    on_colours = await asked(failing("How many red shapes are in the image?", "2"))
+    on_totals = await asked(failing("How many shapes are in the image?", "5"))
+    own = await asked(None)
+    assert on_colours.most_common(1)[0][0] == "color" and on_colours["color"] >= 0.6 * sum(on_colours.values())
+    assert on_totals.most_common(1)[0][0] == "all" and on_totals["all"] >= 0.6 * sum(on_totals.values())
+    assert max(own.values()) < 0.6 * sum(own.values()), own
 
 
 def _answers(scene: Scene, sample: AcceptedSample) -> str | None:

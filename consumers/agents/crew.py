@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from PIL import Image
@@ -32,7 +32,16 @@ from consumers.qc.checks import Candidate, QCChain
 from consumers.qc.dedup import DedupKey
 from consumers.roles import AgentFailure, Answerer, Draft, ItemContext, Planner, TaskPlan, Validator, Writer, run_role
 from dpe.blobstore import BlobError, BlobStore, ImageRejected
-from dpe.events import AcceptedSample, AgentStep, BlobRef, QCVerdict, RejectedSample, SampleBody, UnlabeledItem
+from dpe.events import (
+    AcceptedSample,
+    AgentStep,
+    BlobRef,
+    CapabilityDiagnosis,
+    QCVerdict,
+    RejectedSample,
+    SampleBody,
+    UnlabeledItem,
+)
 from dpe.imaging import Compose, ImageEditor, describe
 from dpe.world import Scene
 from monitoring.metrics import QC_CHECKS
@@ -113,9 +122,11 @@ class Crew:
         self.accepted_plan = accepted_plan
         self.policy_version = policy_version
 
-    async def context(self, item: UnlabeledItem) -> ItemContext:
+    async def context(self, item: UnlabeledItem, diagnoses: Mapping[str, CapabilityDiagnosis] | None = None
+                      ) -> ItemContext:
         """Load the item's image (hash-checked), and its scene only for the fast path (`Roles.reads_answer_key`):
-        pixel and model roles never see an item's metadata. Raises the blob store's errors.
+        pixel and model roles never see an item's metadata. `diagnoses` is the plan's brief per capability.
+        Raises the blob store's errors.
 
         Small images are decoded in the event loop (a thread hand-off costs more than the work);
         larger ones in a worker thread.
@@ -125,7 +136,7 @@ class Crew:
         else:
             image = await asyncio.to_thread(self.store.open_image, item.image)
         scene = _answer_key(item) if self.roles.reads_answer_key else None
-        ctx = ItemContext(item=item, image=image.convert("RGB"), scene=scene)
+        ctx = ItemContext(item=item, image=image.convert("RGB"), scene=scene, diagnoses=diagnoses or {})
         self.roles.search.add(item, ctx.image)
         return ctx
 
@@ -145,8 +156,9 @@ class Crew:
         role = "planner"
         try:
             plan = await run_role(role, roles.planner.backend, roles.planner.plan(ctx, capability, attempt))
+            aimed = f" (a {plan.kind} question, aimed by the diagnosis)" if plan.kind else ""
             steps.append(AgentStep(role="planner", backend=roles.planner.backend,
-                                   detail=f"{capability}: {plan.focus}"[:2000]))
+                                   detail=f"{capability}: {plan.focus}{aimed}"[:2000]))
             role = "editor"
             image, ref = await self._edit(ctx, plan, steps)
             role = "writer"

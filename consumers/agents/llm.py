@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from consumers.agents.prompts import messages, truncated_json
+from consumers.agents.prompts import messages
 from consumers.roles import AgentFailure, AnswererQuestion, Draft, ItemContext, TaskPlan, Verdict
 from dpe.endpoint.client import EndpointClient, EndpointFailure
+from dpe.events import CapabilityDiagnosis
 from dpe.imaging import EditOp, describe
 
 M = TypeVar("M", bound=BaseModel)
@@ -56,8 +57,30 @@ def endpoint_failures_as_agent_failures() -> Iterator[None]:
 
 
 def _item_data(ctx: ItemContext, capability: str) -> dict[str, Any]:
+    """What the planner and the writer are told: the capability, the item's own text (untrusted data), and the
+    diagnosis of the capability (`brief`). Never the item's metadata: a model role works from pixels too."""
     return {"capability": capability, "item_text": (ctx.item.text or "")[:2000],
-            "item_metadata": truncated_json(ctx.item.metadata)}
+            "diagnosis": brief(ctx.diagnoses.get(capability))}
+
+
+def brief(diagnosis: CapabilityDiagnosis | None) -> dict[str, Any] | None:
+    """A capability's diagnosis as prompt data: the analysis, the error-type mix, and the failed items' questions,
+    expected and given answers and reasons (their images stay in the blob store).
+
+    Example:
+        >>> from dpe.events import FailedItem
+        >>> failed = FailedItem(item_id="d1", suite="synthetic", question="How many circles?", expected="3",
+        ...                     given="4", error_type="visual_recognition")
+        >>> entry = brief(CapabilityDiagnosis(graded=5, wrong=1, error_mix={"visual_recognition": 1.0},
+        ...                                   failures=[failed], analysis="1 of 5 wrong"))["failures"][0]
+        >>> sorted(entry), entry["given"]
+        (['error_type', 'expected', 'given', 'question', 'reason'], '4')
+    """
+    if diagnosis is None:
+        return None
+    return {"analysis": diagnosis.analysis, "error_mix": diagnosis.error_mix,
+            "failures": [failure.model_dump(include={"question", "expected", "given", "error_type", "reason"})
+                         for failure in diagnosis.failures]}
 
 
 class _ModelRole:

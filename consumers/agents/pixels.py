@@ -8,8 +8,10 @@ runs either. No role here reads an item's metadata or the synthetic world's scen
   those the writer's toolchain can write a question for, and with probability `edit_rate` the plan
   adds an edit that leaves the image readable (`PIXEL_EDITS`: right-angle turns, mirrors, zoom-out,
   grayscale for text), drawn from a seed of (item, capability, attempt) so that a redo is identical.
+  It reads the diagnosis: the plan asks mostly for the kinds of question the policy failed
+  (`consumers.agents.programmatic.aimed_kind`).
 - `PixelWriter` perceives the *edited* image with its toolchain and writes the world's question for
-  the capability about what it saw (`dpe.world.write_question` on the perceived scene).
+  the capability about what it saw (`dpe.world.write_question` on the perceived scene), of the planned kind.
 - `PixelValidator` perceives the edited image with the *other* toolchain: the question is
   answerable when that view supports the capability and its content is large enough to see.
 - `PixelAnswerer` answers with the other toolchain, never seeing the written answer: the crew's
@@ -70,7 +72,8 @@ class PixelPlanner:
             return frozenset()
 
     async def plan(self, ctx: ItemContext, capability: str, attempt: int) -> TaskPlan:
-        return edit_plan(ctx.item.item_id, capability, attempt, self.edit_rate, PIXEL_EDITS)
+        return edit_plan(ctx.item.item_id, capability, attempt, self.edit_rate, PIXEL_EDITS,
+                         ctx.diagnoses.get(capability))
 
 
 class PixelWriter:
@@ -85,7 +88,7 @@ class PixelWriter:
         item_id = ctx.item.item_id if ctx.item is not None else ""
         try:
             question = write_question(await perceived(self.toolchain, image), capability,
-                                      seed=seed_of(item_id, capability, attempt, "write"))
+                                      seed=seed_of(item_id, capability, attempt, "write"), kind=plan.kind or None)
         except QuestionNotPossible as exc:
             raise AgentFailure("not_applicable", str(exc)) from None
         return Draft(question=question.question, answer=question.answer, answer_type=question.answer_type,

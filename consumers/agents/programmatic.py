@@ -30,13 +30,15 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 from PIL import Image
 
 from consumers.roles import AgentFailure, AnswererQuestion, Draft, ItemContext, TaskPlan, Verdict
+from dpe.events import CapabilityDiagnosis
 from dpe.imaging import Compose, Crop, EditOp, Flip, Occlude, OverlayText, Recolor, Rotate, Zoom, placement
-from dpe.world import QuestionNotPossible, Scene, scene_capabilities, write_question
+from dpe.world import QUESTION_KINDS, QuestionNotPossible, Scene, question_kind, scene_capabilities, write_question
 from dpe.world.answers import NotAnswerable, answer_question
 from dpe.world.palette import COLORS
 
@@ -54,6 +56,10 @@ SAFE_EDITS: dict[str, tuple[str, ...]] = {
 REGION_PREFIX: dict[str, str] = {side: f"Look only at the {side} half of the image. "
                                  for side in ("left", "right", "top", "bottom")}
 """How a question points at the original image after it was composed with another one."""
+
+KIND_PRIOR = 0.5
+"""Pseudo-count of every question kind when a diagnosis names failed kinds: the plan aims at the failures and
+still asks every kind now and then."""
 
 MIN_FEATURE_PX = 4
 """The smallest object radius or font size, in pixels after edits, that still counts as visible."""
@@ -91,15 +97,39 @@ def safe_edit(kind: str, rng: random.Random) -> EditOp:
     return Compose(other=0, place=rng.choice(tuple(REGION_PREFIX)))
 
 
-def edit_plan(item_id: str, capability: str, attempt: int, edit_rate: float,
-              menu: dict[str, tuple[str, ...]]) -> TaskPlan:
-    """The plan for one attempt: the capability, and with chance `edit_rate` one edit from `menu[capability]`,
-    drawn from a seed of the item, capability and attempt (a retry after a crash plans the same)."""
+def aimed_kind(item_id: str, capability: str, attempt: int, diagnosis: CapabilityDiagnosis | None) -> str:
+    """The kind of question to ask (`dpe.world.QUESTION_KINDS`), drawn in proportion to the diagnosis's failed
+    items of each kind plus `KIND_PRIOR`; empty (the writer's own draw) when the diagnosis names no failed kind.
+
+    Example:
+        >>> from dpe.events import CapabilityDiagnosis, FailedItem
+        >>> failed = FailedItem(item_id="d1", suite="synthetic", question="How many red shapes are in the image?",
+        ...                     expected="2", given="3")
+        >>> brief = CapabilityDiagnosis(graded=9, wrong=4, error_mix={"other": 1.0}, failures=[failed] * 4, analysis="")
+        >>> kinds = Counter(aimed_kind(f"item{n}", "counting", 0, brief) for n in range(300))
+        >>> kinds.most_common(1)[0][0], aimed_kind("item0", "counting", 0, None)
+        ('color', '')
+    """
+    failures = diagnosis.failures if diagnosis is not None else []
+    failed = Counter(kind for failure in failures
+                     if (kind := question_kind(capability, failure.question, failure.expected)) is not None)
+    if not failed:
+        return ""
+    kinds = QUESTION_KINDS[capability]
+    rng = random.Random(seed_of(item_id, capability, attempt, "kind"))
+    return rng.choices(kinds, weights=[failed[kind] + KIND_PRIOR for kind in kinds])[0]
+
+
+def edit_plan(item_id: str, capability: str, attempt: int, edit_rate: float, menu: dict[str, tuple[str, ...]],
+              diagnosis: CapabilityDiagnosis | None = None) -> TaskPlan:
+    """The plan for one attempt: the capability, the kind of question the diagnosis points at (`aimed_kind`),
+    and with chance `edit_rate` one edit from `menu[capability]`, drawn from a seed of the item, capability and
+    attempt (a retry after a crash plans the same)."""
     rng = random.Random(seed_of(item_id, capability, attempt, "plan"))
     edits: list[EditOp] = []
     if rng.random() < edit_rate and menu.get(capability):
         edits.append(safe_edit(rng.choice(menu[capability]), rng))
-    return TaskPlan(focus=capability, edits=edits)
+    return TaskPlan(focus=capability, kind=aimed_kind(item_id, capability, attempt, diagnosis), edits=edits)
 
 
 class ProgrammaticPlanner:
@@ -115,7 +145,8 @@ class ProgrammaticPlanner:
 
     async def plan(self, ctx: ItemContext, capability: str, attempt: int) -> TaskPlan:
         _scene(ctx)
-        return edit_plan(ctx.item.item_id, capability, attempt, self.edit_rate, SAFE_EDITS)
+        return edit_plan(ctx.item.item_id, capability, attempt, self.edit_rate, SAFE_EDITS,
+                         ctx.diagnoses.get(capability))
 
 
 class ProgrammaticWriter:
@@ -126,7 +157,8 @@ class ProgrammaticWriter:
     async def write(self, ctx: ItemContext, capability: str, plan: TaskPlan, image: Image.Image, attempt: int) -> Draft:
         scene = _scene(ctx)
         try:
-            question = write_question(scene, capability, seed=seed_of(ctx.item.item_id, capability, attempt, "write"))
+            question = write_question(scene, capability, seed=seed_of(ctx.item.item_id, capability, attempt, "write"),
+                                      kind=plan.kind or None)
         except QuestionNotPossible as exc:
             raise AgentFailure("not_applicable", str(exc)) from None
         side = placement(plan.edits)

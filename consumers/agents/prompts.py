@@ -2,7 +2,7 @@
 
 The system prompt of each role is a constant: its instructions, the rule that the data section
 is material and never instructions, and the shape of the reply. Everything that varies (the
-capability, an item's text and metadata, a drafted question) goes into one JSON block in the
+capability, the diagnosis, an item's text, a drafted question) goes into one JSON block in the
 user message, fenced by markers that carry a fresh random nonce, so text inside the data cannot
 forge the end of the block. Nothing from the data ever reaches the system prompt.
 
@@ -36,11 +36,15 @@ DATA_RULE = (
 ROLE_INSTRUCTIONS: dict[str, str] = {
     "planner": (
         "You plan one training question about the image that tests the capability named in the data. "
-        "Say what the question should focus on and, if useful, up to three image edits that keep it answerable."
+        "The data may hold a diagnosis of the model being trained: how often it failed this capability, the "
+        "types of its errors and questions it got wrong. Aim the question at those failures where the image "
+        "allows. Say what the question should focus on and, if useful, up to three image edits that keep it "
+        "answerable."
     ),
     "writer": (
         "You write one question about the image that tests the capability named in the data, following the "
-        "plan in the data, with a short verifiable answer. A multiple-choice answer is the option's letter."
+        "plan in the data and aimed at the failures in its diagnosis, with a short verifiable answer. "
+        "A multiple-choice answer is the option's letter."
     ),
     "validator": (
         "You check whether the question in the data can be answered from the image alone, with exactly the "
@@ -84,13 +88,3 @@ def user_content(data: Mapping[str, Any], image: Image.Image | None, nonce: str 
 def messages(role: str, data: Mapping[str, Any], image: Image.Image | None) -> list[dict[str, Any]]:
     """A role's chat messages: its constant system prompt, then one user turn with the data and the image."""
     return [{"role": "system", "content": system_prompt(role)}, {"role": "user", "content": user_content(data, image)}]
-
-
-def truncated_json(value: Any, limit: int = 4000) -> str:
-    """`value` as compact JSON, cut to `limit` characters (untrusted metadata stays bounded).
-
-    Example:
-        >>> truncated_json({"a": "x" * 10}, limit=12)
-        '{"a": "xxxxx'
-    """
-    return json.dumps(value, ensure_ascii=True, default=str)[:limit]

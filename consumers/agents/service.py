@@ -27,6 +27,8 @@ How several workers fill a plan exactly, with no overshoot and no starvation:
    its slice still open). A partition whose slices are all full is paused, so items wait in the
    log for the next plan instead of being consumed for nothing. Offsets are committed only after
    an item's samples are acknowledged, so a killed worker's items are redone by the next owner.
+7. Diagnosis. Every worker follows the evaluator's `Diagnosis` topic; a plan is filled with the diagnosis of
+   the policy version it was made from (`consumers.agents.diagnoses`), which the planner and the writer read.
 
 Kafka offers no fencing without transactions: a worker stalled past the rebalance timeout while
 still writing could overshoot. Revocation cancels in-flight attempts to keep the handover short.
@@ -46,6 +48,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumers.agents.crew import Crew, Failed, Known, Passed, Roles
+from consumers.agents.diagnoses import Diagnoses
 from consumers.agents.ledger import QuotaLedger, Reservation, item_slice
 from consumers.agents.llm import LLMAnswerer, LLMPlanner, LLMValidator, LLMWriter
 from consumers.agents.pixels import PixelAnswerer, PixelPlanner, PixelValidator, PixelWriter
@@ -74,7 +77,7 @@ from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.bus.delivery import Delivery
 from dpe.bus.follower import Follower, now_ms
 from dpe.endpoint.client import EndpointClient
-from dpe.events import AcceptedSample, Checkpoint, Event, QuotaPlan, UnlabeledItem
+from dpe.events import AcceptedSample, Checkpoint, Diagnosis, Event, QuotaPlan, UnlabeledItem
 from dpe.imaging import PillowEditor
 from dpe.policy.checkpoints import REFUSALS, allowed_roots, loadable_folder
 from monitoring.metrics import AGENT_ITEMS, AGENT_SAMPLES, QUOTA_PLAN_STARTED, QUOTA_REMAINING
@@ -159,6 +162,7 @@ class AgentWorker:
         self.inflight: set[asyncio.Task] = set()
         self.revoking = False
         self.latest_version = 0
+        self.diagnoses = Diagnoses()
         self._loading: asyncio.Task | None = None
         self.ledger: QuotaLedger | None = None
         self.follower: Follower | None = None
@@ -176,9 +180,10 @@ class AgentWorker:
         roles = self._roles or build_roles(settings, llm)
         async with AsyncPublisher(settings, producer_name="agents") as publisher:
             self.publisher = publisher
-            self.follower = Follower(settings, publisher, {QuotaPlan: self._on_plans, AcceptedSample: self._on_accepted,
+            self.follower = Follower(settings, publisher, {QuotaPlan: self._on_plans, Diagnosis: self._on_diagnoses,
+                                                           AcceptedSample: self._on_accepted,
                                                            Checkpoint: self._on_checkpoints},
-                                     service="agents", dead_letters=[QuotaPlan])
+                                     service="agents", dead_letters=[QuotaPlan, Diagnosis])
             self.items = AsyncSubscriber(settings, [UnlabeledItem], group_id=settings.agents.group_id, service="agents",
                                          publisher=publisher, subscribe=False)
             await self.items.start()
@@ -231,6 +236,9 @@ class AgentWorker:
             QUOTA_PLAN_STARTED.set(plans[-1].ts.timestamp())
             QUOTA_REMAINING.clear()
             self._report_remaining()
+
+    async def _on_diagnoses(self, diagnoses: Sequence[Event]) -> None:
+        self.diagnoses.add(diagnoses)
 
     async def _on_accepted(self, samples: Sequence[Event]) -> None:
         for sample in samples:
@@ -378,7 +386,8 @@ class AgentWorker:
                 f"item {item.item_id} is keyed to partition {keyed_to} by Kafka's default partitioner but arrived "
                 f"on {slice_}; publish UnlabeledItems keyed by item_id with the default (murmur2) partitioner"), "route")
             return
-        ctx = await self.crew.context(item)
+        plan = self.ledger.plan
+        ctx = await self.crew.context(item, self.diagnoses.for_version(plan.policy_version) if plan else None)
         possible = await self.crew.capabilities(ctx)
         tried: set[str] = set()
         produced = 0

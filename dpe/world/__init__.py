@@ -24,10 +24,12 @@ from dpe.world.items import (
 from dpe.world.knobs import DIFFICULTY_LEVELS, Knobs, knobs_for
 from dpe.world.questions import (
     CAPABILITIES,
+    QUESTION_KINDS,
     SCENE_KIND_OF,
     Capability,
     Question,
     QuestionNotPossible,
+    question_kind,
     scene_capabilities,
     write_question,
 )
@@ -40,6 +42,7 @@ __all__ = [
     "DIAGNOSTIC_POOL_SIZE",
     "DIFFICULTY_LEVELS",
     "NAMESPACES",
+    "QUESTION_KINDS",
     "SCENE_KINDS",
     "SCENE_KIND_OF",
     "Capability",
@@ -56,6 +59,7 @@ __all__ = [
     "image_sha256",
     "knobs_for",
     "make_item",
+    "question_kind",
     "render_scene",
     "scene_capabilities",
     "seed_namespace",

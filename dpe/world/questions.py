@@ -41,6 +41,13 @@ SCENE_KIND_OF: dict[str, SceneKind] = {
 
 _RELATIONS = ("to the left", "to the right", "above", "below")
 
+QUESTION_KINDS: dict[str, tuple[str, ...]] = {
+    "counting": ("all", "shape", "color"),
+    "existence": ("present", "absent"),
+    "chart": ("value", "tallest", "shortest", "difference"),
+}
+"""The kinds of question a capability's writer can ask (a planner may ask for one); other capabilities have one kind."""
+
 
 class QuestionNotPossible(ValueError):
     """The scene cannot carry a question of the wanted capability."""
@@ -57,18 +64,53 @@ class Question:
     tolerance: float = 0.0
 
 
-def write_question(scene: Scene | Mapping[str, Any], capability: str, seed: int) -> Question:
+def write_question(scene: Scene | Mapping[str, Any], capability: str, seed: int, kind: str | None = None) -> Question:
     """Write a question about `scene` that tests `capability`, deterministically from `seed`.
 
+    `kind` (one of `QUESTION_KINDS[capability]`) asks for that kind of question where the scene allows it;
+    without it (or where the scene does not allow it) the kind is drawn from `seed`, as the diagnostic suites do.
     Raises `QuestionNotPossible` when the scene cannot carry it, and `ValueError` (pydantic's
     `ValidationError`) when the metadata is not a valid scene.
+
+    Example:
+        >>> from dpe.world.scene import generate_scene
+        >>> chart = generate_scene("chart", 3, seed=1)
+        >>> write_question(chart, "chart", seed=0, kind="value").question.startswith("What is the value")
+        True
     """
     if capability not in _WRITERS:
         raise ValueError(f"unknown capability {capability!r}; expected one of {CAPABILITIES}")
     scene = scene if isinstance(scene, Scene) else Scene.model_validate(scene)
     if scene.kind != SCENE_KIND_OF[capability]:
         raise QuestionNotPossible(f"{capability} needs a {SCENE_KIND_OF[capability]} scene, got {scene.kind}")
-    return _WRITERS[capability](scene, random.Random(seed))
+    return _WRITERS[capability](scene, random.Random(seed), kind)
+
+
+def question_kind(capability: str, question: str, answer: str) -> str | None:
+    """Which of `QUESTION_KINDS[capability]` a question written by this world is (None: another kind of
+    question, or a capability with one kind), read from its text and answer.
+
+    Example:
+        >>> question_kind("counting", "How many red shapes are in the image?", "2")
+        'color'
+        >>> question_kind("existence", "Is there a blue circle in the image?", "no")
+        'absent'
+        >>> question_kind("chart", "Which bar is the tallest?", "B"), question_kind("color", "What colour?", "A")
+        ('tallest', None)
+    """
+    text = question.strip().lower()
+    if capability == "counting" and text.startswith("how many"):
+        if text == "how many shapes are in the image?":
+            return "all"
+        return "color" if text.endswith(" shapes are in the image?") else "shape"
+    if capability == "existence" and answer.strip().lower() in ("yes", "no"):
+        return "present" if answer.strip().lower() == "yes" else "absent"
+    if capability == "chart":
+        for start, kind in (("what is the value", "value"), ("how much taller", "difference"),
+                            ("which bar is the tallest", "tallest"), ("which bar is the shortest", "shortest")):
+            if text.startswith(start):
+                return kind
+    return None
 
 
 def scene_capabilities(scene: Scene | Mapping[str, Any]) -> tuple[str, ...]:
@@ -101,10 +143,13 @@ def _plural(shape: str) -> str:
     return f"{shape}es" if shape.endswith("s") else f"{shape}s"
 
 
-def _counting(scene: Scene, rng: random.Random) -> Question:
+def _counting(scene: Scene, rng: random.Random, kind: str | None) -> Question:
     if not scene.objects:
         raise QuestionNotPossible("no objects to count")
-    target = "all" if scene.difficulty == 1 else rng.choice(("all", "shape", "color"))
+    if kind in QUESTION_KINDS["counting"]:
+        target = kind
+    else:
+        target = "all" if scene.difficulty == 1 else rng.choice(QUESTION_KINDS["counting"])
     if target == "shape":
         shape = rng.choice(sorted({obj.shape for obj in scene.objects}))
         count = sum(obj.shape == shape for obj in scene.objects)
@@ -119,7 +164,7 @@ def _counting(scene: Scene, rng: random.Random) -> Question:
     return Question(text, str(count), "number")
 
 
-def _color(scene: Scene, rng: random.Random) -> Question:
+def _color(scene: Scene, rng: random.Random, kind: str | None) -> Question:
     shape_counts = Counter(obj.shape for obj in scene.objects)
     unique = [obj for obj in scene.objects if shape_counts[obj.shape] == 1]
     if not unique:
@@ -140,7 +185,7 @@ def _relation(a: SceneObject, b: SceneObject) -> str | None:
     return _RELATIONS[2] if dy < 0 else _RELATIONS[3]
 
 
-def _spatial(scene: Scene, rng: random.Random) -> Question:
+def _spatial(scene: Scene, rng: random.Random, kind: str | None) -> Question:
     pairs = [
         (a, b, relation)
         for a in scene.objects
@@ -154,11 +199,16 @@ def _spatial(scene: Scene, rng: random.Random) -> Question:
     return _choice(rng, relation, distractors, f"Where is the {a.name} relative to the {b.name}?")
 
 
-def _existence(scene: Scene, rng: random.Random) -> Question:
+def _ask_absent(absent: list, rng: random.Random, kind: str | None) -> bool:
+    """Whether to ask about something absent: as `kind` says, else a coin flip (only when something is absent)."""
+    return bool(absent) and (rng.random() < 0.5 if kind not in QUESTION_KINDS["existence"] else kind == "absent")
+
+
+def _existence(scene: Scene, rng: random.Random, kind: str | None) -> Question:
     if not scene.objects:
         raise QuestionNotPossible("no objects in the scene")
     if scene.difficulty == 1:
-        return _color_existence(scene, rng)
+        return _color_existence(scene, rng, kind)
     knobs = knobs_for(scene.difficulty)
     present = {(obj.shape, obj.color) for obj in scene.objects}
     absent = [
@@ -170,7 +220,7 @@ def _existence(scene: Scene, rng: random.Random) -> Question:
     if scene.difficulty >= 3:
         near_misses = [(s, c) for s, c in absent if any(s == ps or c == pc for ps, pc in present)]
         absent = near_misses or absent
-    if absent and rng.random() < 0.5:
+    if _ask_absent(absent, rng, kind):
         shape, color = rng.choice(absent)
         answer = "no"
     else:
@@ -179,26 +229,26 @@ def _existence(scene: Scene, rng: random.Random) -> Question:
     return Question(f"Is there a {color} {shape} in the image?", answer, "yes_no")
 
 
-def _color_existence(scene: Scene, rng: random.Random) -> Question:
+def _color_existence(scene: Scene, rng: random.Random, kind: str | None) -> Question:
     present = {obj.color for obj in scene.objects}
     absent = [color for color in list(COLORS)[: knobs_for(scene.difficulty).colors] if color not in present]
-    if absent and rng.random() < 0.5:
+    if _ask_absent(absent, rng, kind):
         color, answer = rng.choice(absent), "no"
     else:
         color, answer = rng.choice(sorted(present)), "yes"
     return Question(f"Is there a {color} shape in the image?", answer, "yes_no")
 
 
-def _text_reading(scene: Scene, rng: random.Random) -> Question:
+def _text_reading(scene: Scene, rng: random.Random, kind: str | None) -> Question:
     assert scene.text is not None
     return Question("What word is written in the image?", scene.text.text, "text")
 
 
-def _chart(scene: Scene, rng: random.Random) -> Question:
+def _chart(scene: Scene, rng: random.Random, kind: str | None) -> Question:
     assert scene.chart is not None
     bars = scene.chart.bars
     kinds = ["value", "tallest", "shortest"] + (["difference"] if scene.difficulty >= 3 and len(bars) > 1 else [])
-    kind = rng.choice(kinds)
+    kind = kind if kind in kinds else rng.choice(kinds)
     if kind == "value":
         bar = rng.choice(bars)
         return Question(f"What is the value of the {bar.color} bar?", str(bar.value), "number")
@@ -220,12 +270,12 @@ def _chart(scene: Scene, rng: random.Random) -> Question:
     return _choice(rng, target.color, distractors, f"Which bar is the {kind}?")
 
 
-def _arithmetic(scene: Scene, rng: random.Random) -> Question:
+def _arithmetic(scene: Scene, rng: random.Random, kind: str | None) -> Question:
     assert scene.formula is not None
     return Question("What is the result of the expression in the image?", str(scene.formula.value()), "number")
 
 
-_WRITERS: dict[str, Callable[[Scene, random.Random], Question]] = {
+_WRITERS: dict[str, Callable[[Scene, random.Random, str | None], Question]] = {
     "counting": _counting,
     "color": _color,
     "spatial": _spatial,

@@ -24,7 +24,7 @@ from dpe.lifecycle import run_until_stopped, start_service
 from dpe.policy.checkpoints import allowed_roots, latest_checkpoint
 from dpe.policy.threads import cap_torch_threads
 from producers.evaluator.outcomes import AccuracyRow
-from producers.evaluator.service import SERVICE, Evaluator, publish_outcomes, record_summary, serve_evaluator
+from producers.evaluator.service import SERVICE, Evaluator, publish_events, record_summary, serve_evaluator
 from producers.evaluator.settings import EvaluatorConfig
 
 console = Console()
@@ -51,7 +51,7 @@ def accuracy_table(rows: Sequence[AccuracyRow]) -> Table:
 
 async def _publish(state: CliState, outcomes: Sequence[EvalOutcome]) -> None:
     async with AsyncPublisher(state.settings_as(EvaluatorConfig), producer_name=SERVICE) as publisher:
-        await publish_outcomes(publisher, outcomes)
+        await publish_events(publisher, outcomes)
 
 
 @click.command("eval")

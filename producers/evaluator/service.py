@@ -24,13 +24,14 @@ from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
-from dpe.blobstore import ImageLimits
+from dpe.blobstore import BlobStore, ImageLimits
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
 from dpe.endpoint.client import EndpointClient
-from dpe.events import Checkpoint, EvalOutcome
+from dpe.events import Checkpoint, Diagnosis, EvalOutcome
 from dpe.policy.checkpoints import allowed_roots, load_checkpoint
 from monitoring.metrics import BENCHMARK_ROWS_SKIPPED, EVAL_ACCURACY, EVAL_ITEMS, EVAL_POLICY_VERSION, EVAL_SECONDS
+from producers.evaluator.diagnosis import diagnose
 from producers.evaluator.items import EvalItem, heldout_items, round_items
 from producers.evaluator.judge import Judge
 from producers.evaluator.loaders import load_benchmark
@@ -56,10 +57,12 @@ def sample_for_version(items: Sequence[EvalItem], size: int | None, seed: int, p
 
 
 class Evaluator:
-    """Evaluates checkpoints on the configured suites; benchmark files are read once, at start."""
+    """Evaluates checkpoints on the configured suites; benchmark files are read once, at start. With a `store`,
+    the images of the failed items a `Diagnosis` quotes are put in it."""
 
-    def __init__(self, settings: EvaluatorSettings, limits: ImageLimits) -> None:
+    def __init__(self, settings: EvaluatorSettings, limits: ImageLimits, store: BlobStore | None = None) -> None:
         self.settings = settings
+        self.store = store
         self.judge = Judge(EndpointClient(settings.judge)) if settings.judge is not None else None
         self.heldout = heldout_items(settings.synthetic) if settings.synthetic is not None else []
         self.benchmarks = [(suite, self._load(suite, limits)) for suite in settings.benchmarks]
@@ -105,6 +108,12 @@ class Evaluator:
         EVAL_SECONDS.observe(time.perf_counter() - started)
         return outcomes
 
+    def diagnose(self, policy_version: int, outcomes: Sequence[EvalOutcome]) -> Diagnosis:
+        """The agents' brief for `policy_version` from its outcomes (blocking: stores the failed items' images)."""
+        synthetic = self.settings.synthetic
+        return diagnose(self.items_for(policy_version), outcomes, policy_version=policy_version,
+                        heldout_suite=synthetic.heldout_suite if synthetic is not None else "", store=self.store)
+
 
 def summary_lines(rows: Sequence[AccuracyRow]) -> list[str]:
     """One line per (policy version, suite): overall accuracy, then each capability's.
@@ -137,25 +146,27 @@ def record_summary(outcomes: Sequence[EvalOutcome]) -> list[AccuracyRow]:
     return rows
 
 
-async def publish_outcomes(publisher: AsyncPublisher, outcomes: Sequence[EvalOutcome]) -> None:
+async def publish_events(publisher: AsyncPublisher, events: Sequence[EvalOutcome | Diagnosis]) -> None:
     """Publish and wait for every acknowledgement; a bus failure is transient (nothing is committed)."""
     try:
-        acknowledgements = [await publisher.publish(outcome) for outcome in outcomes]
+        acknowledgements = [await publisher.publish(event) for event in events]
         await asyncio.gather(*acknowledgements)
     except KafkaError as error:
-        raise TransientError(f"publishing eval outcomes failed: {error}") from error
+        raise TransientError(f"publishing {type(events[0]).__name__} events failed: {error}") from error
 
 
 def checkpoint_handler(
     evaluator: Evaluator, publisher: AsyncPublisher, roots: Sequence[Path]
 ) -> Callable[[Delivery], Awaitable[None]]:
     """The handler of the checkpoints topic: evaluate in a worker thread (only checkpoints inside `roots`),
-    publish, summarise."""
+    publish the outcomes, then the version's `Diagnosis`, summarise."""
 
     async def on_checkpoint(delivery: Delivery) -> None:
         checkpoint: Checkpoint = delivery.event
         outcomes = await asyncio.to_thread(evaluator.evaluate, checkpoint.uri, checkpoint.policy_version, roots=roots)
-        await publish_outcomes(publisher, outcomes)
+        await publish_events(publisher, outcomes)
+        await publish_events(publisher, [await asyncio.to_thread(evaluator.diagnose, checkpoint.policy_version,
+                                                                   outcomes)])
         record_summary(outcomes)
 
     return on_checkpoint
@@ -163,7 +174,8 @@ def checkpoint_handler(
 
 async def serve_evaluator(settings: EvaluatorConfig, stop: asyncio.Event, evaluator: Evaluator | None = None) -> None:
     """Follow the checkpoints topic until `stop` is set; commits after each checkpoint's outcomes are acknowledged."""
-    evaluator = evaluator or Evaluator(settings.evaluator, settings.blob.limits)
+    evaluator = evaluator or Evaluator(settings.evaluator, settings.blob.limits,
+                                       BlobStore(settings.blob.url, settings.blob.limits))
     async with AsyncPublisher(settings, producer_name=SERVICE) as publisher, AsyncSubscriber(
         settings, [Checkpoint], group_id=settings.evaluator.group_id, service=SERVICE, publisher=publisher
     ) as subscriber:
