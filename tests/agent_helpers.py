@@ -23,6 +23,10 @@ agents' roles and the auditor's oracle reference read it. Tests of mechanics tha
 signals, resume, the bus roll, the dashboards' short run) use it for speed; the default pixel crew has its own
 tests and runs in the chaos soak."""
 
+QUICK_EVAL = {"synthetic": {"round_items": 28, "heldout_items": 28}}
+"""Evaluator settings for `dpe run` in tests: 4 items per capability in each synthetic suite (the default is 20 and
+30), so a version is graded in seconds; the tests are about the spiral's mechanics, not the accuracy figures."""
+
 
 async def read_all(settings: Settings, model: type[Event]) -> list[Event]:
     """Every event of `model`'s topic written so far."""

@@ -266,9 +266,8 @@ def test_cli_init_tiny_sft_and_accuracy(tmp_path, no_network):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.xdist_group("default_model")
 def test_default_warm_up_leaves_uneven_blind_spots_but_samples_correct_answers():
-    """In the default cache, as `dpe run` warms it: the soak, later on the same worker, starts from it."""
+    """In the default cache, as `dpe run` warms it (later runs on the same machine start from it)."""
     result = warm_up(WarmupConfig(), show_progress=False)
     table = measure_accuracy(result.policy, diagnostic_sample(0, 140, seed=0, levels=(1, 2, 3)))
     assert all(row["format"] > 0.9 for row in table.values())

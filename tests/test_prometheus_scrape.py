@@ -62,7 +62,11 @@ from dpe.policy.warmup import warm_up
 from dpe.settings import Settings
 from dpe.topics import topic_for
 from dpe.world import CAPABILITIES
-from tests.agent_helpers import FAST_PATH
+from tests.agent_helpers import FAST_PATH, QUICK_EVAL
+
+pytestmark = pytest.mark.xdist_group("spiral")
+"""Under xdist the module runs on one worker (its short run happens once), the worker that runs every other
+whole spiral one after another (`tests/test_spiral_run.py`)."""
 
 RULE_FILES = sorted(RULES.glob("*.yml"))
 
@@ -322,7 +326,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory, broker: EmbeddedBroker) 
     ports = {service: free_port() for service in SERVICE_SECTIONS}
     config = workdir / "dpe.yaml"
     sections = {section: {"metrics_port": ports[service]} for service, section in SERVICE_SECTIONS.items()}
-    sections["evaluator"] |= evaluator_exercises(workdir)
+    sections["evaluator"] |= evaluator_exercises(workdir) | QUICK_EVAL
     sections["agents"] |= FAST_PATH["agents"]  # the dashboards, not the crew, are under test: the quick crew
     sections["ingest"] |= FAST_PATH["ingest"]
     sections["auditor"] |= FAST_PATH["auditor"]
@@ -348,7 +352,8 @@ def test_a_short_dpe_run_completes_a_round_and_prometheus_has_weakness_per_capab
     assert summary["completed"] is True
     assert [r["policy_version"] for r in summary["rounds"]] == [0, 1]
     assert summary["rounds"][1]["samples_trained"] == 24
-    assert all(r["heldout_items"] == 210 for r in summary["rounds"]), "both versions graded on the held-out suite"
+    assert all(r["heldout_items"] == QUICK_EVAL["synthetic"]["heldout_items"] for r in summary["rounds"]), \
+        "both versions graded on the held-out suite"
     assert sum(summary["rounds"][0]["quota_plan"].values()) == 24
     assert (short_run.run_dir / "report.html").stat().st_size > 10_000, "the report holds its plots"
 

@@ -7,6 +7,7 @@ import asyncio
 import doctest
 import importlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from benchmarks.soak.chaos import GROUP_MEMBERS, schedule
 from benchmarks.soak.invariants import (
@@ -39,10 +41,13 @@ from dpe.bus.aio import AsyncPublisher
 from dpe.bus.delivery import Delivery
 from dpe.config import with_overrides
 from dpe.events import AcceptedSample, AgentStep, BlobRef, Checkpoint, EvalOutcome, Event, QuotaPlan, SampleBody
+from dpe.policy.config import WarmupConfig
+from dpe.policy.warmup import warm_up
 from streams.contracts import CapabilityReport
 from streams.merger import build_snapshot
 from streams.scoring import replay, summarise
 from streams.settings import ScoringSettings
+from tests.agent_helpers import QUICK_EVAL
 
 REPO = Path(__file__).resolve().parent.parent
 SOAK_MODULES = ("chaos", "disk", "invariants", "observer", "processes", "rss", "__main__")
@@ -219,14 +224,22 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 90.0) -> None
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.xdist_group("default_model")
+@pytest.mark.xdist_group("spiral")
 def test_a_ten_minute_chaos_soak_keeps_every_invariant(tmp_path: Path) -> None:
     """The real spiral, one pass of faults (every service killed, the trainer mid-checkpoint, a SIGSTOP, a full
-    checkpoint disk where mount works), then the invariants from the topics and the checkpoints. Under xdist it
-    shares a worker with the default warm-up test, which runs first, so its ten minutes are spent on the spiral."""
+    checkpoint disk where mount works), then the invariants from the topics and the checkpoints.
+
+    The default pixel crew makes the samples; the base model is the quickly warmed one and the evaluator grades
+    `QUICK_EVAL`'s small suites, as in the other tests of `dpe run`: the soak is about faults and bookkeeping, and
+    its ten minutes go to the spiral rather than to warming the default model. Under xdist it shares one worker
+    with the other tests that run a whole spiral (`xdist_group("spiral")`), so two spirals never share the cores."""
+    config = tmp_path / "dpe.yaml"
+    config.write_text(yaml.safe_dump({"evaluator": QUICK_EVAL}))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")} | {"DPE_CONFIG": str(config)}
+    base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
     done = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--minutes", "10", "--chaos", "--seed", "0",
-                           "--runs-dir", str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True,
-                          timeout=1400, check=False)
+                           "--runs-dir", str(tmp_path / "runs"), "--base-model", str(base_model)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1400, check=False)
     assert done.returncode == 0, done.stderr[-6000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["versions_advanced"] > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,15 +19,20 @@ from typing import Callable, Iterator
 import psutil
 import pytest
 import yaml
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from PIL import Image, ImageDraw
 from prometheus_server import wait_until
 
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
-from tests.agent_helpers import FAST_PATH
+from tests.agent_helpers import FAST_PATH, QUICK_EVAL
 
 SERVICES = ("weakness", "evaluator", "auditor", "agents", "trainer", "ingest")
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("spiral")]
+"""Under xdist every test here shares one worker with the soak and the dashboards' short run: two spirals (seven
+processes each) on the same two cores would each run at half speed and past their waits."""
 
 
 def services_of(run: psutil.Process) -> dict[str, psutil.Process]:
@@ -67,6 +73,28 @@ def no_run_outlives_its_test() -> Iterator[None]:
             proc.wait()
 
 
+def launch(tmp_path: Path, how: list[str], log_name: str = "run.log", max_versions: int = 4,
+           fast_path: bool = True) -> tuple[subprocess.Popen, Path]:
+    """`dpe run` with the options `how`, without metrics ports and with `QUICK_EVAL`: (process, its log).
+    `max_versions` is the trainer's staleness bound; `fast_path` puts the agents, ingest and auditor on `FAST_PATH`."""
+    config = tmp_path / "dpe.yaml"
+    sections = {section: {"metrics_port": 0} for section in ("stream", "evaluator", "auditor", "agents", "ingest")}
+    sections["evaluator"] |= QUICK_EVAL
+    if fast_path:
+        for section in ("agents", "ingest", "auditor"):
+            sections[section] |= FAST_PATH[section]
+    trainer = {"metrics_port": 0, "staleness": {"max_versions": max_versions}}
+    config.write_text(yaml.safe_dump(sections | {"trainer": trainer}))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")}
+    log = tmp_path / log_name
+    command = [sys.executable, "-m", "dpe", "--config", str(config), "run", *how, "--no-live",
+               "--runs-dir", str(tmp_path / "runs")]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    _RUNS.append(proc)
+    return proc, log
+
+
 def start_forever_run(tmp_path: Path, *extra: str, log_name: str = "run.log", max_versions: int = 4
                       ) -> tuple[subprocess.Popen, psutil.Process, Path]:
     """`dpe run --forever` (or `dpe run` with `extra` options) on a quickly warmed base model, once every
@@ -75,21 +103,8 @@ def start_forever_run(tmp_path: Path, *extra: str, log_name: str = "run.log", ma
     These tests are about processes, signals and the bus, not about who writes the samples: the agents run on
     the benchmarks' labelled fast path (`FAST_PATH`), which is quicker than the default pixel crew."""
     base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
-    config = tmp_path / "dpe.yaml"
-    sections = {section: {"metrics_port": 0} for section in ("stream", "evaluator", "auditor", "agents", "ingest")}
-    sections["agents"] |= FAST_PATH["agents"]
-    sections["ingest"] |= FAST_PATH["ingest"]
-    sections["auditor"] |= FAST_PATH["auditor"]
-    trainer = {"metrics_port": 0, "staleness": {"max_versions": max_versions}}
-    config.write_text(yaml.safe_dump(sections | {"trainer": trainer}))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")}
-    log = tmp_path / log_name
     how = list(extra) or ["--forever", "--round-samples", "24", "--base-model", str(base_model), "--run-id", "r"]
-    command = [sys.executable, "-m", "dpe", "--config", str(config), "run", *how, "--no-live",
-               "--runs-dir", str(tmp_path / "runs")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-    _RUNS.append(proc)
+    proc, log = launch(tmp_path, how, log_name, max_versions)
     run = psutil.Process(proc.pid)
     try:
         wait_until(running(lambda: set(services_of(run)) == set(SERVICES), proc, log), 120, "every service")
@@ -150,24 +165,39 @@ def stop_with_sigterm(proc: subprocess.Popen, run: psutil.Process, log: Path) ->
     assert not still_alive(descendants), "SIGTERM left processes running"
 
 
+def ballast(run_dir: Path, megabytes: int) -> None:
+    """Put `megabytes` of records in the run's embedded broker on a topic no service reads (a roll carries only
+    dpe's topics over): the broker outgrows its memory bound now instead of after minutes of traffic."""
+    bootstrap = json.loads((run_dir / "bus.json").read_text())["bootstrap_servers"]
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic("ballast", 1, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=1 << 20)
+    for _ in range(megabytes * 2):
+        producer.send("ballast", os.urandom(512 << 10))
+    producer.flush()
+    producer.close()
+
+
 @pytest.mark.timeout(900)
 def test_sigterm_stops_dpe_run_like_ctrl_c_and_resume_goes_on_across_a_bus_roll(tmp_path):
-    """A run whose embedded broker outgrows its bound (36 MB) is rolled to a fresh one and trains on;
-    SIGTERM stops it like Ctrl-C (report written, run saved); `--resume` goes on from its last
-    checkpoint: the next version number, no second version 0, no sample trained twice, every round planned.
+    """A run whose embedded broker outgrows its bound (36 MB, ballast added) is rolled to a fresh one and trains
+    on; SIGTERM stops it like Ctrl-C (report written, run saved); `--resume` goes on from its last checkpoint: the
+    next version number, no second version 0, no sample trained twice, every round planned.
 
-    The trainer's staleness bound is 1 version, and the run goes well past 3 versions: every round still
-    trains all its samples (each sample names the version it was made against, so none is dropped as stale)."""
+    The trainer's staleness bound is 1 version, and the run goes past 3 versions: every round still trains all
+    its samples (each sample names the version it was made against, so none is dropped as stale)."""
     run_dir = tmp_path / "runs" / "r"
     proc, run, log = start_forever_run(tmp_path, "--forever", "--round-samples", "24", "--run-id", "r",
                                        "--bus-memory-mb", "36", "--base-model",
                                        str(warm_up(WarmupConfig(steps=60), show_progress=False).folder),
                                        max_versions=1)
+    ballast(run_dir, 24)
     rolled = lambda: "bus rolled to epoch 1" in log.read_text(errors="replace")  # noqa: E731
-    wait_until(running(rolled, proc, log), 540, "the embedded broker to be rolled")
-    newest_at_roll = newest_checkpoint(run_dir)
-    wait_until(running(lambda: newest_checkpoint(run_dir) > newest_at_roll, proc, log), 180,
-               "a version trained after the roll")
+    wait_until(running(rolled, proc, log), 240, "the embedded broker to be rolled")
+    enough = max(3, newest_checkpoint(run_dir) + 1)
+    wait_until(running(lambda: newest_checkpoint(run_dir) >= enough, proc, log), 360,
+               f"version {enough}, trained after the roll")
     stop_with_sigterm(proc, run, log)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] is False and summary["bus_epochs"] >= 2
@@ -202,3 +232,34 @@ def test_a_killed_dpe_run_takes_its_services_and_broker_with_it(tmp_path):
     proc.kill()
     proc.wait()
     wait_until(lambda: not still_alive(descendants), 30, "the orphans to stop")
+
+
+def drawn_images(folder: Path, count: int, seed: int = 0) -> None:
+    """PNGs drawn with Pillow, not rendered by the synthetic world: two to four discs and squares in primary
+    colours on white, at sizes and places of their own."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    colours = [(230, 30, 30), (30, 160, 50), (30, 70, 230), (240, 200, 20)]
+    for number in range(count):
+        image = Image.new("RGB", (128, 128), "white")
+        draw = ImageDraw.Draw(image)
+        for slot in range(rng.randint(2, 4)):
+            x, y = 18 + slot % 2 * 60 + rng.randint(0, 12), 18 + slot // 2 * 60 + rng.randint(0, 12)
+            size, colour = rng.randint(22, 32), rng.choice(colours)
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x, y, x + size, y + size), fill=colour)
+        image.save(folder / f"drawn-{number:03d}.png")
+
+
+def test_dpe_run_images_trains_on_a_folder_of_pngs_drawn_outside_the_synthetic_world(tmp_path):
+    """`dpe run --images DIR` with the default pixel crew: the folder is the only data, and a round trains on it.
+    Its plan asks for every capability; the round closes 30 s after its first sample (`--round-timeout`)."""
+    drawn_images(tmp_path / "inbox", 40)
+    base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
+    proc, log = launch(tmp_path, ["--images", str(tmp_path / "inbox"), "--rounds", "1", "--round-samples", "12",
+                                  "--round-timeout", "30", "--base-model", str(base_model), "--run-id", "r"],
+                       fast_path=False)
+    assert proc.wait(540) == 0, log.read_text(errors="replace")[-3000:]
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert summary["completed"] is True and summary["rounds"][1]["samples_trained"] > 0, summary["rounds"]
+    assert summary["samples_accepted"] >= summary["rounds"][1]["samples_trained"]
+

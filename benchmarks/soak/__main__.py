@@ -40,11 +40,13 @@ def parse_options(argv: list[str] | None = None) -> SoakOptions:
     parser.add_argument("--bus-memory-mb", type=float, default=None,
                         help="roll the embedded broker past this resident memory (default: dpe run's)")
     parser.add_argument("--tmpfs-mb", type=int, default=SoakOptions.tmpfs_mb, help="size of the checkpoint disk")
+    parser.add_argument("--base-model", type=Path, default=None,
+                        help="a local model folder to start from (default: dpe run's warmed tiny model)")
     args = parser.parse_args(argv)
     run_id = args.run_id or time.strftime(f"soak-%Y%m%d-%H%M%S-{args.seed}")
     return SoakOptions(minutes=args.minutes, chaos=args.chaos, seed=args.seed, round_samples=args.round_samples,
                        run_dir=args.runs_dir / run_id, stall_after_s=args.stall_after, tmpfs_mb=args.tmpfs_mb,
-                       bus_memory_mb=args.bus_memory_mb)
+                       bus_memory_mb=args.bus_memory_mb, base_model=args.base_model)
 
 
 def main(argv: list[str] | None = None) -> int:

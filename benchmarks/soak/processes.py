@@ -65,18 +65,22 @@ class SpiralCommand:
     round_samples: int = 24
     bus_memory_mb: float | None = None
     """Roll the embedded broker past this resident memory (None: `dpe run`'s default)."""
+    base_model: Path | None = None
+    """A local model folder to start from (None: `dpe run`'s warmed tiny model)."""
 
     def args(self) -> list[str]:
         """The command line.
 
         >>> SpiralCommand(Path("runs/s1")).args()[3:]
         ['run', '--forever', '--no-live', '--round-samples', '24', '--runs-dir', 'runs', '--run-id', 's1']
-        >>> SpiralCommand(Path("runs/s1"), bus_memory_mb=300).args()[-2:]
-        ['--bus-memory-mb', '300']
+        >>> SpiralCommand(Path("runs/s1"), bus_memory_mb=300, base_model=Path("m")).args()[-4:]
+        ['--bus-memory-mb', '300', '--base-model', 'm']
         """
         bound = ["--bus-memory-mb", f"{self.bus_memory_mb:g}"] if self.bus_memory_mb is not None else []
+        model = ["--base-model", str(self.base_model)] if self.base_model is not None else []
         return [sys.executable, "-m", "dpe", "run", "--forever", "--no-live", "--round-samples",
-                str(self.round_samples), "--runs-dir", str(self.run_dir.parent), "--run-id", self.run_dir.name, *bound]
+                str(self.round_samples), "--runs-dir", str(self.run_dir.parent), "--run-id", self.run_dir.name,
+                *bound, *model]
 
     def start(self, log: Path) -> subprocess.Popen[bytes]:
         """Start the run in its own session (a signal meant for the soak never reaches it), output to `log`."""

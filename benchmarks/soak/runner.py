@@ -77,6 +77,8 @@ class SoakOptions:
     busy one)."""
     bus_memory_mb: float | None = None
     """Passed to `dpe run --bus-memory-mb` (None: its default); a small bound shows rolls within a short soak."""
+    base_model: Path | None = None
+    """Passed to `dpe run --base-model` (None: the default warmed tiny model)."""
     tmpfs_mb: int = 160
     """Size of the checkpoint disk: room for the kept checkpoints (5 x ~13 MB) and one being written."""
     sample_every_s: float = 3.0
@@ -233,7 +235,7 @@ class _Soak:
             if reason is not None:
                 self.skipped["disk_full"] = reason
                 self.say(f"disk-full fault skipped: {reason}")
-        command = SpiralCommand(options.run_dir, options.round_samples, options.bus_memory_mb)
+        command = SpiralCommand(options.run_dir, options.round_samples, options.bus_memory_mb, options.base_model)
         proc = command.start(options.run_dir / "soak-run.log")
         try:
             return await self._observed(proc, mount if mounted else None)

@@ -29,6 +29,9 @@ console = Console()
               help="Quota strategy (default: stream.quotas.strategy).")
 @click.option("--round-samples", type=click.IntRange(min=1), default=SpiralOptions.round_samples, show_default=True,
               help="Samples per round: the quota budget and the trainer's round size.")
+@click.option("--round-timeout", "round_timeout_s", type=click.FloatRange(min=1), default=SpiralOptions.round_timeout_s,
+              show_default=True, help="Close a round this many seconds after its first sample even when the plan is "
+              "not filled (a folder of images may not serve every capability).")
 @click.option("--base-model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local model folder to start from (default: the warmed tiny model, built on first use).")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
@@ -47,7 +50,7 @@ console = Console()
               help="The synthetic world's stream too (default: only when no folder is given).")
 @pass_state
 def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round_samples: int,
-        base_model: Path | None, runs_dir: Path, run_id: str | None, live: bool, timeout_s: float,
+        round_timeout_s: float, base_model: Path | None, runs_dir: Path, run_id: str | None, live: bool, timeout_s: float,
         bus_memory_mb: float, resume_id: str | None, images: Path | None, watch: Path | None,
         synthetic: bool | None) -> None:
     """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds.
@@ -62,7 +65,7 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
         options = replace(options, timeout_s=None) if options.rounds is None else options
     else:
         options = SpiralOptions(rounds=None if forever else rounds, round_samples=round_samples, strategy=strategy,
-                                base_model=base_model, runs_dir=runs_dir, bus_memory_mb=bus_memory_mb, **session,
+                                round_timeout_s=round_timeout_s, base_model=base_model, runs_dir=runs_dir, bus_memory_mb=bus_memory_mb, **session,
                                 images=images and images.resolve(), watch=watch and watch.resolve(), synthetic=synthetic,
                                 **({"run_id": run_id} if run_id else {}))
     result = run_spiral(state.settings_as(Settings), options, console)
