@@ -15,12 +15,6 @@ from dpe.bus.admin import ensure_topics  # noqa: E402
 from dpe.settings import Settings  # noqa: E402
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that run a whole spiral (`xdist_group("spiral")`) first, in their order: under `-n 2` one worker
-    starts on that long queue at once while the other takes everything else; without xdist, order is all it does."""
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
-
-
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory):
     """The embedded Tansu broker, started once for the whole session."""

@@ -64,9 +64,7 @@ from dpe.topics import topic_for
 from dpe.world import CAPABILITIES
 from tests.agent_helpers import FAST_PATH, QUICK_EVAL
 
-pytestmark = pytest.mark.xdist_group("spiral")
-"""Under xdist the module runs on one worker (its short run happens once), the worker that runs every other
-whole spiral one after another (`tests/test_spiral_run.py`)."""
+pytestmark = pytest.mark.spiral
 
 RULE_FILES = sorted(RULES.glob("*.yml"))
 

@@ -224,15 +224,14 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 90.0) -> None
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.xdist_group("spiral")
+@pytest.mark.spiral
 def test_a_ten_minute_chaos_soak_keeps_every_invariant(tmp_path: Path) -> None:
     """The real spiral, one pass of faults (every service killed, the trainer mid-checkpoint, a SIGSTOP, a full
     checkpoint disk where mount works), then the invariants from the topics and the checkpoints.
 
     The default pixel crew makes the samples; the base model is the quickly warmed one and the evaluator grades
     `QUICK_EVAL`'s small suites, as in the other tests of `dpe run`: the soak is about faults and bookkeeping, and
-    its ten minutes go to the spiral rather than to warming the default model. Under xdist it shares one worker
-    with the other tests that run a whole spiral (`xdist_group("spiral")`), so two spirals never share the cores."""
+    its ten minutes go to the spiral rather than to warming the default model."""
     config = tmp_path / "dpe.yaml"
     config.write_text(yaml.safe_dump({"evaluator": QUICK_EVAL}))
     env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")} | {"DPE_CONFIG": str(config)}

@@ -30,9 +30,7 @@ from tests.agent_helpers import FAST_PATH, QUICK_EVAL
 
 SERVICES = ("weakness", "evaluator", "auditor", "agents", "trainer", "ingest")
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("spiral")]
-"""Under xdist every test here shares one worker with the soak and the dashboards' short run: two spirals (seven
-processes each) on the same two cores would each run at half speed and past their waits."""
+pytestmark = [pytest.mark.timeout(600), pytest.mark.spiral]
 
 
 def services_of(run: psutil.Process) -> dict[str, psutil.Process]:
