@@ -117,7 +117,8 @@ AGENT_POLICY_VERSION = Gauge("dpe_agent_policy_version", "Policy version the dif
 
 WEAKNESS_EVENTS = Counter(
     "dpe_weakness_events_total",
-    "Evidence events handled by the weakness stream, by topic and result (applied, duplicate, superseded, late, measure_only).",
+    "Evidence events handled by the weakness stream, by topic and result (applied, duplicate, superseded, late, "
+    "measure_only; redelivered and held_back: skipped by the partition-order gate).",
     ["topic", "result"],
 )
 WEAKNESS_ERROR_RATE = Gauge(

@@ -1,11 +1,12 @@
 """The worker side of the stream: batches of evidence events into capability states, and reports.
 
-Per batch: decode each raw value with its topic's contract, turn it into evidence (rejecting unknown
-capabilities and bad scores), apply it to the capability's state, then write each changed state to
-the table once (its `dump_state` bytes), with that key's last event of the batch. Anything that
-fails goes to the dead-letter topic with its origin and reason, and the batch goes on. Every
-`snapshot_every_events` events or `snapshot_every_s` seconds the capabilities changed since the last
-report are summarised and sent to the planner as a `PartialWeakness`.
+Per batch: admit each record in its partition's log order (`streams.ordering`), decode each raw value
+with its topic's contract, turn it into evidence (rejecting unknown capabilities and bad scores), apply
+it to the capability's state, then write each changed state to the table once (its `dump_state`
+bytes), with that key's last event of the batch, and wait until the broker has those writes (see
+`streams.tables`). Anything that fails goes to the dead-letter topic with its origin and reason, and
+the batch goes on. Every `snapshot_every_events` events or `snapshot_every_s` seconds the capabilities
+changed since the last report are summarised and sent to the planner as a `PartialWeakness`.
 
 The table holds bytes; parsed states are cached between batches and dropped at every rebalance, so
 after one the states are read again from the table, which Faust has recovered from its changelog.
@@ -25,9 +26,10 @@ from dpe.events import Event
 from dpe.topics import MODEL_TOPIC
 from monitoring.metrics import HANDLE_SECONDS, WEAKNESS_EVENTS
 from streams.contracts import CapabilityReport, PartialWeakness
+from streams.ordering import Admission, PartitionOrder
 from streams.scoring import Applied, CapabilityState, Evidence, apply, dump_state, load_state, summarise
 from streams.settings import ScoringSettings, StreamConfig
-from streams.tables import store
+from streams.tables import store, written
 from streams.topics import SERVICE, StreamTopics
 
 ToEvidence = Callable[[Event, ScoringSettings], Evidence | None]
@@ -36,7 +38,8 @@ ToEvidence = Callable[[Event, ScoringSettings], Evidence | None]
 class Aggregator:
     """Owns the capability-state table of one worker and reports what changed."""
 
-    def __init__(self, settings: StreamConfig, states: CollectionT, topics: StreamTopics, worker: str):
+    def __init__(self, settings: StreamConfig, states: CollectionT, topics: StreamTopics, worker: str,
+                 order: PartitionOrder):
         self.params = settings.stream.scoring
         self.every_events = settings.stream.snapshot_every_events
         self.every_s = settings.stream.snapshot_every_s
@@ -44,6 +47,7 @@ class Aggregator:
         self.states = states
         self.topics = topics
         self.worker = worker
+        self.order = order
         self.changed: set[str] = set()
         self.pending_events = 0
         self.last_report = time.monotonic()
@@ -65,17 +69,23 @@ class Aggregator:
         return state
 
     async def on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
-        """Signal handler: forget the parsed states (the table is recovered before the next batch)."""
+        """Signal handler: forget the parsed states (the table is recovered before the next batch) and the
+        partitions' positions."""
         self.cache.clear()
+        self.order.forget()
 
     async def consume(self, events: Sequence[EventT], model: type[Event], to_evidence: ToEvidence) -> None:
         """Apply one batch of raw `model` events; dead-letter the ones that cannot be applied."""
         started = time.perf_counter()
         max_bytes = MODEL_TOPIC[model].max_bytes(self.max_event_bytes)
         last_event: dict[str, EventT] = {}
-        results: Counter[Applied] = Counter()
+        results: Counter[str] = Counter()
         letters = []
         for event in events:
+            admission = self.order.admit(event.message.tp, event.message.offset)
+            if admission is not Admission.APPLY:
+                results[admission.value] += 1
+                continue
             try:
                 evidence = to_evidence(decode(model, event.value, max_bytes), self.params)
                 result = Applied.MEASURE_ONLY if evidence is None else apply(
@@ -84,18 +94,21 @@ class Aggregator:
                 letters.append(dead_letter_for(event.message, error, f"{SERVICE}.handle", SERVICE,
                                               self.max_event_bytes))
                 continue
-            results[result] += 1
+            results[result.value] += 1
             if result is Applied.APPLIED:
                 last_event[evidence.capability] = event
+        writes = []
         for capability, event in last_event.items():
             state = self.cache[capability]
             state.revision += 1
-            store(self.states, capability, dump_state(state), event)
+            writes.append(store(self.states, capability, dump_state(state), event))
+        await written(writes)
         for letter in letters:
             await self.topics.dead_letter(letter)
+        await self.order.rewind()
         topic = events[0].message.topic
         for result, count in results.items():
-            WEAKNESS_EVENTS.labels(topic, result.value).inc(count)
+            WEAKNESS_EVENTS.labels(topic, result).inc(count)
         self.changed.update(last_event)
         self.pending_events += len(events)
         HANDLE_SECONDS.labels(SERVICE).observe(time.perf_counter() - started)

@@ -9,7 +9,9 @@ evidence yet appear with the prior.
 Plans: with ``quotas.round_evidence`` 0 every snapshot also gets a `QuotaPlan` (round = snapshot
 seq). Otherwise a round is one policy version: its plan is published once, by the first snapshot
 in which the newest version has at least ``round_evidence`` graded outcomes, so a round's mixture
-comes from the diagnosis of the policy it will train and not from its predecessors'.
+comes from the diagnosis of the policy it will train and not from its predecessors'. The plan goes out
+before the round is recorded, so a planner killed in between plans that round again on restart rather
+than never (agents follow the newest plan of a version).
 
 Example:
     >>> from dpe.events import CapabilityWeakness
@@ -40,7 +42,7 @@ from streams.contracts import CapabilityReport, PartialWeakness
 from streams.scoring import CapabilityState, summarise
 from streams.settings import ScoringSettings, StreamConfig
 from streams.strategies import plan_quotas
-from streams.tables import store
+from streams.tables import store, written
 from streams.topics import SERVICE, StreamTopics
 
 SEQ_KEY = "seq"
@@ -129,22 +131,23 @@ class ReportMerger:
                     last_event[name] = event
         if not last_event:
             return
-        for name, event in last_event.items():
-            store(self.view, name, reports[name].model_dump(mode="json"), event)
+        writes = [store(self.view, name, reports[name].model_dump(mode="json"), event)
+                  for name, event in last_event.items()]
         seq = self.rounds.data.get(SEQ_KEY, -1) + 1
-        store(self.rounds, SEQ_KEY, seq, events[-1])
+        writes.append(store(self.rounds, SEQ_KEY, seq, events[-1]))
+        await written(writes)
         snapshot = build_snapshot(reports, self.scoring, seq=seq)
         await self.topics.send(snapshot)
         export_weakness(snapshot)
         round_number = self.round_due(reports, snapshot, seq)
         if round_number is None:
             return
-        if self.quotas.round_evidence:
-            store(self.rounds, ROUND_KEY, round_number, events[-1])
-            store(self.rounds, PLANNED_KEY, snapshot.policy_version, events[-1])
         plan = plan_quotas(snapshot, self.quotas, round_number, producer=SERVICE)
         await self.topics.send(plan)
         export_plan(plan)
+        if self.quotas.round_evidence:
+            await written([store(self.rounds, ROUND_KEY, round_number, events[-1]),
+                           store(self.rounds, PLANNED_KEY, snapshot.policy_version, events[-1])])
 
     def round_due(self, reports: Mapping[str, CapabilityReport], snapshot: WeaknessSnapshot, seq: int) -> int | None:
         """The round number `snapshot` should be planned as, or None when it brings no plan."""

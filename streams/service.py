@@ -35,6 +35,7 @@ from dpe.topics import TOPICS
 from monitoring.metrics import serve_metrics
 from streams.aggregator import Aggregator, ToEvidence
 from streams.merger import ReportMerger
+from streams.ordering import PartitionOrder
 from streams.runtime import WeaknessApp, faust_options
 from streams.scoring import divergence_evidence, outcome_evidence
 from streams.settings import StreamConfig
@@ -52,7 +53,8 @@ def _batches(stream: StreamT, settings: StreamConfig) -> AsyncIterator:
     return stream.take_events(settings.stream.batch_size, settings.stream.batch_within_s)
 
 
-def evidence_agent(settings: StreamConfig, aggregator: Aggregator, model: type[Event], to_evidence: ToEvidence) -> Agent:
+def evidence_agent(settings: StreamConfig, aggregator: Aggregator, model: type[Event],
+                   to_evidence: ToEvidence) -> Agent:
     """An agent that feeds batches of raw `model` events to the aggregator."""
 
     async def consume(stream: StreamT) -> None:
@@ -81,7 +83,7 @@ def create_app(settings: StreamConfig, bootstrap: str) -> faust.App:
     view = app.Table("planner_view", partitions=1, key_type=str)
     rounds = app.Table("planner_rounds", partitions=1, key_type=str)
 
-    aggregator = Aggregator(settings, states, topics, worker_name())
+    aggregator = Aggregator(settings, states, topics, worker_name(), PartitionOrder(lambda: app.consumer))
     app.on_partitions_revoked.connect(aggregator.on_partitions_revoked)
     planner = ReportMerger(settings, view, rounds, topics)
     app.agent(topics.source(EvalOutcome), name="outcomes")(

@@ -17,6 +17,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import faust
@@ -28,13 +29,17 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
+from dpe.bus.codec import encode
 from dpe.events import BlobRef, DeadLetter, Divergence, EvalOutcome, Event, QuotaPlan, WeaknessSnapshot
 from dpe.settings import Settings
 from dpe.topics import topic_for
+from streams.aggregator import Aggregator
 from streams.beta import credible_interval
 from streams.contracts import PartialWeakness, partial_topic
+from streams.ordering import PartitionOrder
 from streams.runtime import broker_credentials, fetched_end_offsets
 from streams.scoring import divergence_evidence, load_state, outcome_evidence, replay, summarise
+from streams.settings import StreamConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TAXONOMY = ("counting", "color", "spatial", "chart")
@@ -400,6 +405,92 @@ async def test_two_workers_share_partitions_and_one_takes_over(stream_settings, 
         await publish(settings, workload(range(2, 5), per_version=400, seed_offset=2))
         await w.until(matches(await recomputed(settings), settings), what="the survivor's global snapshot")
     assert second.proc.poll() is None
+
+
+class SlowChangelogTable:
+    """Stands in for a Faust table whose changelog records the broker has not acknowledged yet (the producer
+    flush before a commit can return in that state); `acknowledge` lets them through."""
+
+    def __init__(self) -> None:
+        self.data: dict = {}
+        self.pending: list[asyncio.Future] = []
+
+    def send_changelog(self, partition: int, key: str, value: bytes) -> asyncio.Future:
+        self.pending.append(asyncio.get_running_loop().create_future())
+        return self.pending[-1]
+
+    def acknowledge(self) -> None:
+        for future in self.pending:
+            future.set_result(None)
+
+
+class ReportSink:
+    """Stands in for the stream's topics: keeps what the aggregator sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[Event] = []
+
+    async def send(self, event: Event) -> None:
+        self.sent.append(event)
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        self.sent.append(letter)
+
+
+async def test_a_batch_ends_only_once_the_broker_has_its_state_writes():
+    """Faust acknowledges a batch's events when the agent asks for the next batch, and may commit them right
+    after; a state write still unacknowledged then is lost to a kill -9 (the restarted worker never reads those
+    events again). So `Aggregator.consume` returns only after the changelog records are acknowledged."""
+    settings = StreamConfig.load(overrides={"stream": {"scoring": {"taxonomy": list(TAXONOMY)}}})
+    table, sink = SlowChangelogTable(), ReportSink()
+    aggregator = Aggregator(settings, table, sink, worker="test", order=PartitionOrder(lambda: None))
+    batch = [SimpleNamespace(value=encode(outcome(0, f"i{i}", i % 2 == 0, capability), 1 << 20),
+                             message=SimpleNamespace(topic="outcomes", partition=2, tp=("outcomes", 2), offset=i))
+             for i, capability in enumerate(("counting", "color", "counting"))]
+    consuming = asyncio.create_task(aggregator.consume(batch, EvalOutcome, outcome_evidence))
+    await asyncio.sleep(0.2)
+    assert len(table.pending) == 2, "one changelog write per changed capability"
+    assert not consuming.done(), "the batch must not end before the broker has its state writes"
+    table.acknowledge()
+    await asyncio.wait_for(consuming, 5)
+    assert {name: load_state(raw).ledgers["outcome"].events for name, raw in table.data.items()} == \
+        {"counting": 2, "color": 1}
+
+
+class RecordingConsumer:
+    """Stands in for the stream's consumer: a resume point per partition, and the seeks asked of it."""
+
+    def __init__(self, resume: dict) -> None:
+        self.resume = resume
+        self.seeks: list[tuple[str, int]] = []
+
+    def resume_point(self, tp: str) -> int | None:
+        return self.resume.get(tp)
+
+    async def seek(self, partition: str, offset: int) -> None:
+        self.seeks.append((partition, offset))
+
+
+async def test_the_partition_order_gate_holds_records_behind_a_hole_and_seeks_back_to_it():
+    """Faust may hand over a partition's records with the first ones after a seek missing (cleared from its
+    queues); the gate applies nothing past the hole, seeks back once (again only after a while), and applies
+    the re-delivered records in log order, skipping what it applied already."""
+    clock = [0.0]
+    consumer = RecordingConsumer({"p0": 30})
+    order = PartitionOrder(lambda: consumer, clock=lambda: clock[0])
+    first = [order.admit("p0", offset).value for offset in (34, 35)]
+    assert first == ["held_back", "held_back"], "the resume point is 30: 30..33 are missing"
+    await order.rewind()
+    await order.rewind()
+    assert consumer.seeks == [("p0", 30)], "one seek per hole, not one per held-back record"
+    clock[0] += 10
+    await order.rewind()
+    assert consumer.seeks == [("p0", 30), ("p0", 30)], "a hole still open after a while is sought again"
+    again = [order.admit("p0", offset).value for offset in range(30, 36)] + [order.admit("p0", 33).value]
+    assert again == ["apply"] * 6 + ["redelivered"]
+    assert order.holes == {}
+    order.forget()
+    assert order.admit("p1", 7).value == "apply", "a partition without a resume point starts where it starts"
 
 
 async def test_end_offsets_come_from_the_fetch_high_water_mark(settings):
