@@ -79,7 +79,8 @@ def bench_settings(bootstrap: str, home: Path) -> dict:
         "home": str(home),
         "log_level": "INFO",
         "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": f"bench{uuid.uuid4().hex[:8]}."},
-        "stream": {"metrics_port": 0, "scoring": {"taxonomy": list(CAPABILITIES)}},
+        "capabilities": list(CAPABILITIES),
+        "stream": {"metrics_port": 0},
     }
 
 

@@ -1,6 +1,7 @@
 """Settings every service shares, and how settings are loaded and overridden.
 
-`CoreSettings` holds what every process reads (home, kafka, blob store, metrics, log level). Each
+`CoreSettings` holds what every process reads (home, kafka, blob store, metrics, log level, and the
+taxonomy: ``capabilities``, which every section that names capabilities follows). Each
 service adds its own section in its ``settings.py`` as a subclass (``AgentsConfig(CoreSettings)``
 with an ``agents: AgentSettings`` field), so a service reads only the sections it declares; the
 application shell composes all of them into one `Settings` (`dpe.settings`). Every section is
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, TypeAdapter, model_validator
+from pydantic import BaseModel, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -99,6 +100,42 @@ class MetricsSettings(Section):
         return self.port or service_port
 
 
+def world_capabilities() -> tuple[str, ...]:
+    """The synthetic world's capabilities, the default taxonomy (imported on use: the world pulls in numpy
+    and Pillow)."""
+    from dpe.world import CAPABILITIES
+
+    return tuple(CAPABILITIES)
+
+
+SectionT = TypeVar("SectionT", bound=Section)
+
+
+def following(section: SectionT, where: str, field: str, capabilities: tuple[str, ...]) -> SectionT:
+    """`section` with its `field` set to the deployment's `capabilities`; a different value set by hand is
+    refused, so the taxonomy is set in one place.
+
+    >>> from streams.settings import ScoringSettings
+    >>> following(ScoringSettings(), "stream.scoring", "taxonomy", ("chart",)).taxonomy
+    ('chart',)
+    >>> following(ScoringSettings(taxonomy=("color",)), "stream.scoring", "taxonomy", ("chart",))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: stream.scoring.taxonomy ['color'] differs from capabilities ['chart']: set the top-level ...
+    """
+    if field in section.model_fields_set and tuple(getattr(section, field)) != capabilities:
+        raise ValueError(f"{where}.{field} {list(getattr(section, field))} differs from capabilities "
+                         f"{list(capabilities)}: set the top-level capabilities instead")
+    followed = section.model_copy(update={field: capabilities})
+    followed.__pydantic_fields_set__.discard(field)
+    return followed
+
+
+def set_derived(settings: BaseSettings, name: str, value: Any) -> None:
+    """Replace section `name` of `settings` by a value derived from other settings, without marking it as set
+    (so ``model_dump(exclude_unset=True)`` in `CoreSettings.load` never turns it into an override)."""
+    settings.__dict__[name] = value
+
+
 class CoreSettings(BaseSettings):
     """What every dpe process reads. Services subclass it with their own section (see the module doc)."""
 
@@ -111,10 +148,24 @@ class CoreSettings(BaseSettings):
     blob: BlobSettings = Field(default_factory=BlobSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log_level: str = "INFO"
+    capabilities: tuple[str, ...] = Field(
+        default_factory=world_capabilities, min_length=1,
+        description="The taxonomy: every capability the deployment evaluates, scores, plans and audits (the "
+        "synthetic world's 7 by default; DPE's image types, `dpe.taxonomy.DPE_IMAGE_TYPES`, or a benchmark's own "
+        "categories). Every section that names capabilities follows it.",
+    )
     checkpoint_roots: tuple[Path, ...] = Field(
         (), description="Folders announced checkpoints may also be loaded from, besides <home>/checkpoints and the "
         "model cache (e.g. a base model's folder, or trainer.checkpoints.folder when it is elsewhere).",
     )
+
+    @field_validator("capabilities")
+    @classmethod
+    def _distinct_capabilities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"capabilities lists {twice} more than once")
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -14,26 +14,22 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, field_validator
+from pydantic import Field, NonNegativeInt, field_validator, model_validator
 
-from dpe.config import CoreSettings
+from dpe.config import CoreSettings, following, set_derived, world_capabilities
 from dpe.section import Section
 
 StrategyName = Literal["dpe_step", "proportional", "uniform", "learning_progress"]
 """The quota strategies by name (`streams.strategies.STRATEGIES` implements exactly these)."""
 
 
-def default_taxonomy() -> tuple[str, ...]:
-    """The synthetic world's capabilities (imported on use: the world pulls in numpy and Pillow)."""
-    from dpe.world import CAPABILITIES
-
-    return tuple(CAPABILITIES)
-
-
 class ScoringSettings(Section):
     """How evidence becomes a per-capability weakness (see `streams.scoring`)."""
 
-    taxonomy: tuple[str, ...] = Field(default_factory=default_taxonomy, description="Known capabilities.")
+    taxonomy: tuple[str, ...] = Field(
+        default_factory=world_capabilities,
+        description="Known capabilities (in a deployment: the top-level capabilities).",
+    )
     open_taxonomy: bool = Field(False, description="Accept capabilities outside the taxonomy, not dead-letter them.")
     half_life: float = Field(1.0, gt=0, description="Evidence this old (in `half_life_unit`) counts half.")
     half_life_unit: Literal["versions", "events"] = Field(
@@ -102,3 +98,9 @@ class StreamConfig(CoreSettings):
     """What the weakness stream reads: the core settings and its own section."""
 
     stream: StreamSettings = Field(default_factory=StreamSettings)
+
+    @model_validator(mode="after")
+    def _stream_follows_capabilities(self) -> "StreamConfig":
+        scoring = following(self.stream.scoring, "stream.scoring", "taxonomy", self.capabilities)
+        set_derived(self, "stream", self.stream.model_copy(update={"scoring": scoring}))
+        return self

@@ -110,3 +110,23 @@ def test_summary_masks_credentials_written_into_urls():
     assert summary["evaluator"]["judge"]["base_url"] == "https://***@api.example/v1"
     assert summary["auditor"]["references"][0]["endpoint"]["base_url"] == "https://***@api.example/v1", "lists too"
     assert settings.blob.url == f"s3://key:{SECRET}@minio:9000/bucket/blobs", "the settings themselves keep them"
+
+
+def test_the_taxonomy_is_one_setting_every_section_follows():
+    """`capabilities` sets what the evaluator, the stream and the auditor name; a section's own list set by hand to
+    something else is refused, and a taxonomy without the synthetic world's capabilities turns its suites off."""
+    default = Settings.load()
+    assert default.stream.scoring.taxonomy == default.evaluator.capabilities == default.auditor.capabilities \
+        == default.evaluator.synthetic.capabilities == default.capabilities
+    mixed = Settings.load(overrides={"capabilities": ["color", "chart_graph", "math_formula"]})
+    assert mixed.stream.scoring.taxonomy == mixed.auditor.capabilities == ("color", "chart_graph", "math_formula")
+    assert mixed.evaluator.synthetic.capabilities == ("color",), "the synthetic suites cover the world's part"
+    assert {probe.capability for probe in mixed.auditor.generic_probes} == {"color"}
+    image_types = Settings.load(overrides={"capabilities": ["chart_graph", "mixed"]})
+    assert image_types.evaluator.synthetic is None
+    assert image_types.model_dump(exclude_unset=True) == {"capabilities": ("chart_graph", "mixed")}, \
+        "derived sections are never taken for settings given by hand"
+    with pytest.raises(ValidationError, match="set the top-level capabilities instead"):
+        Settings.load(overrides={"stream": {"scoring": {"taxonomy": ["color"]}}})
+    with pytest.raises(ValidationError, match="more than once"):
+        Settings.load(overrides={"capabilities": ["color", "color"]})

@@ -202,8 +202,8 @@ def test_metrics_follow_the_latest_snapshot_and_plan():
 
 def test_stream_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("DPE_STREAM__QUOTAS__STRATEGY", "uniform")
-    monkeypatch.setenv("DPE_STREAM__SCORING__TAXONOMY", '["chart", "color"]')
+    monkeypatch.setenv("DPE_CAPABILITIES", '["chart", "color"]')
     settings = Settings.load()
     assert settings.stream.quotas.strategy == "uniform"
-    assert settings.stream.scoring.taxonomy == ("chart", "color")
+    assert settings.stream.scoring.taxonomy == settings.capabilities == ("chart", "color")
     assert settings.stream.metrics_port == 9101

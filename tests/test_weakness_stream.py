@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import csv
 import hashlib
+import io
 import json
 import os
 import signal
@@ -27,12 +29,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
+from PIL import Image
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.bus.codec import encode
 from dpe.events import BlobRef, DeadLetter, Divergence, EvalOutcome, Event, QuotaPlan, WeaknessSnapshot
 from dpe.settings import Settings
 from dpe.topics import topic_for
+from producers.evaluator.loaders import load_benchmark
 from streams.aggregator import Aggregator
 from streams.beta import credible_interval
 from streams.contracts import PartialWeakness, partial_topic
@@ -90,8 +94,8 @@ def stream_settings(settings: Settings, tmp_path: Path) -> tuple[Settings, Path]
         "log_level": "WARNING",
         "kafka": {"bootstrap_servers": settings.kafka.bootstrap_servers, "topic_prefix": settings.kafka.topic_prefix},
         "blob": {"url": settings.blob.url},
-        "stream": {"metrics_port": 0, "snapshot_every_s": 0.2, "quotas": {"budget": 100},
-                   "scoring": {"taxonomy": list(TAXONOMY)}},
+        "capabilities": list(TAXONOMY),
+        "stream": {"metrics_port": 0, "snapshot_every_s": 0.2, "quotas": {"budget": 100}},
     }
     path = tmp_path / "stream.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -407,6 +411,51 @@ async def test_two_workers_share_partitions_and_one_takes_over(stream_settings, 
     assert second.proc.poll() is None
 
 
+def benchmark_file(path: Path, categories: list[str]) -> Path:
+    """A VLMEvalKit-style TSV with one multiple-choice row per category (a red 8-pixel PNG each)."""
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(image, format="PNG")
+    encoded = base64.b64encode(image.getvalue()).decode()
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["index", "question", "A", "B", "answer", "category", "image"])
+        writer.writerows([i, f"Question {i}?", "yes", "no", "A", category, encoded]
+                         for i, category in enumerate(categories))
+    return path
+
+
+async def test_a_benchmark_category_mapped_in_the_settings_is_scored_never_dead_lettered(stream_settings, start_worker,
+                                                                                        tmp_path):
+    """The taxonomy is one setting, `capabilities`: a benchmark whose categories map to an image type of the DPE
+    paper (outside the synthetic world) loads with that capability, and the stream scores its outcomes rather
+    than dead-lettering them as unknown. Without it in `capabilities` the settings refuse the mapping."""
+    settings, path = stream_settings
+    suite = {"name": "bench", "path": str(benchmark_file(tmp_path / "bench.tsv", ["math"] * 4 + ["spatial"] * 2)),
+             "format": "vlmeval_tsv", "categories": {"math": "math_formula", "spatial": "spatial"}}
+    config = yaml.safe_load(path.read_text())
+    with pytest.raises(ValueError, match="math_formula"):
+        Settings(**config | {"evaluator": {"benchmarks": [suite]}})
+    config |= {"capabilities": [*TAXONOMY, "math_formula"], "evaluator": {"benchmarks": [suite]}}
+    path.write_text(yaml.safe_dump(config))
+    deployment = Settings.load(path)
+    assert deployment.stream.scoring.taxonomy == deployment.evaluator.capabilities == deployment.capabilities
+    loaded = load_benchmark(deployment.evaluator.benchmarks[0], deployment.evaluator.capabilities)
+    assert sorted(item.capability for item in loaded.items) == ["math_formula"] * 4 + ["spatial"] * 2
+    await publish(deployment, [
+        EvalOutcome(policy_version=0, suite=item.suite, item_id=item.item_id, capability=item.capability,
+                    answer_type=item.answer_type, expected=item.answer, predicted="A" if i % 2 else "B",
+                    correct=bool(i % 2), score=float(i % 2))
+        for i, item in enumerate(loaded.items)
+    ])
+    start_worker()
+    async with AsyncPublisher(deployment) as pub, follow(deployment, pub) as sub:
+        w = Watch(sub)
+        await w.until(lambda w: w.latest is not None and w.latest[0].capabilities["math_formula"].events == 4
+                      and w.latest[0].capabilities["spatial"].events == 2, what="the mapped capabilities scored")
+    assert w.latest[1].quotas.keys() == set(deployment.capabilities), "the plan covers the whole taxonomy"
+    assert not w.letters, f"nothing dead-lettered: {[letter.error_class for letter in w.letters]}"
+
+
 class SlowChangelogTable:
     """Stands in for a Faust table whose changelog records the broker has not acknowledged yet (the producer
     flush before a commit can return in that state); `acknowledge` lets them through."""
@@ -441,7 +490,7 @@ async def test_a_batch_ends_only_once_the_broker_has_its_state_writes():
     """Faust acknowledges a batch's events when the agent asks for the next batch, and may commit them right
     after; a state write still unacknowledged then is lost to a kill -9 (the restarted worker never reads those
     events again). So `Aggregator.consume` returns only after the changelog records are acknowledged."""
-    settings = StreamConfig.load(overrides={"stream": {"scoring": {"taxonomy": list(TAXONOMY)}}})
+    settings = StreamConfig.load(overrides={"capabilities": list(TAXONOMY)})
     table, sink = SlowChangelogTable(), ReportSink()
     aggregator = Aggregator(settings, table, sink, worker="test", order=PartitionOrder(lambda: None))
     batch = [SimpleNamespace(value=encode(outcome(0, f"i{i}", i % 2 == 0, capability), 1 << 20),

@@ -22,11 +22,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from dpe.config import CoreSettings
+from dpe.config import CoreSettings, following, set_derived, world_capabilities
 from dpe.endpoint.settings import EndpointSettings
 from dpe.events import ID_PATTERN, AnswerType
 from dpe.section import Section
-from dpe.taxonomy import KNOWN_CAPABILITIES
 
 
 class ToolchainReference(Section):
@@ -104,7 +103,10 @@ class AuditorSettings(Section):
     min_consensus: float = Field(0.6, gt=0.0, le=1.0, description="Share of references that must agree.")
     min_agreeing: int = Field(1, ge=1, description="References that must give the consensus answer.")
     generic_probes: tuple[GenericProbe, ...] = DEFAULT_GENERIC_PROBES
-    capabilities: tuple[str, ...] = KNOWN_CAPABILITIES
+    capabilities: tuple[str, ...] = Field(
+        default_factory=world_capabilities,
+        description="Capabilities probes and items may name (in a deployment: the top-level capabilities).",
+    )
     max_new_tokens: int = Field(24, ge=1)
     torch_threads: int = Field(1, ge=0, description="Few threads, so auditing never starves the CPU.")
     group_id: str = "auditor"
@@ -112,13 +114,10 @@ class AuditorSettings(Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _consistent(self) -> "AuditorSettings":
+    def _unique_references(self) -> "AuditorSettings":
         names = [reference.name for reference in self.references]
         if len(set(names)) != len(names):
             raise ValueError(f"reference names must be unique, got {names}")
-        unknown = sorted({probe.capability for probe in self.generic_probes} - set(self.capabilities))
-        if unknown:
-            raise ValueError(f"generic probes name unknown capabilities {unknown}")
         return self
 
 
@@ -126,3 +125,17 @@ class AuditorConfig(CoreSettings):
     """What the auditor reads: the core settings and its own section."""
 
     auditor: AuditorSettings = Field(default_factory=AuditorSettings)
+
+    @model_validator(mode="after")
+    def _auditor_follows_capabilities(self) -> "AuditorConfig":
+        section = following(self.auditor, "auditor", "capabilities", self.capabilities)
+        probes = section.generic_probes
+        if "generic_probes" not in section.model_fields_set:
+            probes = tuple(probe for probe in probes if probe.capability in self.capabilities)
+        elif unknown := sorted({probe.capability for probe in probes} - set(self.capabilities)):
+            raise ValueError(f"auditor.generic_probes name {unknown}, which are not in capabilities "
+                             f"{list(self.capabilities)}")
+        followed = section.model_copy(update={"generic_probes": probes})
+        followed.__pydantic_fields_set__.discard("generic_probes")
+        set_derived(self, "auditor", followed)
+        return self

@@ -2,8 +2,11 @@
 
 Pure configuration (no behaviour): `EvaluatorConfig` is what the evaluator reads, the core settings
 plus this section, from the same YAML file, ``DPE_EVALUATOR__*`` environment variables and CLI flags
-as everything else. For instance, in the YAML file::
+as everything else. The capabilities outcomes may name are the deployment's taxonomy, the top-level
+``capabilities``: a benchmark's categories map into it, and the synthetic suites cover the world's
+capabilities it lists. For instance, in the YAML file::
 
+    capabilities: [counting, color, natural_scene, math_formula, mixed]
     evaluator:
       synthetic: {round_items: 140, heldout_items: 210}
       benchmarks:
@@ -29,11 +32,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dpe.config import CoreSettings
+from dpe.config import CoreSettings, following, set_derived, world_capabilities
 from dpe.endpoint.settings import EndpointSettings
 from dpe.events import ID_PATTERN
 from dpe.section import Section
-from dpe.taxonomy import KNOWN_CAPABILITIES
 from dpe.world.questions import CAPABILITIES
 
 Skill = Literal["perception", "calculation", "reasoning"]
@@ -102,7 +104,10 @@ class EvaluatorSettings(Section):
 
     synthetic: SyntheticSuites | None = Field(default_factory=SyntheticSuites)
     benchmarks: list[BenchmarkSuite] = Field(default_factory=list)
-    capabilities: tuple[str, ...] = Field(KNOWN_CAPABILITIES, description="Capabilities outcomes may name.")
+    capabilities: tuple[str, ...] = Field(
+        default_factory=world_capabilities,
+        description="Capabilities outcomes may name (in a deployment: the top-level capabilities).",
+    )
     skills: dict[str, Skill] = Field(default_factory=lambda: dict(DEFAULT_SKILLS))
     judge: EndpointSettings | None = Field(None, description="Attribute failures with a judge model; rules if unset.")
     max_new_tokens: int = Field(24, ge=1)
@@ -112,21 +117,69 @@ class EvaluatorSettings(Section):
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus port (0: none; metrics.port overrides).")
 
     @model_validator(mode="after")
-    def _mapped_capabilities_known(self) -> "EvaluatorSettings":
+    def _unique_suites(self) -> "EvaluatorSettings":
         names = [suite.name for suite in self.benchmarks]
         if self.synthetic is not None:
             names += [self.synthetic.round_suite, self.synthetic.heldout_suite]
         if len(set(names)) != len(names):
             raise ValueError(f"suite names must be unique, got {names}")
+        return self
+
+    def mapped_outside(self) -> dict[str, list[str]]:
+        """Per benchmark, the capabilities its categories map to that are not in `capabilities`.
+
+        >>> suite = {"name": "b", "path": "b.tsv", "format": "vlmeval_tsv", "categories": {"math": "math_formula"}}
+        >>> EvaluatorSettings(benchmarks=[suite]).mapped_outside()
+        {'b': ['math_formula']}
+        """
+        outside = {}
         for suite in self.benchmarks:
             targets = set(suite.categories.values()) | ({suite.default_capability} - {None})
-            unknown = sorted(targets - set(self.capabilities))
-            if unknown:
-                raise ValueError(f"benchmark {suite.name} maps to unknown capabilities {unknown}")
-        return self
+            if unknown := sorted(targets - set(self.capabilities)):
+                outside[suite.name] = unknown
+        return outside
 
 
 class EvaluatorConfig(CoreSettings):
     """What the evaluator reads: the core settings and its own section."""
 
     evaluator: EvaluatorSettings = Field(default_factory=EvaluatorSettings)
+
+    @model_validator(mode="after")
+    def _evaluator_follows_capabilities(self) -> "EvaluatorConfig":
+        section = following(self.evaluator, "evaluator", "capabilities", self.capabilities)
+        for name, unknown in section.mapped_outside().items():
+            raise ValueError(f"benchmark {name} maps categories to {unknown}, which are not in capabilities "
+                             f"{list(self.capabilities)}: add them there (or map the categories elsewhere)")
+        synthetic = section.synthetic
+        if synthetic is not None:
+            synthetic = _synthetic_within(synthetic, self.capabilities, by_hand="synthetic" in section.model_fields_set)
+        followed = section.model_copy(update={"synthetic": synthetic})
+        followed.__pydantic_fields_set__ = section.model_fields_set
+        set_derived(self, "evaluator", followed)
+        return self
+
+
+def _synthetic_within(synthetic: SyntheticSuites, capabilities: tuple[str, ...],
+                      by_hand: bool) -> SyntheticSuites | None:
+    """The synthetic suites over the world's capabilities in the taxonomy, or those named by hand (checked);
+    None, no synthetic suites, for a taxonomy without world capabilities unless the suites were configured.
+
+    >>> _synthetic_within(SyntheticSuites(), ("chart_graph", "color"), by_hand=False).capabilities
+    ('color',)
+    >>> _synthetic_within(SyntheticSuites(), ("chart_graph",), by_hand=False) is None
+    True
+    """
+    if "capabilities" in synthetic.model_fields_set:
+        if outside := sorted(set(synthetic.capabilities) - set(capabilities)):
+            raise ValueError(f"evaluator.synthetic.capabilities {outside} are not in capabilities {list(capabilities)}")
+        return synthetic
+    shared = tuple(name for name in capabilities if name in CAPABILITIES)
+    if not shared and by_hand:
+        raise ValueError(f"none of capabilities {list(capabilities)} is the synthetic world's ({list(CAPABILITIES)}): "
+                         "set evaluator.synthetic to null, or add world capabilities")
+    if not shared:
+        return None
+    followed = synthetic.model_copy(update={"capabilities": shared})
+    followed.__pydantic_fields_set__.discard("capabilities")
+    return followed
