@@ -16,7 +16,7 @@ from dpe.blobstore import ImageLimits
 from dpe.taxonomy import KNOWN_CAPABILITIES
 from producers.evaluator.loaders import BenchmarkError, load_benchmark
 from producers.evaluator.service import Evaluator
-from producers.evaluator.settings import BenchmarkSuite, EvaluatorSettings
+from producers.evaluator.settings import BenchmarkSuite, EvaluatorConfig, EvaluatorSettings
 
 
 def png(color: str = "red", size: int = 8) -> bytes:
@@ -206,7 +206,7 @@ def test_evaluator_samples_benchmarks_afresh_per_version(tmp_path):
 
 
 def test_mapping_to_an_unknown_capability_is_a_settings_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown capabilities"):
-        EvaluatorSettings(benchmarks=[BenchmarkSuite(name="b", path=tmp_path / "b.tsv", format="vlmeval_tsv",
-                                                     categories={"math": "astrology"})])
+    suite = BenchmarkSuite(name="b", path=tmp_path / "b.tsv", format="vlmeval_tsv", categories={"math": "astrology"})
+    with pytest.raises(ValueError, match=r"maps categories to \['astrology'\], which are not in capabilities"):
+        EvaluatorConfig(evaluator=EvaluatorSettings(benchmarks=[suite]))
 
