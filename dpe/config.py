@@ -100,12 +100,16 @@ class MetricsSettings(Section):
         return self.port or service_port
 
 
-def world_capabilities() -> tuple[str, ...]:
-    """The synthetic world's capabilities, the default taxonomy (imported on use: the world pulls in numpy
-    and Pillow)."""
-    from dpe.world import CAPABILITIES
+WORLD_CAPABILITIES: tuple[str, ...] = (
+    "counting", "color", "spatial", "existence", "text_reading", "chart", "arithmetic",
+)
+"""The synthetic world's capabilities (`dpe.world.CAPABILITIES`, which the core may not import), the default
+taxonomy; a test keeps the two equal."""
 
-    return tuple(CAPABILITIES)
+
+def world_capabilities() -> tuple[str, ...]:
+    """`WORLD_CAPABILITIES`, as a field's default factory."""
+    return WORLD_CAPABILITIES
 
 
 SectionT = TypeVar("SectionT", bound=Section)

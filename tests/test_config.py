@@ -112,6 +112,13 @@ def test_summary_masks_credentials_written_into_urls():
     assert settings.blob.url == f"s3://key:{SECRET}@minio:9000/bucket/blobs", "the settings themselves keep them"
 
 
+def test_the_default_taxonomy_is_the_synthetic_worlds():
+    from dpe.config import WORLD_CAPABILITIES
+    from dpe.world import CAPABILITIES
+
+    assert WORLD_CAPABILITIES == tuple(CAPABILITIES)
+
+
 def test_the_taxonomy_is_one_setting_every_section_follows():
     """`capabilities` sets what the evaluator, the stream and the auditor name; a section's own list set by hand to
     something else is refused, and a taxonomy without the synthetic world's capabilities turns its suites off."""
