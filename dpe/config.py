@@ -129,9 +129,14 @@ def following(section: SectionT, where: str, field: str, capabilities: tuple[str
     if field in section.model_fields_set and tuple(getattr(section, field)) != capabilities:
         raise ValueError(f"{where}.{field} {list(getattr(section, field))} differs from capabilities "
                          f"{list(capabilities)}: set the top-level capabilities instead")
-    followed = section.model_copy(update={field: capabilities})
-    followed.__pydantic_fields_set__.discard(field)
-    return followed
+    return derived(section, **{field: capabilities})
+
+
+def derived(section: SectionT, **values: Any) -> SectionT:
+    """`section` with `values` derived from other settings; what counts as set by hand stays as it was."""
+    copied = section.model_copy(update=values)
+    copied.__pydantic_fields_set__ = set(section.model_fields_set)
+    return copied
 
 
 def set_derived(settings: BaseSettings, name: str, value: Any) -> None:

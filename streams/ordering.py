@@ -80,7 +80,7 @@ class PartitionOrder:
 
     async def rewind(self) -> None:
         """Seek every open hole's partition back to the hole (again only after `REWIND_RETRY_S`)."""
-        consumer = self.consumer()
+        consumer = self.consumer() if self.holes else None
         if consumer is None:
             return
         now = self.clock()

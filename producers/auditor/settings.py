@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from dpe.config import CoreSettings, following, set_derived, world_capabilities
+from dpe.config import CoreSettings, derived, following, set_derived, world_capabilities
 from dpe.endpoint.settings import EndpointSettings
 from dpe.events import ID_PATTERN, AnswerType
 from dpe.section import Section
@@ -135,7 +135,5 @@ class AuditorConfig(CoreSettings):
         elif unknown := sorted({probe.capability for probe in probes} - set(self.capabilities)):
             raise ValueError(f"auditor.generic_probes name {unknown}, which are not in capabilities "
                              f"{list(self.capabilities)}")
-        followed = section.model_copy(update={"generic_probes": probes})
-        followed.__pydantic_fields_set__.discard("generic_probes")
-        set_derived(self, "auditor", followed)
+        set_derived(self, "auditor", derived(section, generic_probes=probes))
         return self

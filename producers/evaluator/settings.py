@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dpe.config import CoreSettings, following, set_derived, world_capabilities
+from dpe.config import CoreSettings, derived, following, set_derived, world_capabilities
 from dpe.endpoint.settings import EndpointSettings
 from dpe.events import ID_PATTERN
 from dpe.section import Section
@@ -154,9 +154,7 @@ class EvaluatorConfig(CoreSettings):
         synthetic = section.synthetic
         if synthetic is not None:
             synthetic = _synthetic_within(synthetic, self.capabilities, by_hand="synthetic" in section.model_fields_set)
-        followed = section.model_copy(update={"synthetic": synthetic})
-        followed.__pydantic_fields_set__ = section.model_fields_set
-        set_derived(self, "evaluator", followed)
+        set_derived(self, "evaluator", derived(section, synthetic=synthetic))
         return self
 
 
@@ -180,6 +178,4 @@ def _synthetic_within(synthetic: SyntheticSuites, capabilities: tuple[str, ...],
                          "set evaluator.synthetic to null, or add world capabilities")
     if not shared:
         return None
-    followed = synthetic.model_copy(update={"capabilities": shared})
-    followed.__pydantic_fields_set__.discard("capabilities")
-    return followed
+    return derived(synthetic, capabilities=shared)
