@@ -91,13 +91,14 @@ async def publish(settings: Settings, events: list[Event]) -> None:
         await publisher.flush()
 
 
-async def prepare_items(bootstrap: str, work: Path, count: int, answer_key: bool) -> tuple[list[UnlabeledItem], float]:
-    """Ingest `count` synthetic scenes once (with the answer key for the programmatic fast path, pixels only
-    for the stand-ins); their events (re-published to each run) and ingest items/s."""
+async def prepare_items(bootstrap: str, work: Path, count: int, answer_key: bool,
+                        seed: int = 11) -> tuple[list[UnlabeledItem], float]:
+    """Ingest `count` synthetic scenes of the world's `seed` once (with the answer key for the programmatic fast
+    path, pixels only for the stand-ins); their events (re-published to each run) and ingest items/s."""
     settings = fresh_settings(bootstrap, work)
     async with AsyncPublisher(settings, producer_name="bench") as publisher:
         started = time.perf_counter()
-        entries = synthetic_entries(count, seed=11, answer_key=answer_key)
+        entries = synthetic_entries(count, seed=seed, answer_key=answer_key)
         report = await Ingestor.from_settings(settings, publisher).ingest(entries)
         seconds = time.perf_counter() - started
     return await read_topic(settings, UnlabeledItem), report.published / seconds
@@ -235,10 +236,11 @@ PROGRAMMATIC = {"backends": dict.fromkeys(("planner", "writer", "validator", "an
 async def teacher_bench(args: argparse.Namespace, bootstrap: str, work: Path) -> dict[str, Any]:
     """The pixel stand-ins (the default roles) on items without metadata: accepted/s and accuracy against the truth."""
     console = Console(stderr=True)
-    items, _ = await prepare_items(bootstrap, work, args.items, answer_key=False)
-    console.print(f"ingested {len(items)} synthetic images, pixels only")
     runs, graded, rejected = [], [], []
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
+        items, _ = await prepare_items(bootstrap, work, args.items, answer_key=False, seed=11 + repeat)
+        console.print(f"ingested {len(items)} synthetic images of seed {11 + repeat}, pixels only (new images each "
+                      "run: the toolchains remember what they read)")
         settings = fresh_settings(bootstrap, work, samples_per_item=4)
         runs.append(await fill(settings, items, args.per_capability, limit_s=args.teacher_seconds))
         graded += grade_samples(await read_topic(settings, AcceptedSample), items)

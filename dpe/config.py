@@ -58,7 +58,10 @@ class KafkaSettings(Section):
     ssl_password: SecretStr | None = None
     session_timeout_ms: int = Field(6000, ge=1000, description="Short: group joins wait ~half of it.")
     heartbeat_interval_ms: int = Field(1000, ge=100)
-    fetch_max_wait_ms: int = Field(10, ge=0, description="End-to-end latency is about this long.")
+    fetch_max_wait_ms: int = Field(
+        100, ge=0, description="How long a fetch waits for data: each hop's latency on the embedded broker, which "
+        "wakes no waiting fetch. Idle consumers ask this often (at 10 ms, ten of them and the broker took a core)."
+    )
     max_poll_interval_ms: int = Field(
         1_800_000, ge=10_000, description="Longest handler run (e.g. one evaluation) before the group evicts it."
     )

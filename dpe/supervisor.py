@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import subprocess
 import sys
@@ -32,6 +34,8 @@ class ServiceSpec:
     name: str
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    niceness: int = 0
+    """Added to the process's nice value: a service off the critical path yields the CPU to the others."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,13 @@ class Restart:
     def __str__(self) -> str:
         return (f"service {self.name} exited with code {self.exit_code}; "
                 f"restart {self.restarts} of {self.max_restarts} within {self.window_s / 60:.0f} min")
+
+
+def _in_child(niceness: int) -> None:
+    """Before exec: die with the supervisor, at the spec's niceness."""
+    die_with_parent()
+    if niceness:
+        os.nice(niceness)
 
 
 @dataclass
@@ -87,7 +98,7 @@ class Supervisor:
                 [sys.executable, "-m", "dpe", *spec.args],
                 env={**self.env, **spec.env},
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=functools.partial(_in_child, spec.niceness),
             )
         finally:
             log.close()

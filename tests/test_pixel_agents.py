@@ -27,6 +27,7 @@ from dpe.blobstore import BlobStore
 from dpe.events import AcceptedSample, CapabilityDiagnosis, FailedItem, UnlabeledItem
 from dpe.imaging import Flip, Rotate, apply_edits
 from dpe.perception.toolchain import TOOLCHAINS
+from dpe.taxonomy import DPE_IMAGE_TYPES
 from dpe.world import CAPABILITIES, Scene, generate_scene, question_kind, render_scene, unlabeled_scene
 from dpe.world.answers import NotAnswerable, answer_question
 from dpe.world.fonts import font
@@ -63,14 +64,19 @@ def stored_item(store: BlobStore, index: int, seed: int, metadata: Mapping[str, 
                                          text=None, metadata=metadata, producer="test")
 
 
-@pytest.fixture
-def pixel_crew(settings) -> tuple[Crew, BlobStore]:
-    config = AgentsConfig.model_validate(settings.model_dump())
+def crew_for(settings, **overrides: Any) -> tuple[Crew, BlobStore]:
+    """The default crew of these settings, with `overrides` laid over them."""
+    config = AgentsConfig.model_validate(settings.model_dump() | overrides)
     roles = build_roles(config, None)
     store = BlobStore(settings.blob.url, settings.blob.limits)
     crew = Crew(roles, QCChain(build_checks(config, roles, NearDuplicateIndex(), None)), store,
                 accepted_plan=lambda sample_id: None, policy_version=lambda: 0)
     return crew, store
+
+
+@pytest.fixture
+def pixel_crew(settings) -> tuple[Crew, BlobStore]:
+    return crew_for(settings)
 
 
 async def test_the_default_crew_writes_right_samples_from_pixels_and_never_reads_the_metadata(pixel_crew):
@@ -98,6 +104,36 @@ async def test_the_default_crew_writes_right_samples_from_pixels_and_never_reads
     lie_of = {item.item_id: Scene.model_validate(dict(lie._data)) for item, lie in zip(items, lies)}
     told_by_the_lie = sum(_answers(lie_of[sample.source_item_id], sample) == sample.body.answer for sample in accepted)
     assert told_by_the_lie < 0.5 * len(accepted), "the samples follow the metadata, not the pixels"
+
+
+async def test_with_dpe_image_types_as_the_taxonomy_the_crew_writes_for_the_types_its_tools_can_read(settings):
+    """Capabilities are DPE's image types: shapes serve ``geometric`` (with every kind of shape question), charts
+    ``chart_graph``, text ``text_dense``, formulas ``math_formula``; types the toolchains cannot read (``medical``)
+    get no sample, with a reason, and the samples stay right against the hidden truth."""
+    crew, store = crew_for(settings, capabilities=list(DPE_IMAGE_TYPES))
+    readable = {"geometric", "chart_graph", "text_dense", "math_formula"}
+    items = [stored_item(store, index, 7, {}) for index in range(80)]
+    accepted, outcomes = [], collections.Counter()
+    for item in items:
+        ctx = await crew.context(item)
+        served = await crew.capabilities(ctx)
+        assert served <= readable
+        for capability in sorted(served):
+            outcome = await crew.attempt(ctx, capability, "plan", attempt=0)
+            outcomes["accepted" if isinstance(outcome, Passed) else outcome.sample.reason_code] += 1
+            if isinstance(outcome, Passed):
+                accepted.append(outcome.sample)
+    graded = grade_samples(accepted, items)
+    assert {sample.capability for sample in accepted} == readable, outcomes
+    assert len(graded) == len(accepted) >= 40 and sum(g.right for g in graded) / len(graded) >= 0.95, outcomes
+    planned = [step.detail for sample in accepted if sample.capability == "geometric"
+               for step in sample.agents if step.role == "planner"]
+    shape_questions = {detail.removeprefix("geometric: ").split(" ")[0] for detail in planned}
+    assert shape_questions == {"counting", "color", "existence", "spatial"}, shape_questions
+    refused = await crew.attempt(await crew.context(items[0]), "medical", "plan", attempt=0)
+    assert not isinstance(refused, Passed) and refused.sample.reason_code == "planner_not_applicable"
+    with pytest.raises(ValueError, match="question types of the synthetic world"):
+        AgentsConfig.model_validate(settings.model_dump() | {"agents": {"questions": {"medical": ["x_ray"]}}})
 
 
 def failing(question: str, expected: str, count: int = 6) -> CapabilityDiagnosis:

@@ -159,6 +159,16 @@ def build_deepspeed_ops(folder: Path) -> None:
         builder.load(verbose=False)
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 without a launcher), known before any engine is built.
+
+    Example:
+        >>> launched_rank() if "RANK" not in os.environ else 0
+        0
+    """
+    return int(os.environ.get("RANK", "0"))
+
+
 def use_vllm(rollout: str, *, cuda_available: bool, vllm_installed: bool) -> bool:
     """Whether rollouts go through vLLM: always for "vllm", never for "generate", if possible for "auto".
 

@@ -48,7 +48,7 @@ from monitoring.metrics import (
     serve_metrics,
 )
 from trainer.checkpoints import CheckpointStore, Manifest, StoredCheckpoint, folder_name
-from trainer.distributed import share_from_main
+from trainer.distributed import launched_rank, share_from_main
 from trainer.engine import GRPOEngine, RoundStats
 from trainer.rounds import Round, RoundCollector, positions_by_topic, positions_from_topics
 from trainer.settings import TrainerConfig, checkpoint_root
@@ -123,13 +123,16 @@ async def run_trainer(
     stop = stop or asyncio.Event()
     trainer_settings = settings.trainer
     base = base_model_folder(settings)
+    main = launched_rank() == 0
+    store = CheckpointStore(checkpoint_root(settings), trainer_settings.checkpoints.keep_last) if main else None
+    latest = store.latest() if store is not None else None
+    if main and latest is None:
+        await announce_base_model(settings, base)
     engine = GRPOEngine(base, trainer_settings, settings.home / "trainer")
-    if not engine.is_main_process:
+    if store is None:
         _follow(engine)
         return []
     serve_metrics(settings.metrics.port_for(trainer_settings.metrics_port), settings.metrics.addr)
-    store = CheckpointStore(checkpoint_root(settings), trainer_settings.checkpoints.keep_last)
-    latest = store.latest()
     share_from_main(latest, engine.num_processes)
     if latest is not None:
         engine.load_checkpoint(latest.path, latest.manifest.global_step)
@@ -142,13 +145,16 @@ async def run_trainer(
             settings, [AcceptedSample], group_id=trainer_settings.group_id, service=PRODUCER, publisher=publisher,
             subscribe=False
         ) as subscriber:
-            leader = _Leader(settings, engine, store, publisher, subscriber, latest, bus)
-            if latest is None:
-                await announce_if_missing(settings, publisher, Checkpoint(producer=PRODUCER, policy_version=0,
-                                                                          uri=str(base)))
-            return await leader.run(stop, max_rounds)
+            return await _Leader(settings, engine, store, publisher, subscriber, latest, bus).run(stop, max_rounds)
     finally:
         share_from_main(None, engine.num_processes)
+
+
+async def announce_base_model(settings: TrainerConfig, base: Path) -> None:
+    """Announce the base model as version 0 (unless the topic has a version), before the engine is built: on a fresh
+    machine building it includes DeepSpeed's op (minutes), and the evaluator diagnoses the base meanwhile."""
+    async with AsyncPublisher(settings, producer_name=PRODUCER) as publisher:
+        await announce_if_missing(settings, publisher, Checkpoint(producer=PRODUCER, policy_version=0, uri=str(base)))
 
 
 async def newest_announced(settings: TrainerConfig, publisher: AsyncPublisher) -> int | None:

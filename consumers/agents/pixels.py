@@ -5,7 +5,9 @@ runs either. No role here reads an item's metadata or the synthetic world's scen
 *perceives* the image with a `dpe.perception.Toolchain` and works on what it saw.
 
 - `PixelPlanner` is the image analyst and planner: the capabilities an image can exercise are
-  those the writer's toolchain can write a question for, and with probability `edit_rate` the plan
+  those the writer's toolchain can write a question for (`agents.questions` says which of the world's
+  questions serve each capability of the taxonomy: a DPE image type such as ``geometric`` is served by
+  shape questions, the world's own capabilities by theirs), and with probability `edit_rate` the plan
   adds an edit that leaves the image readable (`PIXEL_EDITS`: right-angle turns, mirrors, zoom-out,
   grayscale for text), drawn from a seed of (item, capability, attempt) so that a redo is identical.
   It reads the diagnosis: the plan asks mostly for the kinds of question the policy failed
@@ -31,10 +33,20 @@ Example:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
-from consumers.agents.programmatic import SAFE_EDITS, edit_plan, seed_of, visibility
+from consumers.agents.programmatic import (
+    SAFE_EDITS,
+    edit_plan,
+    seed_of,
+    served,
+    visibility,
+    world_capability,
+    written_capability,
+)
+from consumers.agents.settings import WORLD_QUESTIONS
 from consumers.roles import AgentFailure, AnswererQuestion, Draft, ItemContext, TaskPlan, Verdict
 from dpe.perception import NotPerceived
 from dpe.perception.toolchain import TOOLCHAINS, Toolchain
@@ -61,19 +73,22 @@ class PixelPlanner:
 
     backend = "pixels"
 
-    def __init__(self, toolchain: str = "regions", edit_rate: float = 0.25):
+    def __init__(self, toolchain: str = "regions", edit_rate: float = 0.25,
+                 questions: Mapping[str, Sequence[str]] = WORLD_QUESTIONS):
         self.toolchain = TOOLCHAINS[toolchain]
         self.edit_rate = edit_rate
+        self.questions = questions
 
     def capabilities(self, ctx: ItemContext) -> frozenset[str]:
         try:
-            return frozenset(scene_capabilities(self.toolchain.perceive(ctx.image)))
+            return served(self.questions, scene_capabilities(self.toolchain.perceive(ctx.image)))
         except NotPerceived:
             return frozenset()
 
     async def plan(self, ctx: ItemContext, capability: str, attempt: int) -> TaskPlan:
-        return edit_plan(ctx.item.item_id, capability, attempt, self.edit_rate, PIXEL_EDITS,
-                         ctx.diagnoses.get(capability))
+        seen = scene_capabilities(await perceived(self.toolchain, ctx.image))
+        asked = world_capability(ctx.item.item_id, capability, attempt, self.questions, seen)
+        return edit_plan(ctx.item.item_id, asked, attempt, self.edit_rate, PIXEL_EDITS, ctx.diagnoses.get(capability))
 
 
 class PixelWriter:
@@ -87,7 +102,7 @@ class PixelWriter:
     async def write(self, ctx: ItemContext, capability: str, plan: TaskPlan, image: Image.Image, attempt: int) -> Draft:
         item_id = ctx.item.item_id if ctx.item is not None else ""
         try:
-            question = write_question(await perceived(self.toolchain, image), capability,
+            question = write_question(await perceived(self.toolchain, image), written_capability(plan, capability),
                                       seed=seed_of(item_id, capability, attempt, "write"), kind=plan.kind or None)
         except QuestionNotPossible as exc:
             raise AgentFailure("not_applicable", str(exc)) from None

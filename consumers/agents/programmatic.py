@@ -31,14 +31,23 @@ import hashlib
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from PIL import Image
 
+from consumers.agents.settings import WORLD_QUESTIONS
 from consumers.roles import AgentFailure, AnswererQuestion, Draft, ItemContext, TaskPlan, Verdict
 from dpe.events import CapabilityDiagnosis
 from dpe.imaging import Compose, Crop, EditOp, Flip, Occlude, OverlayText, Recolor, Rotate, Zoom, placement
-from dpe.world import QUESTION_KINDS, QuestionNotPossible, Scene, question_kind, scene_capabilities, write_question
+from dpe.world import (
+    CAPABILITIES,
+    QUESTION_KINDS,
+    QuestionNotPossible,
+    Scene,
+    question_kind,
+    scene_capabilities,
+    write_question,
+)
 from dpe.world.answers import NotAnswerable, answer_question
 from dpe.world.palette import COLORS
 
@@ -120,6 +129,40 @@ def aimed_kind(item_id: str, capability: str, attempt: int, diagnosis: Capabilit
     return rng.choices(kinds, weights=[failed[kind] + KIND_PRIOR for kind in kinds])[0]
 
 
+def served(questions: Mapping[str, Sequence[str]], seen: Collection[str]) -> frozenset[str]:
+    """The capabilities an image serves: those with a world question type (`AgentSettings.questions`) it supports.
+
+    Example:
+        >>> sorted(served({"geometric": ("counting", "color"), "chart_graph": ("chart",)}, ["color", "spatial"]))
+        ['geometric']
+    """
+    return frozenset(capability for capability, types in questions.items() if set(types) & set(seen))
+
+
+def world_capability(item_id: str, capability: str, attempt: int, questions: Mapping[str, Sequence[str]],
+                     seen: Collection[str]) -> str:
+    """The world's capability whose question is written for `capability`: one of ``questions[capability]`` that
+    the image supports (`seen`), drawn from a seed of (item, capability, attempt); `not_applicable` when none is.
+
+    Example:
+        >>> world_capability("i", "geometric", 0, {"geometric": ("counting", "color")}, ["color"])
+        'color'
+    """
+    types = [kind for kind in questions.get(capability, ()) if kind in seen]
+    if not types:
+        raise AgentFailure("not_applicable", f"the image shows nothing the world's questions for {capability} ask of")
+    return types[0] if len(types) == 1 else random.Random(seed_of(item_id, capability, attempt, "type")).choice(types)
+
+
+def written_capability(plan: TaskPlan, capability: str) -> str:
+    """The world's capability a writer writes for: the plan's focus where a pixel or fast-path planner chose one,
+    else `capability` itself; `not_applicable` when that is none of the world's."""
+    asked = plan.focus if plan.focus in CAPABILITIES else capability
+    if asked not in CAPABILITIES:
+        raise AgentFailure("not_applicable", f"no question of the synthetic world is planned for {capability}")
+    return asked
+
+
 def edit_plan(item_id: str, capability: str, attempt: int, edit_rate: float, menu: dict[str, tuple[str, ...]],
               diagnosis: CapabilityDiagnosis | None = None) -> TaskPlan:
     """The plan for one attempt: the capability, the kind of question the diagnosis points at (`aimed_kind`),
@@ -137,16 +180,16 @@ class ProgrammaticPlanner:
 
     backend = "programmatic"
 
-    def __init__(self, edit_rate: float = 0.25):
+    def __init__(self, edit_rate: float = 0.25, questions: Mapping[str, Sequence[str]] = WORLD_QUESTIONS):
         self.edit_rate = edit_rate
+        self.questions = questions
 
     def capabilities(self, ctx: ItemContext) -> frozenset[str]:
-        return frozenset(scene_capabilities(ctx.scene)) if ctx.scene is not None else frozenset()
+        return served(self.questions, scene_capabilities(ctx.scene)) if ctx.scene is not None else frozenset()
 
     async def plan(self, ctx: ItemContext, capability: str, attempt: int) -> TaskPlan:
-        _scene(ctx)
-        return edit_plan(ctx.item.item_id, capability, attempt, self.edit_rate, SAFE_EDITS,
-                         ctx.diagnoses.get(capability))
+        asked = world_capability(ctx.item.item_id, capability, attempt, self.questions, scene_capabilities(_scene(ctx)))
+        return edit_plan(ctx.item.item_id, asked, attempt, self.edit_rate, SAFE_EDITS, ctx.diagnoses.get(capability))
 
 
 class ProgrammaticWriter:
@@ -157,8 +200,8 @@ class ProgrammaticWriter:
     async def write(self, ctx: ItemContext, capability: str, plan: TaskPlan, image: Image.Image, attempt: int) -> Draft:
         scene = _scene(ctx)
         try:
-            question = write_question(scene, capability, seed=seed_of(ctx.item.item_id, capability, attempt, "write"),
-                                      kind=plan.kind or None)
+            seed = seed_of(ctx.item.item_id, capability, attempt, "write")
+            question = write_question(scene, written_capability(plan, capability), seed=seed, kind=plan.kind or None)
         except QuestionNotPossible as exc:
             raise AgentFailure("not_applicable", str(exc)) from None
         side = placement(plan.edits)

@@ -90,9 +90,11 @@ class MisroutedItem(ValueError):
 
 
 def build_roles(settings: AgentsConfig, llm: EndpointClient | None) -> Roles:
-    """The crew's roles from `agents.backends` (`llm` needed when any role is played by a model)."""
+    """The crew's roles from `agents.backends` (`llm` needed when any role is played by a model); pixel and fast-path
+    planners write for the taxonomy's capabilities that `agents.questions` maps."""
     agents = settings.agents
     backends, tools = agents.backends, agents.toolchains
+    questions = {name: agents.questions[name] for name in settings.capabilities if name in agents.questions}
 
     def pick(backend: str, pixels, programmatic, model):
         if backend == "pixels":
@@ -104,8 +106,8 @@ def build_roles(settings: AgentsConfig, llm: EndpointClient | None) -> Roles:
         return model(llm)
 
     return Roles(
-        planner=pick(backends.planner, lambda: PixelPlanner(tools.writer, agents.edit_rate),
-                     lambda: ProgrammaticPlanner(agents.edit_rate), LLMPlanner),
+        planner=pick(backends.planner, lambda: PixelPlanner(tools.writer, agents.edit_rate, questions),
+                     lambda: ProgrammaticPlanner(agents.edit_rate, questions), LLMPlanner),
         search=SEARCH_BACKENDS[backends.retriever](agents.retrieval_pool),
         editor=PillowEditor(),
         writer=pick(backends.writer, lambda: PixelWriter(tools.writer), ProgrammaticWriter, LLMWriter),
@@ -178,6 +180,10 @@ class AgentWorker:
         difficulty = settings.agents.qc.difficulty
         estimator = PolicyPassRate(self.holder, difficulty) if difficulty.enabled else None
         roles = self._roles or build_roles(settings, llm)
+        unserved = [name for name in settings.capabilities if name not in settings.agents.questions]
+        if unserved and settings.agents.backends.planner != "llm":
+            log.warning("agents: the %s planner writes for no question of %s (agents.questions maps none to them): "
+                        "their quotas stay open until the round's timeout", settings.agents.backends.planner, unserved)
         async with AsyncPublisher(settings, producer_name="agents") as publisher:
             self.publisher = publisher
             self.follower = Follower(settings, publisher, {QuotaPlan: self._on_plans, Diagnosis: self._on_diagnoses,

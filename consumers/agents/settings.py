@@ -21,6 +21,7 @@ from consumers.qc.settings import QCSettings
 from dpe.config import CoreSettings
 from dpe.endpoint.settings import EndpointSettings
 from dpe.section import Section
+from dpe.world import CAPABILITIES
 
 Backend = Literal["pixels", "llm", "programmatic"]
 """Who plays a role: tools that read the pixels (`consumers.agents.pixels`, the default), a model behind an
@@ -53,6 +54,17 @@ class PixelToolchains(Section):
         return self
 
 
+WORLD_QUESTIONS: dict[str, tuple[str, ...]] = {
+    **{capability: (capability,) for capability in CAPABILITIES},
+    "geometric": ("counting", "color", "existence", "spatial"),
+    "chart_graph": ("chart",),
+    "text_dense": ("text_reading",),
+    "math_formula": ("arithmetic",),
+}
+"""The world's question types that serve each capability: its own seven ask themselves; of DPE's image types,
+those its images show (`dpe.taxonomy.DPE_IMAGE_TYPES`: shapes, bar charts, text, formulas)."""
+
+
 AGENT_ENDPOINT: dict[str, Any] = {
     "base_url": "http://127.0.0.1:8000/v1", "model": "dpe-tiny", "temperature": 0.2, "max_retries": 3, "concurrency": 8,
 }
@@ -78,7 +90,23 @@ class AgentSettings(Section):
     concurrency: int = Field(default=16, ge=1, description="Items in flight per worker.")
     batch_size: int = Field(default=64, ge=1, description="Unlabeled records fetched at once.")
     retrieval_pool: int = Field(default=256, ge=1, description="Recent images the retriever searches.")
+    questions: dict[str, tuple[str, ...]] = Field(
+        default_factory=lambda: dict(WORLD_QUESTIONS),
+        description="For the pixel and fast-path roles, which of the synthetic world's question types they may write "
+        "for each capability of the taxonomy; a capability left out gets no samples from them (endpoint roles write "
+        "for any).",
+    )
     metrics_port: int = Field(default=9104, ge=0, le=65535, description="Prometheus port; 0 disables it.")
+
+    @field_validator("questions")
+    @classmethod
+    def _world_question_types(cls, questions: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for capability, types in questions.items():
+            unknown = set(types) - set(CAPABILITIES)
+            if not types or unknown:
+                raise ValueError(f"agents.questions[{capability!r}] must list question types of the synthetic world "
+                                 f"{list(CAPABILITIES)}, got {list(types)}")
+        return questions
 
     @field_validator("llm", mode="before")
     @classmethod

@@ -161,6 +161,12 @@ def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, bas
     return with_overrides(settings, overrides)
 
 
+BACKGROUND = frozenset({"auditor", "ingest", "ingest-watch", "ingest-images"})
+"""Services no round waits for: the plan follows the evaluator's grades, and ingest keeps a backlog ahead."""
+BACKGROUND_NICENESS = 10
+"""They run at this niceness, so on a small machine the round's own work (grading, agents, training) comes first."""
+
+
 def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]:
     """The services of the spiral, each run as ``python -m dpe ...``."""
     specs = [
@@ -172,7 +178,8 @@ def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]
     ]
     if options.auditor:
         specs.append(ServiceSpec("auditor", ["serve", "auditor"]))
-    return [ServiceSpec(spec.name, ["--log-level", "INFO", *spec.args]) for spec in specs]
+    return [ServiceSpec(spec.name, ["--log-level", "INFO", *spec.args],
+                        niceness=BACKGROUND_NICENESS if spec.name in BACKGROUND else 0) for spec in specs]
 
 
 def ingest_specs(options: SpiralOptions) -> list[ServiceSpec]:
