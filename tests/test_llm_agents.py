@@ -31,8 +31,8 @@ from consumers.agents.programmatic import (
 )
 from consumers.agents.prompts import system_prompt
 from consumers.agents.retriever import MetadataSearch
-from consumers.agents.service import AgentWorker
-from consumers.agents.settings import AgentSettings
+from consumers.agents.service import AgentWorker, build_roles
+from consumers.agents.settings import AgentSettings, AgentsConfig
 from consumers.qc.checks import AgreementCheck, AnswerabilityCheck, NearDuplicateCheck, QCChain, SchemaCheck
 from consumers.qc.dedup import NearDuplicateIndex
 from consumers.roles import AgentFailure, AnswererQuestion, TaskPlan
@@ -323,6 +323,32 @@ async def test_the_planner_and_the_writer_are_told_the_diagnosis_and_never_the_m
         assert texts and all("DIAGNOSIS-MARK" in text and "4 of 10 wrong" in text and "How many red shapes" in text
                              for text in texts), role
     assert not any("METADATA-MARK" in json.dumps(body) for body in bodies), "a model role was shown the metadata"
+
+
+async def test_a_model_writer_is_checked_by_another_model_never_by_itself(tiny_policy, tmp_path):
+    """An llm writer checked by llm roles needs `agents.checker_llm`, and it must be another model or server; the
+    validator and the answerer then ask that endpoint (over real HTTP), the planner and the writer `agents.llm`."""
+    every_role = dict.fromkeys(("planner", "writer", "validator", "answerer"), "llm")
+    with pytest.raises(ValueError, match="checker_llm"):
+        AgentSettings(backends=every_role)
+    with pytest.raises(ValueError, match="the writer's own model"):
+        AgentSettings(backends=every_role, checker_llm={"model": "dpe-tiny"})
+    store = BlobStore(str(tmp_path / "blobs"), ImageLimits())
+    item = store_item(store, generate_scene("text", 1, seed=2))
+    async with serving(tiny_policy) as writer_server, serving(tiny_policy) as checker_server:
+        agents = AgentSettings(backends=every_role, llm=llm_settings(writer_server).model_dump(),
+                               checker_llm=llm_settings(checker_server, model="checker").model_dump())
+        llm, checker = EndpointClient(agents.llm), EndpointClient(agents.checker_endpoint())
+        try:
+            roles = build_roles(AgentsConfig(agents=agents), llm, checker)
+            assert roles.writer.client is llm and roles.validator.client is roles.answerer.client is checker
+            crew = crew_with(store, validator=roles.validator, answerer=roles.answerer)
+            await crew.attempt(await crew.context(item), "text_reading", "plan-1", attempt=0)
+        finally:
+            await llm.close()
+            await checker.close()
+        asked_checker = {body["model"] for body in checker_server.stats.recent}
+        assert writer_server.stats.requests == 0 and checker_server.stats.requests >= 1 and asked_checker == {"checker"}
 
 
 def test_model_output_cannot_choose_a_path_or_an_unknown_tool():

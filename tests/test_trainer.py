@@ -43,9 +43,11 @@ from trainer.distributed import build_deepspeed_ops
 from trainer.engine import GRPOEngine, step_batches
 from trainer.samples import TrainingSample, staleness_weight
 from trainer.service import RoundReport, checkpoint_root, run_trainer
-from trainer.settings import StalenessSettings
+from trainer.settings import StalenessSettings, TrainerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
+EXTENSIONS = TrainerSettings().extensions_dir.expanduser().resolve()
+"""The trainer's own op folder (`trainer.extensions_dir`): `.ci/run` builds DeepSpeed's op there before the tests."""
 RECIPE = WarmupConfig(mix={"color": 1.0}, levels=(1,), steps=40, batch_size=16)
 """A base model that answers the colour questions right part of the time: GRPO gets a signal."""
 
@@ -61,7 +63,7 @@ def one_process_world():
     threads = torch.get_num_threads()
     CLEAN_ENV.update(os.environ)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                      TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+                      TORCH_EXTENSIONS_DIR=str(EXTENSIONS))
     torch.set_num_threads(1)
     yield
     from accelerate.state import AcceleratorState
@@ -170,7 +172,7 @@ def test_a_build_lock_left_by_a_killed_build_does_not_stall_the_next_trainer():
 
     The locks are left in the shared, built folder (torch takes a folder's lock even when nothing is to be built),
     so that the test needs no second compile of the ops."""
-    folder = ROOT / ".cache" / "torch_extensions"
+    folder = EXTENSIONS
     build_deepspeed_ops(folder)
     leftovers = [path / "lock" for path in folder.iterdir() if path.is_dir()]
     assert leftovers, "DeepSpeed built no op to leave a lock in"
@@ -197,7 +199,7 @@ print(json.dumps({"store": int(os.environ["MASTER_PORT"]), "listening": listenin
 def test_the_one_process_rendezvous_listens_on_loopback_only():
     """torch's rendezvous store listens on every interface unless handed a socket; gloo on the host name's address."""
     env = {name: value for name, value in CLEAN_ENV.items() if not name.startswith("DPE_")}
-    env["TORCH_EXTENSIONS_DIR"] = str(ROOT / ".cache" / "torch_extensions")
+    env["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS)
     done = subprocess.run([sys.executable, "-c", RENDEZVOUS], capture_output=True, text=True, timeout=240, cwd=ROOT,
                           env=env, check=True)
     report = json.loads(done.stdout.splitlines()[-1])

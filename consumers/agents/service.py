@@ -89,21 +89,22 @@ class MisroutedItem(ValueError):
     """An unlabeled item on another partition than Kafka's default partitioner gives its key."""
 
 
-def build_roles(settings: AgentsConfig, llm: EndpointClient | None) -> Roles:
-    """The crew's roles from `agents.backends` (`llm` needed when any role is played by a model); pixel and fast-path
-    planners write for the taxonomy's capabilities that `agents.questions` maps."""
+def build_roles(settings: AgentsConfig, llm: EndpointClient | None, checker: EndpointClient | None = None) -> Roles:
+    """The crew's roles from `agents.backends` (`llm` needed when any role is played by a model; `checker`, when given,
+    plays the model validator and answerer); pixel and fast-path planners write for the taxonomy's capabilities that
+    `agents.questions` maps."""
     agents = settings.agents
     backends, tools = agents.backends, agents.toolchains
     questions = {name: agents.questions[name] for name in settings.capabilities if name in agents.questions}
 
-    def pick(backend: str, pixels, programmatic, model):
+    def pick(backend: str, pixels, programmatic, model, client: EndpointClient | None = llm):
         if backend == "pixels":
             return pixels()
         if backend == "programmatic":
             return programmatic()
-        if llm is None:
+        if client is None:
             raise ValueError("an LLM role needs an EndpointClient")
-        return model(llm)
+        return model(client)
 
     return Roles(
         planner=pick(backends.planner, lambda: PixelPlanner(tools.writer, agents.edit_rate, questions),
@@ -111,8 +112,10 @@ def build_roles(settings: AgentsConfig, llm: EndpointClient | None) -> Roles:
         search=SEARCH_BACKENDS[backends.retriever](agents.retrieval_pool),
         editor=PillowEditor(),
         writer=pick(backends.writer, lambda: PixelWriter(tools.writer), ProgrammaticWriter, LLMWriter),
-        validator=pick(backends.validator, lambda: PixelValidator(tools.checker), ProgrammaticValidator, LLMValidator),
-        answerer=pick(backends.answerer, lambda: PixelAnswerer(tools.checker), ProgrammaticAnswerer, LLMAnswerer),
+        validator=pick(backends.validator, lambda: PixelValidator(tools.checker), ProgrammaticValidator, LLMValidator,
+                       checker or llm),
+        answerer=pick(backends.answerer, lambda: PixelAnswerer(tools.checker), ProgrammaticAnswerer, LLMAnswerer,
+                      checker or llm),
     )
 
 
@@ -176,10 +179,13 @@ class AgentWorker:
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Work until `stop` is set; `ready` is set once the worker follows the plan and has joined the group."""
         settings = self.settings
-        llm = EndpointClient(settings.agents.llm) if "llm" in settings.agents.backends.model_dump().values() else None
+        backends = settings.agents.backends
+        llm = EndpointClient(settings.agents.llm) if "llm" in (backends.planner, backends.writer) else None
+        checks = "llm" in (backends.validator, backends.answerer)
+        checker = EndpointClient(settings.agents.checker_endpoint()) if checks else None
         difficulty = settings.agents.qc.difficulty
         estimator = PolicyPassRate(self.holder, difficulty) if difficulty.enabled else None
-        roles = self._roles or build_roles(settings, llm)
+        roles = self._roles or build_roles(settings, llm, checker)
         unserved = [name for name in settings.capabilities if name not in settings.agents.questions]
         if unserved and settings.agents.backends.planner != "llm":
             log.warning("agents: the %s planner writes for no question of %s (agents.questions maps none to them): "
@@ -215,8 +221,9 @@ class AgentWorker:
                 await self.follower.stop()
                 if estimator is not None:
                     await estimator.close()
-                if llm is not None:
-                    await llm.close()
+                for client in (llm, checker):
+                    if client is not None:
+                        await client.close()
 
     async def _partition_count(self) -> int:
         consumer = self.items.consumer

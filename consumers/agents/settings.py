@@ -83,6 +83,13 @@ class AgentSettings(Section):
         "the local server (http://127.0.0.1:8000/v1, dpe-tiny), temperature 0.2, 3 retries and 8 requests in "
         "flight per worker; keys an override leaves out keep these.",
     )
+    checker_llm: EndpointSettings | None = Field(
+        None,
+        description="The endpoint behind `llm` validator and answerer roles: another model (or server) than `llm`, so "
+        "that a sample is accepted only when two models agree. Required when the writer is an `llm` role too; "
+        "otherwise they use `llm`, which is then independent of the (pixel or fast-path) writer. Keys left out take "
+        "the agents' endpoint defaults, as for `llm`.",
+    )
     qc: QCSettings = Field(default_factory=QCSettings)
     attempts_per_item: int = Field(default=3, ge=1, description="Candidates per item and capability (1 + retries).")
     samples_per_item: int = Field(default=1, ge=1, description="Capabilities one item may serve.")
@@ -108,11 +115,28 @@ class AgentSettings(Section):
                                  f"{list(CAPABILITIES)}, got {list(types)}")
         return questions
 
-    @field_validator("llm", mode="before")
+    @field_validator("llm", "checker_llm", mode="before")
     @classmethod
     def _agent_endpoint_defaults(cls, value: Any) -> Any:
-        """An override of ``llm`` laid over the agents' defaults, not over `EndpointSettings`' own."""
+        """An override of an endpoint laid over the agents' defaults, not over `EndpointSettings`' own."""
         return AGENT_ENDPOINT | value if isinstance(value, Mapping) else value
+
+    @model_validator(mode="after")
+    def _independent_checkers(self) -> "AgentSettings":
+        backends = self.backends
+        if backends.writer != "llm" or "llm" not in (backends.validator, backends.answerer):
+            return self
+        if self.checker_llm is None:
+            raise ValueError("an llm writer checked by llm roles needs agents.checker_llm, another model than "
+                             "agents.llm: one model agreeing with itself is no check")
+        if (self.checker_llm.base_url, self.checker_llm.model) == (self.llm.base_url, self.llm.model):
+            raise ValueError(f"agents.checker_llm is the writer's own model ({self.llm.model} at {self.llm.base_url}): "
+                             "name another model or server")
+        return self
+
+    def checker_endpoint(self) -> EndpointSettings:
+        """The endpoint of `llm` validator and answerer roles: `checker_llm`, else `llm`."""
+        return self.checker_llm or self.llm
 
 
 class AgentsConfig(CoreSettings):
