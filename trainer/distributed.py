@@ -169,6 +169,14 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def leave_world(num_processes: int) -> None:
+    """Tear down the collective group of a launched world (several processes) before this process exits, so that
+    none of its communication threads is left running at exit: a second rank that skipped it was seen to abort with
+    "terminate called without an active exception" after its work was done. One process keeps its group."""
+    if num_processes > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def use_vllm(rollout: str, *, cuda_available: bool, vllm_installed: bool) -> bool:
     """Whether rollouts go through vLLM: always for "vllm", never for "generate", if possible for "auto".
 

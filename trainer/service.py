@@ -48,7 +48,7 @@ from monitoring.metrics import (
     serve_metrics,
 )
 from trainer.checkpoints import CheckpointStore, Manifest, StoredCheckpoint, folder_name
-from trainer.distributed import launched_rank, share_from_main
+from trainer.distributed import launched_rank, leave_world, share_from_main
 from trainer.engine import GRPOEngine, RoundStats
 from trainer.rounds import Round, RoundCollector, positions_by_topic, positions_from_topics
 from trainer.settings import TrainerConfig, checkpoint_root
@@ -131,6 +131,7 @@ async def run_trainer(
     engine = GRPOEngine(base, trainer_settings, settings.home / "trainer")
     if store is None:
         _follow(engine)
+        leave_world(engine.num_processes)
         return []
     serve_metrics(settings.metrics.port_for(trainer_settings.metrics_port), settings.metrics.addr)
     share_from_main(latest, engine.num_processes)
@@ -148,6 +149,7 @@ async def run_trainer(
             return await _Leader(settings, engine, store, publisher, subscriber, latest, bus).run(stop, max_rounds)
     finally:
         share_from_main(None, engine.num_processes)
+        leave_world(engine.num_processes)
 
 
 async def announce_base_model(settings: TrainerConfig, base: Path) -> None:
