@@ -95,7 +95,7 @@ def build_roles(settings: AgentsConfig, llm: EndpointClient | None, checker: End
     `agents.questions` maps."""
     agents = settings.agents
     backends, tools = agents.backends, agents.toolchains
-    questions = {name: agents.questions[name] for name in settings.capabilities if name in agents.questions}
+    questions = settings.served_questions()
 
     def pick(backend: str, pixels, programmatic, model, client: EndpointClient | None = llm):
         if backend == "pixels":
@@ -186,10 +186,11 @@ class AgentWorker:
         difficulty = settings.agents.qc.difficulty
         estimator = PolicyPassRate(self.holder, difficulty) if difficulty.enabled else None
         roles = self._roles or build_roles(settings, llm, checker)
-        unserved = [name for name in settings.capabilities if name not in settings.agents.questions]
-        if unserved and settings.agents.backends.planner != "llm":
+        questions = settings.served_questions()
+        unserved = [name for name in settings.capabilities if name not in questions]
+        if unserved and backends.planner != "llm":
             log.warning("agents: the %s planner writes for no question of %s (agents.questions maps none to them): "
-                        "their quotas stay open until the round's timeout", settings.agents.backends.planner, unserved)
+                        "their quotas stay open until the round's timeout", backends.planner, unserved)
         async with AsyncPublisher(settings, producer_name="agents") as publisher:
             self.publisher = publisher
             self.follower = Follower(settings, publisher, {QuotaPlan: self._on_plans, Diagnosis: self._on_diagnoses,

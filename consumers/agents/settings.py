@@ -143,3 +143,12 @@ class AgentsConfig(CoreSettings):
     """What the agent crew reads: the core settings and its own section."""
 
     agents: AgentSettings = Field(default_factory=AgentSettings)
+
+    def served_questions(self) -> dict[str, tuple[str, ...]]:
+        """`agents.questions` for the taxonomy's capabilities only: what the pixel and fast-path planners write for.
+
+        Example:
+            >>> sorted(AgentsConfig(capabilities=["geometric", "medical"]).served_questions())
+            ['geometric']
+        """
+        return {name: self.agents.questions[name] for name in self.capabilities if name in self.agents.questions}
