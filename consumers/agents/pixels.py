@@ -33,7 +33,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from PIL import Image
 
@@ -49,6 +50,7 @@ from consumers.agents.programmatic import (
 from consumers.agents.settings import WORLD_QUESTIONS
 from consumers.roles import AgentFailure, AnswererQuestion, Draft, ItemContext, TaskPlan, Verdict
 from dpe.perception import NotPerceived
+from dpe.perception.pool import perceiving_in_processes
 from dpe.perception.toolchain import TOOLCHAINS, Toolchain
 from dpe.world import QuestionNotPossible, Scene, scene_capabilities, write_question
 from dpe.world.answers import NotAnswerable, answer_question
@@ -57,6 +59,21 @@ PIXEL_EDITS: dict[str, tuple[str, ...]] = {
     capability: tuple(edit for edit in edits if edit != "compose") for capability, edits in SAFE_EDITS.items()
 }
 """Edits a pixel plan may make: those that keep the answer, except composition (two images read as one)."""
+
+
+@contextlib.asynccontextmanager
+async def perceiving(processes: int) -> AsyncIterator[None]:
+    """While inside, the pixel roles read images in `processes` warmed worker processes (`agents.toolchains.processes`;
+    0 reads in this process's threads)."""
+    if not processes:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        await asyncio.to_thread(stack.enter_context, perceiving_in_processes(processes))
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(stack.close)
 
 
 async def perceived(toolchain: Toolchain, image: Image.Image) -> Scene:

@@ -51,7 +51,7 @@ from consumers.agents.crew import Crew, Failed, Known, Passed, Roles
 from consumers.agents.diagnoses import Diagnoses
 from consumers.agents.ledger import QuotaLedger, Reservation, item_slice
 from consumers.agents.llm import LLMAnswerer, LLMPlanner, LLMValidator, LLMWriter
-from consumers.agents.pixels import PixelAnswerer, PixelPlanner, PixelValidator, PixelWriter
+from consumers.agents.pixels import PixelAnswerer, PixelPlanner, PixelValidator, PixelWriter, perceiving
 from consumers.agents.programmatic import (
     ProgrammaticAnswerer,
     ProgrammaticPlanner,
@@ -156,9 +156,8 @@ class _Rebalance(ConsumerRebalanceListener):
 class AgentWorker:
     """One agent worker process; see the module docstring for how workers share a plan."""
 
-    def __init__(self, settings: AgentsConfig, roles: Roles | None = None):
+    def __init__(self, settings: AgentsConfig):
         self.settings = settings
-        self._roles = roles
         self.store = BlobStore(settings.blob.url, settings.blob.limits)
         qc = settings.agents.qc
         self.index = NearDuplicateIndex(qc.image_distance, qc.colour_distance, qc.text_similarity)
@@ -185,13 +184,15 @@ class AgentWorker:
         checker = EndpointClient(settings.agents.checker_endpoint()) if checks else None
         difficulty = settings.agents.qc.difficulty
         estimator = PolicyPassRate(self.holder, difficulty) if difficulty.enabled else None
-        roles = self._roles or build_roles(settings, llm, checker)
+        roles = build_roles(settings, llm, checker)
         questions = settings.served_questions()
         unserved = [name for name in settings.capabilities if name not in questions]
         if unserved and backends.planner != "llm":
             log.warning("agents: the %s planner writes for no question of %s (agents.questions maps none to them): "
                         "their quotas stay open until the round's timeout", backends.planner, unserved)
-        async with AsyncPublisher(settings, producer_name="agents") as publisher:
+        pixels = "pixels" in (backends.planner, backends.writer, backends.validator, backends.answerer)
+        processes = settings.agents.toolchains.processes if pixels else 0
+        async with perceiving(processes), AsyncPublisher(settings, producer_name="agents") as publisher:
             self.publisher = publisher
             self.follower = Follower(settings, publisher, {QuotaPlan: self._on_plans, Diagnosis: self._on_diagnoses,
                                                            AcceptedSample: self._on_accepted,

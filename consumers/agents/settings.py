@@ -46,6 +46,11 @@ class PixelToolchains(Section):
 
     writer: Literal["regions", "contours"] = "regions"
     checker: Literal["regions", "contours"] = "contours"
+    processes: int = Field(
+        default=2, ge=0,
+        description="Worker processes the pixel roles read images in (`dpe.perception.pool`): the readers hold "
+        "Python's lock, so threads of one process read one image at a time. 0 reads in the agent's own threads.",
+    )
 
     @model_validator(mode="after")
     def _independent(self) -> "PixelToolchains":

@@ -29,3 +29,7 @@ class NotPerceived(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickled as (reason, detail), so that a reading from a worker process keeps both."""
+        return type(self), (self.reason, self.detail)

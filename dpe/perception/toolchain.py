@@ -59,6 +59,12 @@ class Toolchain:
         self._cache: OrderedDict[str, Scene | NotPerceived] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._reader: Callable[[Image.Image], Scene | NotPerceived] = self.read
+
+    def read_elsewhere(self, reader: Callable[[Image.Image], Scene | NotPerceived] | None) -> None:
+        """Read uncached images with `reader` from now on (a `dpe.perception.pool.PerceptionPool`'s), or in the
+        calling thread again when None."""
+        self._reader = reader or self.read
 
     def perceive(self, image: Image.Image) -> Scene:
         """The scene this toolchain sees in `image`; raises `NotPerceived` when it sees none it can describe."""
@@ -67,7 +73,7 @@ class Toolchain:
         with self._lock:
             known = self._cache.get(key)
         if known is None:
-            known = self._read(image)
+            known = self._reader(image)
             with self._lock:
                 self._cache[key] = known
                 while len(self._cache) > self._cache_size:
@@ -76,7 +82,8 @@ class Toolchain:
             raise NotPerceived(known.reason, known.detail)
         return known
 
-    def _read(self, image: Image.Image) -> Scene | NotPerceived:
+    def read(self, image: Image.Image) -> Scene | NotPerceived:
+        """The scene this toolchain sees in an RGB `image`, or why it sees none, as a value; uncached."""
         if min(image.size) < MIN_SIDE:
             return NotPerceived("no_content", f"a {image.width}x{image.height} image is too small to show anything")
         shown = _at_most(image, MAX_SIDE)
