@@ -61,23 +61,30 @@ from producers.ingest.service import Ingestor
 from producers.ingest.sources import synthetic_entries
 
 CONCURRENCY = (1, 2, 4, 8)
-REFERENCE_BAND = {"enabled": True, "samples": 9, "min_correct": 3, "max_correct": 7}
+REFERENCE_BAND = {"enabled": True, "samples": 9, "min_correct": 3, "max_correct": 7, "batch_size": 64}
+"""The seeds' band (3 to 7 of 9), rolled out for up to 64 candidates at once."""
+BAND_CONCURRENCY = 64
+"""Items in flight in the difficulty runs: each waits on its rollouts, so more in flight make fuller batches."""
 
 
 @dataclass(frozen=True)
 class Run:
-    """One repetition: samples accepted per second, and every candidate's outcome (accepted or a reason)."""
+    """One repetition: samples accepted per second, and every candidate's outcome (accepted or a reason), over
+    `seconds` from the plan's publication to its filling (or the time cap)."""
 
     rate: float
     outcomes: collections.Counter
+    seconds: float
 
 
-def fresh_settings(bootstrap: str, work: Path, **agents: Any) -> Settings:
-    """Settings on new topics and a new consumer group, sharing one blob store."""
+def fresh_settings(bootstrap: str, work: Path, answer_key: bool = False, **agents: Any) -> Settings:
+    """Settings on new topics and a new consumer group, sharing one blob store; ingest keeps the world's answer key
+    in the items' metadata when `answer_key` (for the fast path only)."""
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     settings = Settings.load(overrides={
         "home": str(work / "home"), "blob": {"url": str(work / "blobs")},
         "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": prefix},
+        "ingest": {"answer_key": answer_key},
         "agents": {"group_id": f"{prefix}agents", "metrics_port": 0, **agents},
     })
     ensure_topics(settings, bootstrap)
@@ -95,7 +102,7 @@ async def prepare_items(bootstrap: str, work: Path, count: int, answer_key: bool
                         seed: int = 11) -> tuple[list[UnlabeledItem], float]:
     """Ingest `count` synthetic scenes of the world's `seed` once (with the answer key for the programmatic fast
     path, pixels only for the stand-ins); their events (re-published to each run) and ingest items/s."""
-    settings = fresh_settings(bootstrap, work)
+    settings = fresh_settings(bootstrap, work, answer_key)
     async with AsyncPublisher(settings, producer_name="bench") as publisher:
         started = time.perf_counter()
         entries = synthetic_entries(count, seed=seed, answer_key=answer_key)
@@ -143,7 +150,7 @@ async def fill(settings: Settings, items: list[UnlabeledItem], per_capability: i
         accepted = sum(worker.ledger.filled(capability, plan_id=plan.plan_id) for capability in plan.quotas)
     outcomes = collections.Counter(rejected.reason_code for rejected in await read_topic(settings, RejectedSample))
     outcomes["accepted"] = accepted
-    return Run(accepted / seconds, outcomes)
+    return Run(accepted / seconds, outcomes, seconds)
 
 
 def _metric_total(name: str, skip: dict[str, str] | None = None) -> float:
@@ -272,12 +279,15 @@ async def bench(args: argparse.Namespace, bootstrap: str, work: Path) -> dict[st
     difficulty = []
     if args.difficulty_repeats:
         checkpoint = Checkpoint(policy_version=1, uri=warmed_policy_folder(args.warmup_steps, args.model_cache))
+    rollouts = []
     for _ in range(args.difficulty_repeats):
-        settings = fresh_settings(bootstrap, work, samples_per_item=4, qc={"difficulty": REFERENCE_BAND},
-                                  **PROGRAMMATIC)
+        settings = fresh_settings(bootstrap, work, samples_per_item=4, concurrency=BAND_CONCURRENCY,
+                                  qc={"difficulty": REFERENCE_BAND}, **PROGRAMMATIC)
+        sampled = _metric_total("dpe_agent_band_rollouts_total")
         difficulty.append(await fill(settings, items, args.difficulty_per_capability, args.difficulty_seconds,
                                      before=[checkpoint]))
-        console.print(f"with difficulty: {difficulty[-1].rate:,.2f} accepted/s")
+        rollouts.append((_metric_total("dpe_agent_band_rollouts_total") - sampled) / difficulty[-1].seconds)
+        console.print(f"with difficulty: {difficulty[-1].rate:,.2f} accepted/s, {rollouts[-1]:,.0f} rollouts/s")
 
     llm_items = items[: args.llm_items]
     candidates: dict[int, list[float]] = collections.defaultdict(list)
@@ -294,8 +304,10 @@ async def bench(args: argparse.Namespace, bootstrap: str, work: Path) -> dict[st
 
     rows = {"accepted/s, programmatic": [run.rate for run in programmatic],
             "accepted/s, difficulty band 3-7 of 9": [run.rate for run in difficulty],
+            "band rollouts/s": rollouts,
             "ingest (synthetic)": [ingest_rate]}
     units = {"accepted/s, programmatic": "samples/s", "accepted/s, difficulty band 3-7 of 9": "samples/s",
+             "band rollouts/s": "rollouts/s",
              "ingest (synthetic)": "items/s"}
     for concurrency in CONCURRENCY:
         rows[f"LLM candidates, concurrency {concurrency}"] = candidates[concurrency]
@@ -312,6 +324,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, work: Path) -> dict[st
     return {
         "accepted_per_s": _median([run.rate for run in programmatic]),
         "accepted_per_s_with_difficulty": _median([run.rate for run in difficulty]),
+        "band_rollouts_per_s": _median(rollouts),
         "ingest_items_per_s": ingest_rate,
         "llm_candidates_per_s": {str(c): _median(candidates[c]) for c in CONCURRENCY},
         "llm_requests_per_s": {str(c): _median(requests[c]) for c in CONCURRENCY},
@@ -330,7 +343,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--per-capability", type=int, default=300, help="Quota per capability, programmatic runs.")
     parser.add_argument("--difficulty-repeats", type=int, default=2)
-    parser.add_argument("--difficulty-per-capability", type=int, default=6)
+    parser.add_argument("--difficulty-per-capability", type=int, default=40)
     parser.add_argument("--difficulty-seconds", type=float, default=60.0, help="Time cap of a difficulty run.")
     parser.add_argument("--warmup-steps", type=int, default=120, help="SFT steps of the warmed policy (cached).")
     parser.add_argument("--model-cache", default=None, help="Warm-up cache folder (default $DPE_MODEL_CACHE).")

@@ -114,6 +114,7 @@ QUOTA_PLAN_STARTED = Gauge(
     "dpe_agent_plan_published_timestamp_seconds", "When the quota plan the agents follow was published (Unix time)."
 )
 AGENT_POLICY_VERSION = Gauge("dpe_agent_policy_version", "Policy version the difficulty check measures against.")
+AGENT_BAND_ROLLOUTS = Counter("dpe_agent_band_rollouts_total", "Answers the difficulty check sampled from the policy.")
 
 WEAKNESS_EVENTS = Counter(
     "dpe_weakness_events_total",

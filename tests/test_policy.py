@@ -163,6 +163,31 @@ def test_generate_returns_n_samples_and_is_reproducible(policy, items):
         SamplingParams(num_samples=2)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_prompts_encoded_once_decode_exactly_as_transformers_generate_does(family, items):
+    """`generate` encodes each prompt (its image included) once and copies its cache for the n samples; greedy and
+    seeded sampling must give token for token what transformers' own `generate` gives with n return sequences."""
+    policy = build_tiny_policy(SMALL.model_copy(update={"family": family}))
+    inputs = _inputs(policy, items)
+    images = [item.image for item in items]
+    conversations = [build_messages(i.question, i.answer_type, i.options) for i in items]
+
+    def reference(**sampling) -> list[str]:
+        torch.manual_seed(7)
+        with torch.inference_mode():
+            sequences = policy.model.generate(**inputs, max_new_tokens=8, top_k=0,
+                                              pad_token_id=policy.tokenizer.pad_token_id,
+                                              suppress_tokens=suppressed_token_ids(policy.tokenizer), **sampling)
+        return policy.tokenizer.batch_decode(sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    greedy = generate(policy, images, conversations, SamplingParams(max_new_tokens=8, batch_size=len(items)))
+    assert [samples[0] for samples in greedy] == reference(do_sample=False)
+    sampled = generate(policy, images, conversations,
+                       SamplingParams(max_new_tokens=8, temperature=1.0, num_samples=3, batch_size=len(items)), seed=7)
+    assert [text for samples in sampled for text in samples] == reference(do_sample=True, temperature=1.0,
+                                                                          num_return_sequences=3)
+
+
 def test_vision_tokens_are_never_generated(policy, items):
     vision_ids = suppressed_token_ids(policy.tokenizer)
     assert len(vision_ids) == len(VISION_TOKENS)

@@ -31,7 +31,7 @@ from dpe.events import Checkpoint, SampleBody
 from dpe.grading import grade
 from dpe.policy.checkpoints import load_checkpoint
 from dpe.policy.prompts import build_messages
-from monitoring.metrics import AGENT_POLICY_VERSION
+from monitoring.metrics import AGENT_BAND_ROLLOUTS, AGENT_POLICY_VERSION
 
 if TYPE_CHECKING:
     from dpe.policy.model import Policy
@@ -128,4 +128,5 @@ class PolicyPassRate:
             for (i, r), samples in zip(group, outputs):
                 key = r.body.key
                 correct[i] = sum(grade(text, key).correct for text in samples)
+                AGENT_BAND_ROLLOUTS.inc(len(samples))
         return [correct[i] for i in range(len(rollouts))]
