@@ -72,9 +72,12 @@ class Run:
     """One repetition: samples accepted per second, and every candidate's outcome (accepted or a reason), over
     `seconds` from the plan's publication to its filling (or the time cap)."""
 
-    rate: float
     outcomes: collections.Counter
     seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.outcomes["accepted"] / self.seconds
 
 
 def fresh_settings(bootstrap: str, work: Path, answer_key: bool = False, **agents: Any) -> Settings:
@@ -150,7 +153,7 @@ async def fill(settings: Settings, items: list[UnlabeledItem], per_capability: i
         accepted = sum(worker.ledger.filled(capability, plan_id=plan.plan_id) for capability in plan.quotas)
     outcomes = collections.Counter(rejected.reason_code for rejected in await read_topic(settings, RejectedSample))
     outcomes["accepted"] = accepted
-    return Run(accepted / seconds, outcomes, seconds)
+    return Run(outcomes, seconds)
 
 
 def _metric_total(name: str, skip: dict[str, str] | None = None) -> float:

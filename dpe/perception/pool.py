@@ -54,8 +54,7 @@ class PerceptionPool:
         self._executor = self._spawn()
 
     def read(self, toolchain: str, image: Image.Image) -> Scene | NotPerceived:
-        """The reading of `image` by the named toolchain in a worker (uncached: the caller caches)."""
-        image = image.convert("RGB")
+        """The reading of an RGB `image` by the named toolchain in a worker (uncached: the caller caches)."""
         executor = self._executor
         try:
             return executor.submit(_read, toolchain, image.size, image.tobytes()).result()
