@@ -41,13 +41,14 @@ from monitoring.metrics import (
 from streams.contracts import CapabilityReport, PartialWeakness
 from streams.scoring import CapabilityState, summarise
 from streams.settings import ScoringSettings, StreamConfig
-from streams.strategies import plan_quotas
+from streams.strategies import PLANNED_ONCE, plan_quotas
 from streams.tables import store, written
 from streams.topics import SERVICE, StreamTopics
 
 SEQ_KEY = "seq"
 ROUND_KEY = "round"
 PLANNED_KEY = "planned_version"
+FIRST_WEIGHTS_KEY = "first_weights"
 
 
 def newer(current: CapabilityReport | None, incoming: CapabilityReport) -> bool:
@@ -142,12 +143,18 @@ class ReportMerger:
         round_number = self.round_due(reports, snapshot, seq)
         if round_number is None:
             return
-        plan = plan_quotas(snapshot, self.quotas, round_number, producer=SERVICE)
+        once = self.quotas.strategy in PLANNED_ONCE
+        plan = plan_quotas(snapshot, self.quotas, round_number, producer=SERVICE,
+                           weights=self.rounds.data.get(FIRST_WEIGHTS_KEY) if once else None)
         await self.topics.send(plan)
         export_plan(plan)
+        writes = []
+        if once and FIRST_WEIGHTS_KEY not in self.rounds.data:
+            writes.append(store(self.rounds, FIRST_WEIGHTS_KEY, plan.weights, events[-1]))
         if self.quotas.round_evidence:
-            await written([store(self.rounds, ROUND_KEY, round_number, events[-1]),
-                           store(self.rounds, PLANNED_KEY, snapshot.policy_version, events[-1])])
+            writes += [store(self.rounds, ROUND_KEY, round_number, events[-1]),
+                       store(self.rounds, PLANNED_KEY, snapshot.policy_version, events[-1])]
+        await written(writes)
 
     def round_due(self, reports: Mapping[str, CapabilityReport], snapshot: WeaknessSnapshot, seq: int) -> int | None:
         """The round number `snapshot` should be planned as, or None when it brings no plan."""

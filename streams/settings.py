@@ -19,7 +19,7 @@ from pydantic import Field, NonNegativeInt, field_validator, model_validator
 from dpe.config import CoreSettings, following, set_derived, world_capabilities
 from dpe.section import Section
 
-StrategyName = Literal["dpe_step", "proportional", "uniform", "learning_progress"]
+StrategyName = Literal["dpe_step", "proportional", "uniform", "learning_progress", "static"]
 """The quota strategies by name (`streams.strategies.STRATEGIES` implements exactly these)."""
 
 

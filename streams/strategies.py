@@ -15,7 +15,10 @@ Strategies (`STRATEGIES`):
 - ``learning_progress``: weak *and* still improving. Weakness is the lower credible bound of the
   error rate, so a capability seen 3 times cannot drive the mix like one seen 3000 times; progress is
   the error-rate decrease per policy version (one training round each), discounted by how much
-  evidence backs it, relative to the best-progressing capability.
+  evidence backs it, relative to the best-progressing capability;
+- ``static``: the step weights of the first plan, kept for every later round (`PLANNED_ONCE`): the
+  arm that diagnoses the base once and never re-plans. The planner keeps those weights; a
+  capability they do not name gets no samples.
 
 Example:
     >>> from dpe.events import CapabilityWeakness, WeaknessSnapshot
@@ -91,7 +94,11 @@ STRATEGIES: dict[StrategyName, Strategy] = {
     "proportional": proportional,
     "uniform": uniform,
     "learning_progress": learning_progress,
+    "static": dpe_step,
 }
+
+PLANNED_ONCE: frozenset[StrategyName] = frozenset({"static"})
+"""Strategies whose first plan's weights serve every later round (`plan_quotas`' `weights`)."""
 
 
 def _bounds(names: list[str], params: QuotaSettings) -> tuple[dict[str, int], dict[str, int | None]]:
@@ -162,9 +169,13 @@ def allocate(weights: Weights, params: QuotaSettings) -> dict[str, int]:
     return quotas
 
 
-def plan_quotas(snapshot: WeaknessSnapshot, params: QuotaSettings, round: int, *, producer: str = "dpe") -> QuotaPlan:
-    """The quota plan of `params.strategy` for `snapshot`, naming the snapshot it came from."""
-    weights = STRATEGIES[params.strategy](snapshot, params)
+def plan_quotas(snapshot: WeaknessSnapshot, params: QuotaSettings, round: int, *, producer: str = "dpe",
+                weights: Weights | None = None) -> QuotaPlan:
+    """The quota plan of `params.strategy` for `snapshot`, naming the snapshot it came from.
+
+    `weights`, when given, replace the strategy's (a `PLANNED_ONCE` strategy's first weights).
+    """
+    weights = STRATEGIES[params.strategy](snapshot, params) if weights is None else weights
     return QuotaPlan(
         producer=producer,
         round=round,

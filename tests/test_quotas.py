@@ -36,9 +36,10 @@ def random_snapshot(rng: random.Random) -> WeaknessSnapshot:
                      for name in names})
 
 
-def test_registry_names_the_four_strategies_the_settings_accept():
-    assert set(STRATEGIES) == set(get_args(StrategyName)) == {"dpe_step", "proportional", "uniform", "learning_progress"}
-    with pytest.raises(ValidationError, match="'dpe_step', 'proportional', 'uniform' or 'learning_progress'"):
+def test_registry_names_the_five_strategies_the_settings_accept():
+    assert set(STRATEGIES) == set(get_args(StrategyName)) == {"dpe_step", "proportional", "uniform",
+                                                               "learning_progress", "static"}
+    with pytest.raises(ValidationError, match="'uniform', 'learning_progress' or 'static'"):
         QuotaSettings(strategy="roulette")
 
 

@@ -6,9 +6,7 @@ import json
 import os
 import re
 import time
-from pathlib import Path
 
-import pytest
 from prometheus_server import wait_until
 from rich.console import Console
 
@@ -27,7 +25,6 @@ from dpe.events import (
     WeaknessSnapshot,
 )
 from dpe.settings import Settings
-from dpe.spiral.experiment import MEAN, ExperimentOptions, ExperimentResult, RunOutcome, arm_statistics, write_results
 from dpe.spiral.report import write_report
 from dpe.spiral.run import SpiralOptions, child_env, run_settings, write_config
 from dpe.spiral.state import SpiralState
@@ -95,6 +92,22 @@ def test_rounds_link_versions_to_their_plan_weakness_and_training():
     assert rounds[0].quota_plan == {"color": 2, "counting": 6} and rounds[0].weakness["counting"] == 0.7
     assert rounds[1].samples_trained == 2 and rounds[1].trainer_metrics == {"reward_mean": 0.4}
     assert rounds[1].weakness["counting"] == 0.4 and rounds[1].heldout_items == 4
+    assert rounds[1].heldout_items_by_capability == {"color": 1, "counting": 3}
+    assert rounds[1].samples_trained_by_capability == {"color": 1, "counting": 1}
+
+
+def test_trained_samples_are_counted_by_capability_whichever_event_comes_first_and_survive_a_resume():
+    state = SpiralState()
+    events = [accepted("s1", "counting"),
+              Checkpoint(policy_version=1, parent_version=0, uri="/c/1", sample_ids=["s1", "s2", "s3"]),
+              accepted("s2", "color"), accepted("s3", "color"), accepted("s3", "color"),
+              Checkpoint(policy_version=1, parent_version=0, uri="/c/1", sample_ids=["s1", "s2", "s3"]),
+              accepted("s4", "chart")]
+    for event in events:
+        state.apply(event)
+    assert state.rounds()[1].samples_trained_by_capability == {"color": 2, "counting": 1}
+    resumed = SpiralState.from_json(json.loads(json.dumps(state.to_json())))
+    assert resumed.rounds()[1].samples_trained_by_capability == {"color": 2, "counting": 1}
 
 
 def test_rejections_are_counted_by_reason_once():
@@ -151,34 +164,6 @@ def test_final_table_has_accuracy_per_version_and_the_change():
     text = console.export_text()
     assert re.search(r"counting\s+│\s+0\.33\s+│\s+0\.67\s+│\s+\+0\.33", text), text
     assert re.search(r"samples trained\s+│\s+0\s+│\s+2", text), text
-
-
-def outcome_of(arm: str, seed: int, final: dict[str, float]) -> RunOutcome:
-    return RunOutcome(arm=arm, seed=seed, run_dir=Path(f"r/{arm}/seed{seed}"), completed=True, seconds=100.0,
-                      base={"color": 0.5, "counting": 0.1}, final=final)
-
-
-def test_experiment_statistics_are_over_seeds_with_the_mean_over_capabilities():
-    runs = [outcome_of("uniform", 0, {"color": 0.6, "counting": 0.2}),
-            outcome_of("uniform", 1, {"color": 0.4, "counting": 0.4})]
-    table = arm_statistics(runs)
-    assert table["counting"] == pytest.approx({"mean": 0.3, "std": 0.1414213562, "min": 0.2, "max": 0.4,
-                                               "base": 0.1, "gain": 0.2})
-    assert table[MEAN]["mean"] == pytest.approx(0.4) and table[MEAN]["base"] == pytest.approx(0.3)
-    assert arm_statistics([outcome_of("uniform", 0, {})]) == {}, "a run that did not finish its rounds has no final"
-
-
-def test_experiment_writes_a_summary_per_arm_the_overview_and_a_plot(tmp_path):
-    options = ExperimentOptions(arms=("dpe_step", "uniform"), seeds=(0, 1), runs_dir=tmp_path, experiment_id="e")
-    arms = {"dpe_step": [outcome_of("dpe_step", s, {"color": 0.5, "counting": 0.3 + s / 10}) for s in (0, 1)],
-            "uniform": [outcome_of("uniform", s, {"color": 8 / 30, "counting": 0.1}) for s in (0, 1, 2)]}
-    write_results(ExperimentResult(options.folder, arms), options)
-    overview = json.loads((tmp_path / "e" / "experiment.json").read_text())
-    assert overview["arms"]["dpe_step"]["counting"]["mean"] == pytest.approx(0.35)
-    assert overview["arms"]["uniform"]["counting"]["gain"] == pytest.approx(0.0)
-    per_arm = json.loads((tmp_path / "e" / "uniform" / "summary.json").read_text())
-    assert [run["seed"] for run in per_arm["runs"]] == [0, 1, 2] and per_arm["round_samples"] == options.round_samples
-    assert (tmp_path / "e" / "experiment.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_run_aligns_the_quota_budget_the_trainer_round_and_the_diagnosis(tmp_path):

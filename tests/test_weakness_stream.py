@@ -44,6 +44,7 @@ from streams.ordering import PartitionOrder
 from streams.runtime import broker_credentials, fetched_end_offsets
 from streams.scoring import divergence_evidence, load_state, outcome_evidence, replay, summarise
 from streams.settings import StreamConfig
+from streams.strategies import dpe_step
 
 REPO = Path(__file__).resolve().parent.parent
 TAXONOMY = ("counting", "color", "spatial", "chart")
@@ -264,6 +265,30 @@ async def test_with_round_evidence_each_version_is_planned_once_after_its_diagno
     assert [(p.round, p.policy_version) for p in w.plans] == [(0, 0), (1, 1)]
     assert w.snapshots[w.plans[0].snapshot_id].capabilities["chart"].events == 0, "held-out outcomes never steer"
     assert w.plans[1].quotas["color"] > w.plans[1].quotas["counting"], "round 1 is planned from version 1's errors"
+
+
+async def test_the_static_arm_plans_every_round_with_its_first_weights_even_after_a_kill9(stream_settings,
+                                                                                         start_worker):
+    settings, path = stream_settings
+    config = yaml.safe_load(path.read_text())
+    config["stream"]["quotas"] |= {"round_evidence": 8, "strategy": "static"}
+    path.write_text(yaml.safe_dump(config))
+    await publish(settings, [outcome(0, f"a{i}", correct=True, capability="chart") for i in range(8)])
+    first = start_worker()
+    async with AsyncPublisher(settings) as pub, follow(settings, pub) as sub:
+        w = Watch(sub)
+        await w.until(lambda w: len(w.plans) == 1, what="the plan of round 0")
+        first.kill9()
+        await publish(settings, [outcome(1, f"b{i}", correct=False, capability="chart") for i in range(8)])
+        start_worker()
+        await w.until(lambda w: len(w.plans) == 2, what="the plan of round 1, by the restarted worker")
+    round0, round1 = w.plans
+    params = settings.stream.quotas
+    assert (round0.strategy, round1.strategy, round1.policy_version) == ("static", "static", 1)
+    assert round0.weights == dpe_step(w.snapshots[round0.snapshot_id], params), "the step weights of version 0"
+    assert dpe_step(w.snapshots[round1.snapshot_id], params) != round0.weights, \
+        "version 1 fails on chart: a re-planning arm would weigh it more now"
+    assert (round1.weights, round1.quotas) == (round0.weights, round0.quotas), "never re-planned"
 
 
 async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(stream_settings, start_worker):

@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from dpe.command import CliState, pass_state
 from dpe.lifecycle import sigterm_interrupts
 from dpe.settings import Settings
-from dpe.spiral.experiment import MEAN, ExperimentOptions, arm_statistics, run_experiment
+from dpe.spiral.experiment.runner import ExperimentOptions, run_experiment
+from dpe.spiral.experiment.statistics import RunRow
+from dpe.spiral.experiment.tables import accuracy_table, comparison_table, markdown_table
 from dpe.spiral.run import SpiralOptions, run_spiral
 from dpe.spiral.view import rounds_table
 from streams.strategies import STRATEGIES
@@ -86,26 +88,28 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
               show_default=True, help="Samples per round, the same for every arm.")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--live/--no-live", default=False, show_default=True, help="Live table of each run.")
+@click.option("--from", "from_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Run nothing: print the tables (and the README's Markdown) of this experiment.json.")
 @pass_state
 def experiment(state: CliState, arms: tuple[str, ...], seeds: tuple[int, ...], rounds: int, round_samples: int,
-               runs_dir: Path, live: bool) -> None:
-    """Compare quota strategies at equal budget: held-out accuracy per capability per arm over seeds."""
+               runs_dir: Path, live: bool, from_file: Path | None) -> None:
+    """Compare quota strategies at equal samples: gains over the base against uniform, over seeds."""
+    if from_file is not None:
+        data = json.loads(from_file.read_text())
+        print_tables([RunRow.from_dict(row) for row in data["runs"]], tuple(data["arms"]), markdown=True)
+        return
     options = ExperimentOptions(arms=arms, seeds=seeds, rounds=rounds, round_samples=round_samples,
                                 runs_dir=runs_dir, live=live)
     result = run_experiment(state.settings_as(Settings), options, console)
-    table = Table(title=f"held-out accuracy after round {rounds}: mean ± std over seeds {list(seeds)} (min–max)")
-    table.add_column("capability")
-    table.add_column("base", justify="right")
-    for arm in arms:
-        table.add_column(arm, justify="right")
-    per_arm = {arm: arm_statistics(runs) for arm, runs in result.arms.items()}
-    for capability in sorted({cap for rows in per_arm.values() for cap in rows}, key=lambda cap: (cap == MEAN, cap)):
-        rows = [per_arm[arm].get(capability) for arm in arms]
-        base = next((row["base"] for row in rows if row), float("nan"))
-        table.add_row(capability, f"{base:.3f}", *(
-            f"{row['mean']:.3f} ± {row['std']:.3f} ({row['min']:.2f}–{row['max']:.2f})" if row else "–"
-            for row in rows))
-    console.print(table)
+    print_tables(result.rows, arms)
     console.print(f"results: {result.folder / 'experiment.json'}; plot: {result.folder / 'experiment.png'}")
-    if not all(run.completed for runs in result.arms.values() for run in runs):
+    if not all(outcome.completed for outcome in result.outcomes):
         sys.exit(1)
+
+
+def print_tables(rows: list[RunRow], arms: tuple[str, ...], *, markdown: bool = False) -> None:
+    """The per-capability accuracy table and the comparison with uniform (and its Markdown)."""
+    console.print(accuracy_table(rows, arms))
+    console.print(comparison_table(rows, arms))
+    if markdown:
+        console.print(markdown_table(rows, arms), markup=False, highlight=False, soft_wrap=True)

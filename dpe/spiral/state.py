@@ -58,10 +58,12 @@ class RoundRecord:
     policy_version: int
     heldout_accuracy: dict[str, float]
     heldout_items: int
+    heldout_items_by_capability: dict[str, int]
     weakness: dict[str, float]
     quota_plan: dict[str, int]
     strategy: str | None
     samples_trained: int
+    samples_trained_by_capability: dict[str, int]
     trainer_metrics: dict[str, float]
 
     def as_dict(self) -> dict[str, Any]:
@@ -73,14 +75,16 @@ class SpiralState:
     """Aggregates of the observed topics; idempotent under duplicates, bounded over a week of versions.
 
     Per version it keeps the newest weakness snapshot and plan, the checkpoint (without its sample
-    ids: `trained` counts them) and held-out counts per capability; graded items are kept one by one
-    for the newest `HELDOUT_ITEM_VERSIONS` versions only, and seen ids in windows of `SEEN_IDS`.
+    ids: `trained` counts them, `trained_by_capability` by the capability of their accepted event,
+    whichever of the two is seen first) and held-out counts per capability; graded items are kept one
+    by one for the newest `HELDOUT_ITEM_VERSIONS` versions only, and seen ids in windows of `SEEN_IDS`.
     """
 
     heldout_suite: str = "heldout"
     policy_version: int = 0
     checkpoints: dict[int, Checkpoint] = field(default_factory=dict)
     trained: dict[int, int] = field(default_factory=dict)
+    trained_by_capability: dict[int, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
     snapshots: dict[int, WeaknessSnapshot] = field(default_factory=dict)
     plans: dict[int, QuotaPlan] = field(default_factory=dict)
     accepted: int = 0
@@ -96,6 +100,10 @@ class SpiralState:
     """When the newest policy version was seen (or the state began)."""
     _accepted_before_version: int = 0
     """Accepted samples seen before the newest policy version: the rest wait for the trainer."""
+    _capability_of: dict[str, str] = field(default_factory=dict)
+    """Accepted sample id -> capability, until a checkpoint trains it."""
+    _trained_in: dict[str, int] = field(default_factory=dict)
+    """Trained sample id -> version, until its accepted event is seen."""
 
     def apply(self, event: Event) -> None:
         """Fold one event in."""
@@ -107,6 +115,7 @@ class SpiralState:
                 self.accepted += 1
                 self.accepted_by_capability[event.capability] += 1
                 self._accept_times.append(time.monotonic())
+                self._match(event.sample_id, capability=event.capability)
         elif isinstance(event, RejectedSample):
             if self._rejected_ids.add(event.candidate_id):
                 self.rejected_by_reason[event.reason_code] += 1
@@ -121,10 +130,28 @@ class SpiralState:
         if event.policy_version not in self.checkpoints and event.policy_version >= self.policy_version:
             self._version_at = time.monotonic()
             self._accepted_before_version = self.accepted
+        if event.policy_version not in self.checkpoints:
+            for sample_id in event.sample_ids:
+                self._match(sample_id, version=event.policy_version)
         self.trained[event.policy_version] = len(event.sample_ids)
         self.checkpoints[event.policy_version] = event.model_copy(update={"sample_ids": [], "trained_on": []})
         self.policy_version = max(self.policy_version, event.policy_version)
         self._fold_heldout(self.policy_version - HELDOUT_ITEM_VERSIONS)
+
+    def _match(self, sample_id: str, *, capability: str | None = None, version: int | None = None) -> None:
+        """Credit a trained sample to its version and capability once both its events are seen."""
+        if version is None:
+            version = self._trained_in.pop(sample_id, None)
+        elif sample_id in self._capability_of:
+            capability = self._capability_of.pop(sample_id)
+        if version is not None and capability is not None:
+            counts = self.trained_by_capability[version]
+            counts[capability] = counts.get(capability, 0) + 1
+            return
+        waiting = self._capability_of if capability is not None else self._trained_in
+        waiting[sample_id] = capability if capability is not None else version
+        if len(waiting) > SEEN_IDS:
+            del waiting[next(iter(waiting))]
 
     def _fold_heldout(self, before: int) -> None:
         """Turn the graded items of versions older than `before` into per-capability counts."""
@@ -144,7 +171,7 @@ class SpiralState:
         return {
             "heldout_suite": self.heldout_suite, "policy_version": self.policy_version,
             "checkpoints": [event.model_dump(mode="json") for event in self.checkpoints.values()],
-            "trained": self.trained, "accepted": self.accepted,
+            "trained": self.trained, "trained_by_capability": self.trained_by_capability, "accepted": self.accepted,
             "snapshots": [event.model_dump(mode="json") for event in self.snapshots.values()],
             "plans": [event.model_dump(mode="json") for event in self.plans.values()],
             "accepted_by_capability": self.accepted_by_capability, "rejected_by_reason": self.rejected_by_reason,
@@ -159,6 +186,8 @@ class SpiralState:
                     accepted=data["accepted"])
         state.checkpoints = {e.policy_version: e for e in map(Checkpoint.model_validate, data["checkpoints"])}
         state.trained = {int(v): n for v, n in data["trained"].items()}
+        by_capability = data.get("trained_by_capability", {})
+        state.trained_by_capability.update({int(v): counts for v, counts in by_capability.items()})
         state.snapshots = {e.policy_version: e for e in map(WeaknessSnapshot.model_validate, data["snapshots"])}
         state.plans = {e.policy_version: e for e in map(QuotaPlan.model_validate, data["plans"])}
         state.accepted_by_capability.update(data["accepted_by_capability"])
@@ -231,10 +260,13 @@ class SpiralState:
                 policy_version=version,
                 heldout_accuracy=self.heldout_accuracy(version),
                 heldout_items=self.heldout_items(version),
+                heldout_items_by_capability={cap: graded for cap, (_, graded) in
+                                             sorted(self._heldout_counts(version).items())},
                 weakness={cap: w.error_rate for cap, w in sorted(snapshot.capabilities.items())} if snapshot else {},
                 quota_plan=dict(sorted(plan.quotas.items())) if plan else {},
                 strategy=plan.strategy if plan else None,
                 samples_trained=self.trained.get(version, 0),
+                samples_trained_by_capability=dict(sorted(self.trained_by_capability.get(version, {}).items())),
                 trainer_metrics=dict(checkpoint.metrics) if checkpoint else {},
             ))
         return records
