@@ -25,7 +25,7 @@ from dpe.policy.model import VISION_TOKENS, build_tiny_policy, load_policy, supp
 from dpe.policy.processor import Qwen2VLNoVideoProcessor, load_processor
 from dpe.policy.prompts import build_messages, format_question, render_prompt
 from dpe.policy.sft import IGNORE_INDEX, sft_batch, train_sft
-from dpe.policy.warmup import RECIPE_FILE, cached_folder, warm_up
+from dpe.policy.warmup import RECIPE_FILE, cached_folder, recorded_heldout, warm_up
 from dpe.policy.weights import PICKLED_WEIGHTS, PickledWeights
 from dpe.world import CAPABILITIES, diagnostic_sample, make_item, training_stream
 
@@ -165,8 +165,9 @@ def test_generate_returns_n_samples_and_is_reproducible(policy, items):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_prompts_encoded_once_decode_exactly_as_transformers_generate_does(family, items):
-    """`generate` encodes each prompt (its image included) once and copies its cache for the n samples; greedy and
-    seeded sampling must give token for token what transformers' own `generate` gives with n return sequences."""
+    """`generate` encodes each prompt (its image included) once, copies its cache for the n samples and decodes in
+    its own loop; greedy and seeded sampling (at two temperatures) must give token for token what transformers'
+    own `generate` gives with n return sequences."""
     policy = build_tiny_policy(SMALL.model_copy(update={"family": family}))
     inputs = _inputs(policy, items)
     images = [item.image for item in items]
@@ -182,10 +183,11 @@ def test_prompts_encoded_once_decode_exactly_as_transformers_generate_does(famil
 
     greedy = generate(policy, images, conversations, SamplingParams(max_new_tokens=8, batch_size=len(items)))
     assert [samples[0] for samples in greedy] == reference(do_sample=False)
-    sampled = generate(policy, images, conversations,
-                       SamplingParams(max_new_tokens=8, temperature=1.0, num_samples=3, batch_size=len(items)), seed=7)
-    assert [text for samples in sampled for text in samples] == reference(do_sample=True, temperature=1.0,
-                                                                          num_return_sequences=3)
+    for temperature in (1.0, 0.7):
+        sampled = generate(policy, images, conversations, SamplingParams(
+            max_new_tokens=8, temperature=temperature, num_samples=3, batch_size=len(items)), seed=7)
+        assert [text for samples in sampled for text in samples] == reference(
+            do_sample=True, temperature=temperature, num_return_sequences=3)
 
 
 def test_vision_tokens_are_never_generated(policy, items):
@@ -251,19 +253,25 @@ def test_recipe_hash_follows_the_recipe():
 def test_warm_up_is_cached_by_recipe(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("DPE_MODEL_CACHE", str(tmp_path / "env-cache"))
     config = WarmupConfig(model=TinyVLMConfig(corpus_items=5), steps=3, batch_size=4)
-    first = warm_up(config, show_progress=False)
+    first = warm_up(config, show_progress=False, measure_heldout=False)
     assert not first.from_cache and first.folder == cached_folder(config)
     assert first.folder.parent == tmp_path / "env-cache" and (first.folder / RECIPE_FILE).exists()
 
     started = time.perf_counter()
-    second = warm_up(config, show_progress=False)
+    second = warm_up(config, show_progress=False, measure_heldout=False)
     assert second.from_cache and second.folder == first.folder
     assert time.perf_counter() - started < 5
     inputs = _inputs(first.policy, [make_item("chart", 2, 0)])
     with torch.no_grad():
         assert torch.equal(first.policy.model(**inputs).logits, second.policy.model(**inputs).logits)
 
-    other = warm_up(config.model_copy(update={"seed": 1}), cache_dir=tmp_path / "arg-cache", show_progress=False)
+    other = warm_up(config.model_copy(update={"seed": 1}), cache_dir=tmp_path / "arg-cache", show_progress=False,
+                    measure_heldout=False)
+
+    assert recorded_heldout(first.folder) is None
+    measured = warm_up(config, show_progress=False)
+    assert measured.from_cache and set(recorded_heldout(first.folder)) == set(CAPABILITIES), \
+        "a model cached before its recipe recorded the held-out accuracy gets it recorded on next use"
     assert not other.from_cache and other.folder.parent == tmp_path / "arg-cache"
 
 
@@ -278,7 +286,9 @@ def test_cli_init_tiny_sft_and_accuracy(tmp_path, no_network):
             "--eval-samples", "2"]
     result = runner.invoke(model_cli, args)
     assert result.exit_code == 0, result.output
-    assert "trained" in result.output and "held-out accuracy" in result.output
+    assert "trained" in result.output and "base held-out accuracy, as recipe.json records it" in result.output
+    recorded = recorded_heldout(tmp_path / "warm")
+    assert set(recorded) == set(CAPABILITIES) and all(row["items"] == 100 for row in recorded.values())
     assert (tmp_path / "warm" / RECIPE_FILE).exists()
     assert "loaded from cache" in runner.invoke(model_cli, args).output
 
@@ -295,6 +305,8 @@ def test_default_warm_up_leaves_uneven_blind_spots_but_samples_correct_answers()
     """In the default cache, as `dpe run` warms it (later runs on the same machine start from it)."""
     result = warm_up(WarmupConfig(), show_progress=False)
     table = measure_accuracy(result.policy, diagnostic_sample(0, 140, seed=0, levels=(1, 2, 3)))
+    recorded = recorded_heldout(result.folder)
+    assert set(recorded) == set(CAPABILITIES) and all(row["items"] == 100 for row in recorded.values())
     assert all(row["format"] > 0.9 for row in table.values())
     assert all(row["pass_at_k"] > 0.1 for row in table.values())
     greedy = sorted(row["greedy"] for row in table.values())

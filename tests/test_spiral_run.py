@@ -259,4 +259,6 @@ def test_dpe_run_images_trains_on_a_folder_of_pngs_drawn_outside_the_synthetic_w
     summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
     assert summary["completed"] is True and summary["rounds"][1]["samples_trained"] > 0, summary["rounds"]
     assert summary["samples_accepted"] >= summary["rounds"][1]["samples_trained"]
+    trained = summary["rounds"][1]["samples_trained_by_capability"]
+    assert sum(trained.values()) == summary["rounds"][1]["samples_trained"], "each trained sample has its capability"
 

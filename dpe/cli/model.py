@@ -153,11 +153,14 @@ def sft(
     if base is not None:
         policy = _fine_tune(base, output, config)
     else:
-        from dpe.policy.warmup import warm_up
+        from dpe.policy.warmup import RECIPE_FILE, recorded_heldout, warm_up
 
         result = warm_up(config, cache_dir=cache_dir)
         origin = "loaded from cache" if result.from_cache else "trained"
         console.print(f"{origin} in {result.seconds:.1f} s: {result.folder}")
+        recorded = recorded_heldout(result.folder)
+        if recorded:
+            _print_accuracy(recorded, f"base held-out accuracy, as {RECIPE_FILE} records it")
         policy = result.policy
         if output is not None:
             shutil.copytree(result.folder, output, dirs_exist_ok=True)

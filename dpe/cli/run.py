@@ -86,20 +86,22 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
 @click.option("--rounds", type=click.IntRange(min=1), default=ExperimentOptions.rounds, show_default=True)
 @click.option("--round-samples", type=click.IntRange(min=1), default=ExperimentOptions.round_samples,
               show_default=True, help="Samples per round, the same for every arm.")
+@click.option("--heldout-per-capability", type=click.IntRange(min=1), default=ExperimentOptions.heldout_per_capability,
+              show_default=True, help="Held-out items per capability, the same suite for every run.")
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--live/--no-live", default=False, show_default=True, help="Live table of each run.")
 @click.option("--from", "from_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Run nothing: print the tables (and the README's Markdown) of this experiment.json.")
 @pass_state
 def experiment(state: CliState, arms: tuple[str, ...], seeds: tuple[int, ...], rounds: int, round_samples: int,
-               runs_dir: Path, live: bool, from_file: Path | None) -> None:
+               heldout_per_capability: int, runs_dir: Path, live: bool, from_file: Path | None) -> None:
     """Compare quota strategies at equal samples: gains over the base against uniform, over seeds."""
     if from_file is not None:
         data = json.loads(from_file.read_text())
         print_tables([RunRow.from_dict(row) for row in data["runs"]], tuple(data["arms"]), markdown=True)
         return
     options = ExperimentOptions(arms=arms, seeds=seeds, rounds=rounds, round_samples=round_samples,
-                                runs_dir=runs_dir, live=live)
+                                heldout_per_capability=heldout_per_capability, runs_dir=runs_dir, live=live)
     result = run_experiment(state.settings_as(Settings), options, console)
     print_tables(result.rows, arms)
     console.print(f"results: {result.folder / 'experiment.json'}; plot: {result.folder / 'experiment.png'}")

@@ -1,9 +1,12 @@
 """Batched generation: greedy or sampled, n samples per prompt, vision tokens suppressed.
 
 Each prompt, its image included, is encoded once; its key-value cache is then copied for its n
-samples, which transformers' `generate` decodes together. Token for token this gives what
-`generate` with n return sequences gives (which encodes every prompt n times): 2.2x the rollouts
-per second for 16 prompts x 9 samples with the default tiny policy on 2 cores.
+samples, which decode together in a plain loop (one forward per token, stopping when every
+sequence has ended). Token for token this gives what transformers' `generate` with n return
+sequences gives (which encodes every prompt n times, and prepares its generation config, logits
+processors and stopping criteria on every call): 2.2x the rollouts per second for 16 prompts x 9
+samples with the default tiny policy on 2 cores from encoding once, and about 15 % more from the
+plain loop.
 
 Example:
     >>> from dpe.policy.model import build_tiny_policy
@@ -39,7 +42,6 @@ class SamplingParams:
     max_new_tokens: int = 16
     temperature: float = 0.0
     num_samples: int = 1
-    top_p: float = 1.0
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -84,32 +86,20 @@ def _generate_batch(
     inputs = policy.processor(
         images=images, text=texts, padding=True, padding_side="left", return_tensors="pt"
     ).to(policy.model.device)
-    sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
-        if params.temperature > 0
-        else {"do_sample": False}
-    )
     n = params.num_samples
     with torch.inference_mode():
         cache = _encoded_prompts(policy.model, inputs)
         if n > 1:
             cache.batch_repeat_interleave(n)
             policy.model.model.rope_deltas = policy.model.model.rope_deltas.repeat_interleave(n, dim=0)
-        sequences = policy.model.generate(
-            input_ids=inputs["input_ids"].repeat_interleave(n, dim=0),
-            attention_mask=inputs["attention_mask"].repeat_interleave(n, dim=0),
-            past_key_values=cache,
-            **sampling,
-            max_new_tokens=params.max_new_tokens,
-            suppress_tokens=suppressed_token_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    completions = tokenizer.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        tokens = _decode(policy, cache, inputs["input_ids"][:, -1:].repeat_interleave(n, dim=0),
+                         inputs["attention_mask"].repeat_interleave(n, dim=0), params)
+    completions = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return [completions[index : index + n] for index in range(0, len(completions), n)]
 
 
 def _encoded_prompts(model: Any, inputs: BatchFeature) -> DynamicCache:
-    """The key-value cache of every prompt token but the last (which `generate` then feeds, to start decoding);
+    """The key-value cache of every prompt token but the last (which `_decode` then feeds, to start decoding);
     the model keeps the prompts' multimodal position offsets (`rope_deltas`) for the decoding steps."""
     cache = DynamicCache(config=model.config)
     head = {name: value[:, :-1] if name in _PER_TOKEN else value for name, value in inputs.items()}
@@ -119,3 +109,41 @@ def _encoded_prompts(model: Any, inputs: BatchFeature) -> DynamicCache:
 
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
 """Processor outputs with one entry per prompt token."""
+
+
+def _decode(policy: Policy, cache: DynamicCache, last: torch.Tensor, attention_mask: torch.Tensor,
+            params: SamplingParams) -> torch.Tensor:
+    """New tokens (pad after a sequence's end token) from the cached prompts and their `last` tokens.
+
+    Each step feeds one token per sequence at its text position (tokens seen so far, plus the
+    multimodal offset `rope_deltas`), takes the float32 logits of it, masks the vision tokens, and
+    picks greedily or samples from softmax(logits / temperature): what `generate` does, in its order.
+    """
+    model, tokenizer = policy.model, policy.tokenizer
+    suppressed = torch.tensor(suppressed_token_ids(tokenizer), device=last.device)
+    ends = torch.tensor(_end_token_ids(model), device=last.device)
+    running = torch.ones(last.shape[0], dtype=torch.bool, device=last.device)
+    tokens = []
+    for _ in range(params.max_new_tokens):
+        positions = (attention_mask.sum(dim=1, keepdim=True) - 1 + model.model.rope_deltas)[None]
+        logits = model(input_ids=last, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        logits[:, suppressed] = -float("inf")
+        if params.temperature > 0:
+            chosen = torch.multinomial(torch.softmax(logits / params.temperature, dim=-1), 1).squeeze(1)
+        else:
+            chosen = logits.argmax(dim=-1)
+        chosen = torch.where(running, chosen, tokenizer.pad_token_id)
+        tokens.append(chosen)
+        running &= ~torch.isin(chosen, ends)
+        if not running.any():
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
+        last = chosen[:, None]
+    return torch.stack(tokens, dim=1)
+
+
+def _end_token_ids(model: Any) -> list[int]:
+    """The model's end-of-sequence token ids (one or several)."""
+    ends = model.generation_config.eos_token_id
+    return list(ends) if isinstance(ends, (list, tuple)) else [ends]

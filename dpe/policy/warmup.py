@@ -3,7 +3,9 @@
 The result is cached by the hash of its recipe (model config, mix, levels, steps, optimiser, seed
 and `RECIPE_VERSION`) under the cache folder: ``cache_dir`` argument, else ``$DPE_MODEL_CACHE``,
 else ``~/.cache/dpe/models``. A second call with the same recipe loads the cached model; a lock
-file makes concurrent first calls train once.
+file makes concurrent first calls train once. Its ``recipe.json`` also records the base's accuracy
+per capability on the held-out suite that the evaluator and `dpe experiment` grade on by default
+(`base_heldout_items`).
 
 Example:
     >>> folder = cached_folder(WarmupConfig(steps=10), cache_dir="/tmp/models")
@@ -22,15 +24,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpe.policy.accuracy import measure_accuracy
 from dpe.policy.config import WarmupConfig
 from dpe.policy.model import Policy, build_tiny_policy, load_policy
 from dpe.policy.sft import train_sft
-from dpe.world import training_stream
+from dpe.world import CAPABILITIES, WorldItem, diagnostic_sample, training_stream
 
 RECIPE_VERSION = "2"
 """Bump when the world, the tokenizer or the training code change what a recipe produces."""
 
 RECIPE_FILE = "recipe.json"
+HELDOUT_PER_CAPABILITY = 100
+"""Held-out items per capability the base is measured on (`dpe experiment`'s default suite)."""
+HELDOUT_SAMPLES = 4
+"""Sampled completions per held-out item (temperature 1) for the pass rate: are some rollouts solved?"""
 
 
 @dataclass(frozen=True)
@@ -70,17 +77,43 @@ def train_on_recipe(policy: Policy, config: WarmupConfig, *, show_progress: bool
     )
 
 
+def base_heldout_items(config: WarmupConfig) -> list[WorldItem]:
+    """The first `HELDOUT_PER_CAPABILITY` items of each capability in the diagnostic pool (seed 0, all levels):
+    the evaluator's held-out suite for that many items per capability."""
+    return diagnostic_sample(0, HELDOUT_PER_CAPABILITY * len(CAPABILITIES), seed=0, image_size=config.model.image_size)
+
+
+def heldout_accuracy(policy: Policy, config: WarmupConfig) -> dict[str, dict[str, float]]:
+    """Per capability: greedy accuracy, sampled pass rate, pass@k and format rate on `base_heldout_items`."""
+    table = measure_accuracy(policy, base_heldout_items(config), num_samples=HELDOUT_SAMPLES)
+    return {capability: {name: round(value, 4) for name, value in row.items()} for capability, row in table.items()}
+
+
+def recorded_heldout(folder: Path) -> dict[str, dict[str, float]] | None:
+    """The held-out accuracy table a warmed model's ``recipe.json`` records (None for models cached before it did)."""
+    return json.loads((folder / RECIPE_FILE).read_text()).get("heldout")
+
+
 def warm_up(
-    config: WarmupConfig = WarmupConfig(), *, cache_dir: str | Path | None = None, show_progress: bool = True
+    config: WarmupConfig = WarmupConfig(), *, cache_dir: str | Path | None = None, show_progress: bool = True,
+    measure_heldout: bool = True,
 ) -> WarmupResult:
-    """The warmed policy of `config`: loaded from the cache, or built, trained and cached."""
+    """The warmed policy of `config`: loaded from the cache, or built, trained and cached.
+
+    Its `heldout_accuracy` is recorded in ``recipe.json`` (measured once, also for a model cached before the
+    recipe recorded it) unless `measure_heldout` is off (a throwaway model in a test).
+    """
     started = time.perf_counter()
     folder = cached_folder(config, cache_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / RECIPE_FILE).exists():
-            return WarmupResult(load_policy(folder), folder, True, time.perf_counter() - started)
+            policy = load_policy(folder)
+            if measure_heldout and recorded_heldout(folder) is None:
+                _record(folder, json.loads((folder / RECIPE_FILE).read_text()) | {
+                    "heldout": heldout_accuracy(policy, config)})
+            return WarmupResult(policy, folder, True, time.perf_counter() - started)
         policy = build_tiny_policy(config.model)
         losses = train_on_recipe(policy, config, show_progress=show_progress, description="warm-up SFT")
         seconds = time.perf_counter() - started
@@ -89,7 +122,15 @@ def warm_up(
             "config": config.model_dump(mode="json"),
             "seconds": round(seconds, 2),
             "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
+            **({"heldout": heldout_accuracy(policy, config)} if measure_heldout else {}),
         }
         policy.save(folder, extra_files={RECIPE_FILE: json.dumps(recipe, indent=2)})
     return WarmupResult(policy, folder, False, seconds)
+
+
+def _record(folder: Path, recipe: dict) -> None:
+    """Replace ``recipe.json`` atomically."""
+    staged = folder / f".{RECIPE_FILE}.tmp"
+    staged.write_text(json.dumps(recipe, indent=2))
+    os.replace(staged, folder / RECIPE_FILE)
 

@@ -1,8 +1,9 @@
 """Runs the spiral under several quota strategies (arms) and seeds on one held-out suite, and writes the results.
 
 Every run starts from the same base model, trains the same number of samples per round for the
-same number of rounds, and is measured on the same held-out suite (the evaluator's seed is not
-varied); only the arm's quota strategy changes, and across seeds the synthetic unlabeled stream
+same number of rounds, and is measured on the same held-out suite (`heldout_per_capability` items
+of each capability from the world's diagnostic pool, which no generator's stream draws from; the
+evaluator's seed is not varied); only the arm's quota strategy changes, and across seeds the synthetic unlabeled stream
 and the trainer's sampling. Arms run interleaved within each seed, so a machine that slows down
 during the experiment slows every arm alike.
 
@@ -46,6 +47,7 @@ class ExperimentOptions:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     rounds: int = 3
     round_samples: int = SpiralOptions.round_samples
+    heldout_per_capability: int = 100
     runs_dir: Path = Path("runs")
     experiment_id: str = field(default_factory=lambda: time.strftime("experiment-%Y%m%d-%H%M%S"))
     live: bool = False
@@ -102,8 +104,18 @@ def tidy_rows(arm: str, seed: int, rounds: list[RoundRecord], last_round: int) -
     return rows
 
 
-def _seeded(settings: Settings, seed: int) -> Settings:
-    return with_overrides(settings, {"ingest": {"synthetic_seed": seed}, "trainer": {"grpo": {"seed": seed}}})
+def arm_settings(settings: Settings, options: ExperimentOptions, seed: int) -> Settings:
+    """`settings` with the seed's unlabeled stream and trainer sampling, and the experiment's held-out suite.
+
+    >>> configured = arm_settings(Settings.load(), ExperimentOptions(heldout_per_capability=100), seed=3)
+    >>> configured.evaluator.synthetic.heldout_items, configured.ingest.synthetic_seed, configured.trainer.grpo.seed
+    (700, 3, 3)
+    """
+    suites = settings.evaluator.synthetic
+    return with_overrides(settings, {
+        "ingest": {"synthetic_seed": seed}, "trainer": {"grpo": {"seed": seed}},
+        "evaluator": {"synthetic": {"heldout_items": options.heldout_per_capability * len(suites.capabilities)}},
+    })
 
 
 def run_arm(settings: Settings, options: ExperimentOptions, arm: str, seed: int, console: Console) -> RunOutcome:
@@ -111,7 +123,7 @@ def run_arm(settings: Settings, options: ExperimentOptions, arm: str, seed: int,
     spiral = SpiralOptions(rounds=options.rounds, round_samples=options.round_samples, strategy=arm,
                            runs_dir=options.folder / arm, run_id=f"seed{seed}", live=options.live,
                            timeout_s=options.timeout_s)
-    result = run_spiral(_seeded(settings, seed), spiral, console)
+    result = run_spiral(arm_settings(settings, options, seed), spiral, console)
     return RunOutcome(arm=arm, seed=seed, run_dir=result.run_dir, completed=result.completed, seconds=result.seconds,
                       rows=tidy_rows(arm, seed, result.rounds, options.rounds))
 
@@ -138,6 +150,7 @@ def write_results(result: ExperimentResult, options: ExperimentOptions) -> Path:
     overview = {
         "experiment_id": options.experiment_id, "rounds": options.rounds, "round_samples": options.round_samples,
         "seeds": list(options.seeds), "arms": list(options.arms), "default_strategy": result.default_strategy,
+        "heldout_per_capability": options.heldout_per_capability,
         "completed": [{"arm": run.arm, "seed": run.seed, "completed": run.completed, "seconds": round(run.seconds, 1),
                        "run_dir": str(run.run_dir)} for run in result.outcomes],
         "runs": [row.as_dict() for row in result.rows],
