@@ -1,0 +1,155 @@
+"""Learning curves of warm-up recipes: what the tiny base learns per capability, and how fast.
+
+Each recipe trains a fresh tiny model (not cached) and measures greedy accuracy per capability on
+held-out diagnostic items of the recipe's own levels every `--every` steps. Recipes are named
+(`RECIPES`) or given as JSON (a `WarmupConfig` with an optional `model` object).
+
+Writes ``<out>/warmup_curves.json`` (tidy rows: recipe, step, capability, accuracy, items; plus the
+recipes) and ``<out>/warmup_curves.png`` (one panel per recipe). The table goes to stderr; the last
+line of stdout is one JSON object.
+
+Run: `python -m benchmarks.warmup --recipe colour_counting --recipe reading --every 500`
+(each recipe trains on one thread, so two recipes use the two cores of a small machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from dpe.policy.accuracy import measure_accuracy  # noqa: E402
+from dpe.policy.config import TinyVLMConfig, WarmupConfig  # noqa: E402
+from dpe.policy.model import build_tiny_policy  # noqa: E402
+from dpe.policy.sft import train_sft  # noqa: E402
+from dpe.world import CAPABILITIES, WorldItem, diagnostic_sample, training_stream  # noqa: E402
+
+ALL = {capability: 1.0 for capability in CAPABILITIES}
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "even": {"mix": ALL, "levels": [1, 2]},
+    "colour_counting": {"mix": {"counting": 1.0, "color": 1.0}, "levels": [1, 2]},
+    "reading": {"mix": {"text_reading": 1.0, "arithmetic": 1.0}, "levels": [1, 2]},
+    "colour_counting_patch4": {"mix": {"counting": 1.0, "color": 1.0}, "levels": [1, 2], "model": {"patch_size": 4}},
+    "existence_unmerged": {"mix": {"existence": 1.0}, "levels": [1], "model": {"merge_size": 1}},
+}
+"""Named recipes: overrides of `WarmupConfig` (``model`` overrides `TinyVLMConfig`)."""
+
+
+def recipe_config(overrides: dict[str, Any], steps: int | None) -> WarmupConfig:
+    """The `WarmupConfig` of a recipe's overrides, with `steps` if given.
+
+    >>> recipe_config(RECIPES["colour_counting_patch4"], steps=10).model.patch_size
+    4
+    """
+    fields = dict(overrides)
+    model = TinyVLMConfig(**fields.pop("model", {}))
+    return WarmupConfig(model=model, **fields, **({"steps": steps} if steps is not None else {}))
+
+
+def _evaluated(config: WarmupConfig, items: list[WorldItem], every: int, rows: list[dict], name: str, policy: Any):
+    """The recipe's training stream, measuring accuracy into `rows` every `every` batches."""
+    for index, item in enumerate(training_stream(config.mix, config.seed, levels=config.levels,
+                                                 image_size=config.model.image_size)):
+        if index and index % (every * config.batch_size) == 0:
+            rows += _measure(policy, items, name, index // config.batch_size)
+        yield item
+
+
+def _measure(policy: Any, items: list[WorldItem], name: str, step: int) -> list[dict]:
+    policy.model.eval()
+    table = measure_accuracy(policy, items, num_samples=1)
+    policy.model.train()
+    return [{"recipe": name, "step": step, "capability": capability, "accuracy": row["greedy"],
+             "items": int(row["items"])} for capability, row in sorted(table.items())]
+
+
+def learning_curve(name: str, overrides: dict[str, Any], steps: int | None, every: int,
+                   per_capability: int) -> dict[str, Any]:
+    """Train one recipe on one thread; its rows, seconds and final loss."""
+    torch.set_num_threads(1)
+    config = recipe_config(overrides, steps)
+    items = diagnostic_sample(0, per_capability * len(CAPABILITIES), seed=5, levels=config.levels,
+                              image_size=config.model.image_size)
+    policy = build_tiny_policy(config.model)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    losses = train_sft(policy, _evaluated(config, items, every, rows, name, policy), steps=config.steps,
+                       batch_size=config.batch_size, learning_rate=config.learning_rate,
+                       warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, show_progress=False)
+    seconds = time.perf_counter() - started
+    rows += _measure(policy, items, name, config.steps)
+    return {"name": name, "config": config.model_dump(mode="json"), "rows": rows, "seconds": round(seconds, 1),
+            "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1)}
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """One panel per recipe: accuracy per capability against steps."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), dpi=100, squeeze=False)
+    for ax, result in zip(axes[0], results):
+        for capability in CAPABILITIES:
+            points = [(row["step"], row["accuracy"]) for row in result["rows"] if row["capability"] == capability]
+            ax.plot([s for s, _ in points], [a for _, a in points], marker=".", label=capability)
+        ax.set_title(result["name"])
+        ax.set_xlabel("SFT steps")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("greedy held-out accuracy")
+    axes[0][-1].legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_curves(results: list[dict[str, Any]]) -> None:
+    table = Table(title="greedy held-out accuracy per capability (levels of each recipe)")
+    for column in ("recipe", "step", *CAPABILITIES):
+        table.add_column(column, justify="left" if column == "recipe" else "right")
+    for result in results:
+        for step in sorted({row["step"] for row in result["rows"]}):
+            accuracy = {row["capability"]: row["accuracy"] for row in result["rows"] if row["step"] == step}
+            table.add_row(result["name"], str(step), *(f"{accuracy.get(c, float('nan')):.2f}" for c in CAPABILITIES))
+    Console(stderr=True).print(table)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", action="append", default=None,
+                        help=f"A name ({', '.join(RECIPES)}) or a JSON recipe (repeat; default: default).")
+    parser.add_argument("--steps", type=int, default=None, help="Override every recipe's steps.")
+    parser.add_argument("--every", type=int, default=500, help="Measure every this many steps.")
+    parser.add_argument("--per-capability", type=int, default=40, help="Held-out items per capability.")
+    parser.add_argument("--out", type=Path, default=Path("runs/warmup"))
+    args = parser.parse_args(argv)
+    recipes = {spec if spec in RECIPES else f"recipe{index}": RECIPES.get(spec) or json.loads(spec)
+               for index, spec in enumerate(args.recipe or ["default"])}
+    with ProcessPoolExecutor(max_workers=len(recipes)) as pool:
+        futures = [pool.submit(learning_curve, name, overrides, args.steps, args.every, args.per_capability)
+                   for name, overrides in recipes.items()]
+        results = [future.result() for future in futures]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [row for result in results for row in result["rows"]]
+    recipes_out = {r["name"]: {k: r[k] for k in ("config", "seconds", "final_loss")} for r in results}
+    (args.out / "warmup_curves.json").write_text(json.dumps({"recipes": recipes_out, "rows": rows}, indent=1))
+    plot(results, args.out / "warmup_curves.png")
+    print_curves(results)
+    summary = {"out": str(args.out), "recipes": {r["name"]: {"seconds": r["seconds"], "final": {
+        row["capability"]: row["accuracy"] for row in r["rows"] if row["step"] == r["config"]["steps"]}}
+        for r in results}}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
