@@ -74,6 +74,10 @@ def base_model_folder(settings: TrainerConfig) -> Path:
     return Path(folder)
 
 
+ROUND_PHASES = ("consume", "train", "checkpoint", "announce")
+"""A round's timed phases: `RoundReport`'s ``<phase>_s`` and ``dpe_trainer_round_seconds``' ``phase`` label."""
+
+
 @dataclass(frozen=True)
 class RoundReport:
     """One checkpointed round: its version, size, phase times, and each GRPO step's time and tokens."""
@@ -133,6 +137,8 @@ async def run_trainer(
         _follow(engine)
         leave_world(engine.num_processes)
         return []
+    for phase in ROUND_PHASES:
+        TRAINER_ROUND_SECONDS.labels(phase)  # every phase's series exists (zero) before the first round ends
     serve_metrics(settings.metrics.port_for(trainer_settings.metrics_port), settings.metrics.addr)
     share_from_main(latest, engine.num_processes)
     if latest is not None:
@@ -275,7 +281,7 @@ class _Leader:
         report = RoundReport(version, len(rnd.samples), rnd.consume_seconds, trained - started, written - trained,
                              announced - written, tuple(step.seconds for step in stats.steps),
                              tuple(step.tokens for step in stats.steps))
-        for phase in ("consume", "train", "checkpoint", "announce"):
+        for phase in ROUND_PHASES:
             TRAINER_ROUND_SECONDS.labels(phase).observe(getattr(report, f"{phase}_s"))
         TRAINER_CHECKPOINT_SECONDS.observe(report.checkpoint_s)
         TRAINER_ROUNDS.inc()
