@@ -115,4 +115,8 @@ def test_experiment_json_is_a_tidy_table_that_the_cli_recomputes_the_tables_from
 def test_a_run_cut_short_counts_no_gain_it_did_not_measure():
     rows = [row for row in rows_of({"uniform": [0.02, 0.02]}) if row.round == 0 or row.seed == 0]
     assert run_gains(rows, "uniform", ["chart"]) == pytest.approx({0: 0.06, 1: 0.0})
+    last = next(index for index, row in enumerate(rows) if (row.seed, row.round) == (0, 3))
+    half_graded = {cap: accuracy for cap, accuracy in rows[last].heldout_accuracy.items() if cap != "chart"}
+    rows[last] = RunRow("uniform", 0, 3, rows[last].samples_trained, half_graded, rows[last].heldout_items)
+    assert run_gains(rows, "uniform", ["chart"]) == pytest.approx({0: 0.04, 1: 0.0}), "round 2 is its last graded"
     assert math.isnan(paired_bootstrap([]).mean)

@@ -3,9 +3,9 @@
 Every run starts from the same base model, trains the same number of samples per round for the
 same number of rounds, and is measured on the same held-out suite (`heldout_per_capability` items
 of each capability from the world's diagnostic pool, which no generator's stream draws from; the
-evaluator's seed is not varied); only the arm's quota strategy changes, and across seeds the synthetic unlabeled stream
-and the trainer's sampling. Arms run interleaved within each seed, so a machine that slows down
-during the experiment slows every arm alike.
+evaluator's seed is not varied). Only the arm's quota strategy changes, and across seeds the
+synthetic unlabeled stream and the trainer's sampling. Arms run interleaved within each seed, so a
+machine that slows down during the experiment slows every arm alike.
 
 Outputs under ``<runs_dir>/<experiment_id>/``: each run's own folder (``<arm>/seed<k>/`` with its
 ``summary.json`` and ``report.html``), ``experiment.json`` (the tidy table ``runs``: one row per arm,

@@ -97,11 +97,12 @@ def weakest_capabilities(rows: Iterable[RunRow], k: int = 3) -> list[str]:
     return sorted(base, key=lambda capability: (stats.fmean(base[capability]), capability))[:k]
 
 
-def _runs(rows: Iterable[RunRow], arm: str) -> dict[int, list[RunRow]]:
-    """Seed -> the arm's rows of that seed, by round."""
+def _runs(rows: Iterable[RunRow], arm: str, capabilities: Sequence[str] = ()) -> dict[int, list[RunRow]]:
+    """Seed -> the arm's rows of that seed that grade all of `capabilities`, by round (a run stopped while its
+    last round was being graded leaves that round out)."""
     runs: dict[int, list[RunRow]] = defaultdict(list)
     for row in rows:
-        if row.arm == arm:
+        if row.arm == arm and set(capabilities) <= set(row.heldout_accuracy):
             runs[row.seed].append(row)
     return {seed: sorted(run, key=lambda row: row.round) for seed, run in sorted(runs.items())}
 
@@ -109,7 +110,7 @@ def _runs(rows: Iterable[RunRow], arm: str) -> dict[int, list[RunRow]]:
 def run_gains(rows: Iterable[RunRow], arm: str, capabilities: Sequence[str]) -> dict[int, float]:
     """Seed -> the run's last-round accuracy minus its round-0 accuracy, mean over `capabilities`."""
     return {seed: _mean_accuracy(run[-1], capabilities) - _mean_accuracy(run[0], capabilities)
-            for seed, run in _runs(rows, arm).items() if run[0].round == 0}
+            for seed, run in _runs(rows, arm, capabilities).items() if run[0].round == 0}
 
 
 def final_accuracy(rows: Iterable[RunRow], arm: str) -> dict[str, dict[str, float]]:
@@ -140,7 +141,7 @@ def _with_mean(accuracy: dict[str, float]) -> dict[str, float]:
 def gain_curve(rows: Iterable[RunRow], arm: str, capabilities: Sequence[str]) -> list[tuple[float, float]]:
     """(total samples trained, gain over round 0) per round, each the mean over the arm's seeds."""
     by_round: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for run in _runs(rows, arm).values():
+    for run in _runs(rows, arm, capabilities).values():
         base = _mean_accuracy(run[0], capabilities)
         for row in run:
             by_round[row.round].append((sum(row.samples_trained.values()), _mean_accuracy(row, capabilities) - base))
