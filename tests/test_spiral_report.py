@@ -108,6 +108,11 @@ def test_trained_samples_are_counted_by_capability_whichever_event_comes_first_a
     assert state.rounds()[1].samples_trained_by_capability == {"color": 2, "counting": 1}
     resumed = SpiralState.from_json(json.loads(json.dumps(state.to_json())))
     assert resumed.rounds()[1].samples_trained_by_capability == {"color": 2, "counting": 1}
+    resumed.apply(Checkpoint(policy_version=2, parent_version=1, uri="/c/2", sample_ids=["s4", "s5"]))
+    resumed = SpiralState.from_json(json.loads(json.dumps(resumed.to_json())))
+    resumed.apply(accepted("s5", "color"))
+    assert resumed.rounds()[2].samples_trained_by_capability == {"chart": 1, "color": 1}, \
+        "accepted before a stop, trained after it, and the other way round"
 
 
 def test_rejections_are_counted_by_reason_once():

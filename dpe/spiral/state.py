@@ -177,6 +177,7 @@ class SpiralState:
             "accepted_by_capability": self.accepted_by_capability, "rejected_by_reason": self.rejected_by_reason,
             "heldout": self._heldout_folded,
             "accepted_ids": self._accepted_ids.ids(), "rejected_ids": self._rejected_ids.ids(),
+            "untrained_capabilities": self._capability_of, "trained_unseen": self._trained_in,
         }
 
     @classmethod
@@ -195,6 +196,8 @@ class SpiralState:
         state._heldout_folded = {int(v): counts for v, counts in data["heldout"].items()}
         state._accepted_ids = RecentIds(SEEN_IDS, data["accepted_ids"])
         state._rejected_ids = RecentIds(SEEN_IDS, data["rejected_ids"])
+        state._capability_of = dict(data.get("untrained_capabilities", {}))
+        state._trained_in = dict(data.get("trained_unseen", {}))
         state._accepted_before_version = state.accepted
         return state
 
