@@ -115,6 +115,12 @@ QUOTA_PLAN_STARTED = Gauge(
 )
 AGENT_POLICY_VERSION = Gauge("dpe_agent_policy_version", "Policy version the difficulty check measures against.")
 AGENT_BAND_ROLLOUTS = Counter("dpe_agent_band_rollouts_total", "Answers the difficulty check sampled from the policy.")
+AGENT_OUT_OF_REACH = Gauge(
+    "dpe_agent_out_of_reach",
+    "1 for a capability of which the difficulty band keeps almost no sample of the current policy: its quota room goes "
+    "to the other capabilities.",
+    ["capability"],
+)
 
 WEAKNESS_EVENTS = Counter(
     "dpe_weakness_events_total",

@@ -98,6 +98,27 @@ def test_quota_slices_sum_to_the_quota_and_reservations_never_exceed_room():
     assert ledger.plan_of("sample-0") == ledger.plan.plan_id
 
 
+def test_the_room_of_a_capability_out_of_reach_goes_to_the_others_and_the_slice_never_overfills():
+    ledger = QuotaLedger(partitions=1)
+    ledger.use_plan(plan({"arithmetic": 3, "color": 1, "counting": 1}))
+    first = ledger.reserve(0, {"arithmetic"})
+    ledger.record(first.plan_id, "arithmetic", "item", "sample-a")
+    ledger.release(first)
+    ledger.set_out_of_reach({"arithmetic"})
+    assert ledger.reserve(0, {"arithmetic"}) is None and not ledger.blocked(0, {"arithmetic"})
+    held = [ledger.reserve(0, {"color", "counting"}) for _ in range(5)]
+    assert held[4] is None, "the slice's 5 targets: 1 arithmetic accepted, 4 left over all capabilities"
+    assert sorted(r.capability for r in held[:4]) == ["color", "color", "counting", "counting"]
+    assert ledger.blocked(0, {"color"})
+    for number, reservation in enumerate(held[:4]):
+        ledger.record(reservation.plan_id, reservation.capability, "item", f"sample-{number}")
+        ledger.release(reservation)
+    assert not ledger.open_slice(0) and ledger.reserve(0, None) is None
+    assert sum(ledger.filled(capability) for capability in ledger.plan.quotas) == ledger.plan.budget
+    ledger.set_out_of_reach(set())
+    assert ledger.reserve(0, {"arithmetic"}) is not None, "a new policy may reach it again: its own room is back"
+
+
 async def test_one_worker_fills_each_capability_exactly_follows_a_new_plan_and_dead_letters_misrouted_items(settings):
     await ingest(settings, 1, seed=99)
     misrouted = UnlabeledItem(item_id="f" * 64, image=(await read_all(settings, UnlabeledItem))[0].image, source="test")

@@ -20,7 +20,7 @@ from dpe.cli.model import model as model_cli
 from dpe.grading import grade
 from dpe.policy.accuracy import measure_accuracy
 from dpe.policy.config import TinyVLMConfig, WarmupConfig
-from dpe.policy.generation import SamplingParams, generate
+from dpe.policy.generation import SamplingParams, encode_prompts, generate, sample
 from dpe.policy.model import VISION_TOKENS, build_tiny_policy, load_policy, suppressed_token_ids
 from dpe.policy.processor import Qwen2VLNoVideoProcessor, load_processor
 from dpe.policy.prompts import build_messages, format_question, render_prompt
@@ -188,6 +188,22 @@ def test_prompts_encoded_once_decode_exactly_as_transformers_generate_does(famil
             max_new_tokens=8, temperature=temperature, num_samples=3, batch_size=len(items)), seed=7)
         assert [text for samples in sampled for text in samples] == reference(
             do_sample=True, temperature=temperature, num_return_sequences=3)
+
+
+def test_encoded_prompts_are_sampled_again_by_subset_as_if_encoded_alone(policy, items):
+    """The difficulty band samples in stages from prompts encoded once: any subset of rows, in any order, any number
+    of times, gives what encoding those prompts alone would give (greedy), and sampling leaves the prompts intact."""
+    images = [item.image for item in items]
+    conversations = [build_messages(i.question, i.answer_type, i.options) for i in items]
+    prompts = encode_prompts(policy, images, conversations)
+    greedy = SamplingParams(max_new_tokens=6)
+    rows = [len(items) - 1, 0, 2]
+    alone = generate(policy, [images[row] for row in rows], [conversations[row] for row in rows], greedy)
+    assert sample(policy, prompts, greedy, rows=rows) == alone
+    assert sample(policy, prompts, greedy, rows=rows) == alone
+    assert sample(policy, prompts, greedy) == generate(policy, images, conversations, greedy)
+    twice = sample(policy, prompts, SamplingParams(max_new_tokens=6, temperature=1.0, num_samples=2), rows=[1])
+    assert len(twice) == 1 and len(twice[0]) == 2
 
 
 def test_vision_tokens_are_never_generated(policy, items):

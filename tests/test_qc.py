@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from consumers.qc.checks import (
     schema_problem,
 )
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
-from consumers.qc.difficulty import PolicyHolder, PolicyPassRate
+from consumers.qc.difficulty import PolicyHolder, PolicyPassRate, decided, next_stage
 from consumers.qc.settings import DifficultySettings
 from consumers.roles import AnswererQuestion, ItemContext, TaskPlan
 from dpe.blobstore import BlobStore
@@ -175,7 +176,7 @@ async def test_difficulty_band_uses_the_newest_checkpoint(tiny_policy_folder):
     draft = await ProgrammaticWriter().write(ctx, "counting", TaskPlan(), ctx.image, 0)
     sample = body(question=draft.question, answer=draft.answer, answer_type=draft.answer_type, options=None)
     candidate = Candidate(ctx=ctx, capability="counting", plan=TaskPlan(), image=ctx.image, draft=draft, body=sample)
-    settings = DifficultySettings(enabled=True, samples=3, min_correct=0, max_correct=3, max_new_tokens=4)
+    settings = DifficultySettings(enabled=True, samples=3, min_correct=0, max_correct=2, max_new_tokens=4)
     estimator = PolicyPassRate(holder, settings)
     try:
         accepted = await DifficultyCheck(estimator, settings)(candidate)
@@ -187,6 +188,28 @@ async def test_difficulty_band_uses_the_newest_checkpoint(tiny_policy_folder):
     assert hard.reason_code in ("too_hard", "ok") and (hard.reason_code == "ok") == (candidate.pass_rate == 1.0)
 
 
+@pytest.mark.parametrize("band", [(9, 3, 7), (9, 0, 8), (5, 1, 4), (8, 4, 4), (3, 0, 3)])
+def test_the_band_stops_early_only_when_the_full_k_would_give_the_same_verdict(band):
+    """For every sequence of right and wrong answers, rolling out in `next_stage` stages until `decided` gives the
+    verdict all k rollouts give (the check's rule: below, above or inside the band), never with more rollouts."""
+    k, low, high = band
+    settings = DifficultySettings(samples=k, min_correct=low, max_correct=high)
+
+    def verdict(correct: int, done: int) -> str:
+        return "too_hard" if correct + k - done < low else "too_easy" if correct > high else "ok"
+
+    spent = []
+    for answers in itertools.product((0, 1), repeat=k):
+        correct = done = 0
+        while stage := next_stage([correct], [done], settings):
+            correct, done = correct + sum(answers[done : done + stage]), done + stage
+        assert decided(correct, done, settings) and done <= k
+        assert verdict(correct, done) == verdict(sum(answers), k), (answers, correct, done)
+        spent.append(done)
+    if band == (9, 3, 7):
+        assert max(spent) == 9 and sum(spent) / len(spent) < 7.5, "the reference band saves rollouts on average"
+
+
 def agent_settings(settings, **agents):
     group = f"agents-{settings.kafka.topic_prefix}"
     return settings.model_copy(update={"agents": settings.agents.model_validate(
@@ -196,10 +219,11 @@ def agent_settings(settings, **agents):
 @asynccontextmanager
 async def running_worker(settings):
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(AgentWorker(settings).run(stop, ready))
+    worker = AgentWorker(settings)
+    task = asyncio.create_task(worker.run(stop, ready))
     await asyncio.wait_for(ready.wait(), 90)
     try:
-        yield
+        yield worker
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
@@ -238,7 +262,7 @@ async def _count(read, n: int) -> bool:
 
 async def test_worker_records_the_checkpoint_it_measured_difficulty_against(settings, tiny_policy_folder):
     settings = agent_settings(settings, qc={"difficulty": {"enabled": True, "samples": 3, "min_correct": 0,
-                                                           "max_correct": 3, "max_new_tokens": 4}})
+                                                           "max_correct": 2, "max_new_tokens": 4}})
     settings = with_overrides(settings, {"checkpoint_roots": [str(Path(tiny_policy_folder).parent)]})
     quotas = {"counting": 2, "text_reading": 2}
     await publish_all(settings, [Checkpoint(policy_version=3, uri=tiny_policy_folder), plan(quotas)])
@@ -253,3 +277,58 @@ async def test_worker_records_the_checkpoint_it_measured_difficulty_against(sett
     for sample in await read_all(settings, AcceptedSample):
         assert sample.policy_version == 3 and sample.pass_rate is not None
         assert sample.qc[-1].check == "difficulty" and sample.qc[-1].passed
+
+
+async def test_a_band_rejection_ends_the_attempts_at_that_capability_on_that_item(settings, tiny_policy_folder):
+    """The band's verdict is on the item (too hard for the current policy), so the crew does not retry the capability
+    on it, although other rejections are retried up to `attempts_per_item` times."""
+    settings = agent_settings(settings, attempts_per_item=3,
+                              qc={"difficulty": {"enabled": True, "samples": 3, "min_correct": 3, "max_correct": 3,
+                                                 "max_new_tokens": 4}})
+    settings = with_overrides(settings, {"checkpoint_roots": [str(Path(tiny_policy_folder).parent)]})
+    await publish_all(settings, [Checkpoint(policy_version=1, uri=tiny_policy_folder),
+                                 plan({"counting": 50, "arithmetic": 50})])
+    async with AsyncPublisher(settings) as publisher:
+        await Ingestor.from_settings(settings, publisher).ingest(synthetic_entries(40, seed=5))
+
+    async def judged() -> bool:
+        return len([s for s in await read_all(settings, RejectedSample) if s.reason_code == "too_hard"]) >= 10
+
+    async with running_worker(settings):
+        assert await eventually(judged, 90)
+    too_hard = [(s.source_item_id, s.capability) for s in await read_all(settings, RejectedSample)
+                if s.reason_code == "too_hard"]
+    assert len(too_hard) >= 10 and len(set(too_hard)) == len(too_hard), "one band rejection per item and capability"
+
+
+async def test_capabilities_the_band_keeps_nothing_of_are_out_of_reach_and_no_longer_attempted(settings,
+                                                                                            tiny_policy_folder):
+    """With a random policy that solves nothing and a band that wants one right answer, every candidate is too hard:
+    after `reach_evidence` verdicts a capability is out of reach (ledger, gauge), and the worker stops spending
+    rollouts on it while its quota is still open; the version it was judged under is the checkpoint's."""
+    settings = agent_settings(settings, qc={"difficulty": {"enabled": True, "samples": 2, "min_correct": 1,
+                                                           "max_correct": 2, "max_new_tokens": 4, "reach_evidence": 5}})
+    settings = with_overrides(settings, {"checkpoint_roots": [str(Path(tiny_policy_folder).parent)]})
+    await publish_all(settings, [Checkpoint(policy_version=2, uri=tiny_policy_folder),
+                                 plan({"counting": 100, "arithmetic": 100})])
+    async with AsyncPublisher(settings) as publisher:
+        await Ingestor.from_settings(settings, publisher).ingest(synthetic_entries(200, seed=6))
+
+    async with running_worker(settings) as worker:
+        assert await eventually(lambda: _out_of_reach(worker, {"counting", "arithmetic"}), 90)
+        judged = len(await read_all(settings, RejectedSample))
+        await asyncio.sleep(2)
+        assert len(await read_all(settings, RejectedSample)) == judged, "nothing more is attempted"
+        assert worker.reach.version == 2 and worker.ledger.remaining() == {"counting": 100, "arithmetic": 100}
+    gauge = {labels["capability"]: value for _, labels, value in _samples("dpe_agent_out_of_reach")}
+    assert gauge == {"counting": 1.0, "arithmetic": 1.0}
+    assert judged <= 2 * (5 + settings.agents.concurrency), "the evidence, and at most the attempts then in flight"
+
+
+async def _out_of_reach(worker, capabilities: set[str]) -> bool:
+    return worker.ledger.out_of_reach == capabilities
+
+
+def _samples(name: str):
+    return [(sample.name, sample.labels, sample.value) for metric in REGISTRY.collect() for sample in metric.samples
+            if sample.name == name]

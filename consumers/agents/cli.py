@@ -15,6 +15,7 @@ from consumers.agents.settings import AgentsConfig
 from dpe.command import CliState, pass_state
 from dpe.config import with_overrides
 from dpe.lifecycle import run_until_stopped, start_service
+from dpe.policy.threads import cap_torch_threads
 
 console = Console(stderr=True)
 
@@ -56,5 +57,7 @@ def agents(state: CliState, group: str | None, backend: str | None, llm_url: str
         "llm": {"base_url": llm_url, "model": llm_model, "concurrency": llm_concurrency}, "checker_llm": checker,
         "qc": {"difficulty": {"enabled": difficulty, "base_policy": base_policy}},
     }})
+    if settings.agents.qc.difficulty.enabled:
+        cap_torch_threads(settings.agents.qc.difficulty.torch_threads)
     start_service(settings, settings.agents.metrics_port)
     run_until_stopped(lambda stop: run_agents(settings, stop))

@@ -9,6 +9,12 @@ accepted topic and from the worker's own publications alike (a set, so both sour
 count once), and hands out reservations so that concurrent attempts within a worker never exceed
 a slice's room either.
 
+Capabilities the worker finds out of reach of the current policy (`set_out_of_reach`: the difficulty
+band keeps almost none of their candidates) get no more reservations, and their unfilled room in a
+slice becomes a pool the other capabilities of the plan may fill beyond their own targets. A slice
+never takes more samples than the sum of its targets, so the plan's budget is still met exactly, and
+a round is not held up by a capability it cannot train.
+
 Example:
     >>> split_quota(10, 4, "counting")
     [2, 3, 3, 2]
@@ -60,6 +66,7 @@ class QuotaLedger:
         self._accepted: dict[str, dict[tuple[str, int], set[str]]] = defaultdict(lambda: defaultdict(set))
         self._plan_of: dict[str, str] = {}
         self._reserved: Counter[tuple[str, str, int]] = Counter()
+        self.out_of_reach: frozenset[str] = frozenset()
         self._changed = asyncio.Event()
 
     def use_plan(self, plan: QuotaPlan) -> bool:
@@ -110,28 +117,49 @@ class QuotaLedger:
             return {}
         return {capability: max(0, quota - self.filled(capability)) for capability, quota in self.plan.quotas.items()}
 
+    def set_out_of_reach(self, capabilities: Iterable[str]) -> None:
+        """Reserve nothing more for `capabilities`; their unfilled room goes to the plan's other capabilities."""
+        capabilities = frozenset(capabilities)
+        if capabilities != self.out_of_reach:
+            self.out_of_reach = capabilities
+            self._notify()
+
     def open_slice(self, slice_: int) -> bool:
         """Whether some capability still has unfilled (possibly reserved) room in this slice."""
-        return any(self._open(capability, slice_) > 0 for capability, p in self._targets if p == slice_)
+        return any(self._room(capability, slice_, reserved=False) > 0 for capability in self._in_reach(slice_))
 
     def _open(self, capability: str, slice_: int) -> int:
         return self._targets.get((capability, slice_), 0) - self.filled(capability, slice_)
 
-    def _room(self, capability: str, slice_: int) -> int:
+    def _own_room(self, capability: str, slice_: int, reserved: bool) -> int:
+        """Room left of a capability's own target in the slice (negative once it filled the pool's room too)."""
         plan_id = self.plan.plan_id if self.plan else ""
-        return self._open(capability, slice_) - self._reserved[(plan_id, capability, slice_)]
+        return self._open(capability, slice_) - (self._reserved[(plan_id, capability, slice_)] if reserved else 0)
+
+    def _in_reach(self, slice_: int) -> list[str]:
+        return sorted({capability for capability, p in self._targets if p == slice_} - self.out_of_reach)
+
+    def _room(self, capability: str, slice_: int, reserved: bool = True) -> int:
+        """Free room for a capability in the slice: its own, plus the pool the out-of-reach ones left (less what
+        the others already took from it); with `reserved`, in-flight attempts hold room too."""
+        if capability in self.out_of_reach:
+            return 0
+        pool = sum(max(self._own_room(other, slice_, reserved), 0) for other in self.out_of_reach)
+        pool -= sum(max(-self._own_room(other, slice_, reserved), 0) for other in self._in_reach(slice_))
+        return max(self._own_room(capability, slice_, reserved), 0) + max(pool, 0)
 
     def reserve(self, slice_: int, capabilities: Iterable[str] | None) -> Reservation | None:
-        """Hold a slot for the neediest of `capabilities` (None: any) with free room in the slice."""
+        """Hold a slot for the neediest of `capabilities` (None: any) with free room in the slice: the one with the
+        largest share of its own target still free (below zero once it took room from the pool)."""
         if self.plan is None:
             return None
         wanted = set(self.plan.quotas) if capabilities is None else set(capabilities) & set(self.plan.quotas)
         best = None
         for capability in sorted(wanted):
-            room = self._room(capability, slice_)
-            target = self._targets.get((capability, slice_), 0)
-            if room > 0 and (best is None or room / target > best[0]):
-                best = (room / target, capability)
+            target = max(self._targets.get((capability, slice_), 0), 1)
+            free = self._own_room(capability, slice_, reserved=True) / target
+            if self._room(capability, slice_) > 0 and (best is None or free > best[0]):
+                best = (free, capability)
         if best is None:
             return None
         reservation = Reservation(self.plan.plan_id, best[1], slice_)
@@ -143,7 +171,8 @@ class QuotaLedger:
         if self.plan is None:
             return False
         wanted = set(self.plan.quotas) if capabilities is None else set(capabilities) & set(self.plan.quotas)
-        return any(self._open(c, slice_) > 0 for c in wanted) and not any(self._room(c, slice_) > 0 for c in wanted)
+        return (any(self._room(c, slice_, reserved=False) > 0 for c in wanted)
+                and not any(self._room(c, slice_) > 0 for c in wanted))
 
     def release(self, reservation: Reservation) -> None:
         """End an attempt's hold (after it was recorded as accepted, or failed)."""

@@ -61,6 +61,7 @@ from consumers.agents.programmatic import (
 from consumers.agents.retriever import SEARCH_BACKENDS
 from consumers.agents.settings import AgentsConfig
 from consumers.qc.checks import (
+    BAND_VERDICTS,
     AgreementCheck,
     AnswerabilityCheck,
     Check,
@@ -69,6 +70,7 @@ from consumers.qc.checks import (
     QCChain,
     SchemaCheck,
 )
+from consumers.agents.reach import Reach
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
 from consumers.qc.difficulty import PolicyHolder, PolicyPassRate
 from consumers.roles import ItemContext
@@ -80,7 +82,7 @@ from dpe.endpoint.client import EndpointClient
 from dpe.events import AcceptedSample, Checkpoint, Diagnosis, Event, QuotaPlan, UnlabeledItem
 from dpe.imaging import PillowEditor
 from dpe.policy.checkpoints import REFUSALS, allowed_roots, loadable_folder
-from monitoring.metrics import AGENT_ITEMS, AGENT_SAMPLES, QUOTA_PLAN_STARTED, QUOTA_REMAINING
+from monitoring.metrics import AGENT_ITEMS, AGENT_OUT_OF_REACH, AGENT_SAMPLES, QUOTA_PLAN_STARTED, QUOTA_REMAINING
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +169,7 @@ class AgentWorker:
         self.revoking = False
         self.latest_version = 0
         self.diagnoses = Diagnoses()
+        self.reach = Reach(qc.difficulty.reach_evidence, qc.difficulty.reach_floor)
         self._loading: asyncio.Task | None = None
         self.ledger: QuotaLedger | None = None
         self.follower: Follower | None = None
@@ -425,7 +428,8 @@ class AgentWorker:
         return frozenset(self.ledger.plan.quotas) if self.ledger.plan else frozenset()
 
     async def _fill(self, ctx: ItemContext, reservation: Reservation) -> bool:
-        """Attempts for one reserved slot until one is accepted or the attempts run out."""
+        """Attempts for one reserved slot until one is accepted, the attempts run out or the difficulty band rejects
+        one (`BAND_VERDICTS`)."""
         for attempt in range(self.settings.agents.attempts_per_item):
             outcome = await self.crew.attempt(ctx, reservation.capability, reservation.plan_id, attempt)
             if isinstance(outcome, Known):
@@ -436,9 +440,27 @@ class AgentWorker:
                 self.ledger.record(sample.plan_id, sample.capability, sample.source_item_id, sample.sample_id)
                 self.index.add(sample.sample_id, outcome.key)
                 AGENT_SAMPLES.labels(sample.capability, "accepted").inc()
+                self._judge_reach(sample.capability, sample.policy_version, kept=True)
                 self._report_remaining()
                 return True
             assert isinstance(outcome, Failed)
             await self.publisher.publish(outcome.sample)
             AGENT_SAMPLES.labels(outcome.sample.capability, "rejected").inc()
+            if outcome.sample.reason_code in BAND_VERDICTS:
+                self._judge_reach(outcome.sample.capability, outcome.sample.policy_version, kept=False)
+                break
         return False
+
+    def _judge_reach(self, capability: str, version: int | None, kept: bool) -> None:
+        """With the difficulty band on, count its verdict and pass the capabilities out of reach to the ledger."""
+        if not self.settings.agents.qc.difficulty.enabled or version is None:
+            return
+        self.reach.record(capability, version, kept)
+        out_of_reach = self.reach.out_of_reach(self._policy_version())
+        if out_of_reach != self.ledger.out_of_reach:
+            log.info("agents: out of reach of policy v%d (the band keeps almost none): %s", self._policy_version(),
+                     sorted(out_of_reach) or "none")
+            AGENT_OUT_OF_REACH.clear()
+            for name in out_of_reach:
+                AGENT_OUT_OF_REACH.labels(name).set(1)
+        self.ledger.set_out_of_reach(out_of_reach)

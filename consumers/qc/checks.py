@@ -184,6 +184,13 @@ class AgreementCheck:
         return _verdict(self.name, "disagree", f"answerer said {(result.extracted or '')[:200]!r} ({result.reason})")
 
 
+BAND_VERDICTS = frozenset({"too_hard", "too_easy"})
+"""The difficulty band's rejections: a verdict on how hard the item is for the current policy, not on the candidate's
+wording, so the crew makes no further attempt at that capability on that item (another question about the same
+image at the same level mostly lands the same way; on 2 cores, retrying them spent half the band's rollouts on
+items that never reached it)."""
+
+
 class DifficultyCheck:
     """Keeps samples the current policy solves between `min_correct` and `max_correct` times out of k."""
 
@@ -195,17 +202,18 @@ class DifficultyCheck:
 
     async def __call__(self, candidate: Candidate) -> QCVerdict:
         try:
-            correct, version = await self.estimator.measure(candidate.image, candidate.body)
+            measured = await self.estimator.measure(candidate.image, candidate.body)
         except PolicyUnavailable as exc:
             return _verdict(self.name, "policy_unavailable", str(exc))
-        k = self.settings.samples
-        candidate.policy_version, candidate.pass_rate = version, correct / k
-        detail = f"policy v{version} solved {correct}/{k}"
-        if correct < self.settings.min_correct:
-            return _verdict(self.name, "too_hard", detail, correct / k)
+        correct, rollouts, left = measured.correct, measured.rollouts, self.settings.samples - measured.rollouts
+        rate = correct / rollouts if rollouts else None
+        candidate.policy_version, candidate.pass_rate = measured.version, rate
+        detail = f"policy v{measured.version} solved {correct}/{rollouts}" + (" (verdict certain)" if left > 0 else "")
+        if correct + left < self.settings.min_correct:
+            return _verdict(self.name, "too_hard", detail, rate)
         if correct > self.settings.max_correct:
-            return _verdict(self.name, "too_easy", detail, correct / k)
-        return _verdict(self.name, OK, detail, correct / k)
+            return _verdict(self.name, "too_easy", detail, rate)
+        return _verdict(self.name, OK, detail, rate)
 
 
 class QCChain:
