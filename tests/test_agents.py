@@ -116,7 +116,8 @@ def test_the_room_of_a_capability_out_of_reach_goes_to_the_others_and_the_slice_
     assert not ledger.open_slice(0) and ledger.reserve(0, None) is None
     assert sum(ledger.filled(capability) for capability in ledger.plan.quotas) == ledger.plan.budget
     ledger.set_out_of_reach(set())
-    assert ledger.reserve(0, {"arithmetic"}) is not None, "a new policy may reach it again: its own room is back"
+    assert ledger.reserve(0, {"arithmetic"}) is None, "back in reach (a restarted worker), its room is still taken"
+    assert not ledger.open_slice(0)
 
 
 async def test_one_worker_fills_each_capability_exactly_follows_a_new_plan_and_dead_letters_misrouted_items(settings):

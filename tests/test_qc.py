@@ -305,7 +305,7 @@ async def test_capabilities_the_band_keeps_nothing_of_are_out_of_reach_and_no_lo
                                                                                             tiny_policy_folder):
     """With a random policy that solves nothing and a band that wants one right answer, every candidate is too hard:
     after `reach_evidence` verdicts a capability is out of reach (ledger, gauge), and the worker stops spending
-    rollouts on it while its quota is still open; the version it was judged under is the checkpoint's."""
+    rollouts on it while its quota is still open, until the next checkpoint."""
     settings = agent_settings(settings, qc={"difficulty": {"enabled": True, "samples": 2, "min_correct": 1,
                                                            "max_correct": 2, "max_new_tokens": 4, "reach_evidence": 5}})
     settings = with_overrides(settings, {"checkpoint_roots": [str(Path(tiny_policy_folder).parent)]})
@@ -320,8 +320,14 @@ async def test_capabilities_the_band_keeps_nothing_of_are_out_of_reach_and_no_lo
         await asyncio.sleep(2)
         assert len(await read_all(settings, RejectedSample)) == judged, "nothing more is attempted"
         assert worker.reach.version == 2 and worker.ledger.remaining() == {"counting": 100, "arithmetic": 100}
+        await publish_all(settings, [Checkpoint(policy_version=3, uri=tiny_policy_folder)])
+
+        async def retried() -> bool:
+            return any(s.policy_version == 3 for s in await read_all(settings, RejectedSample))
+
+        assert await eventually(retried, 60), "a new checkpoint tries every capability again"
     gauge = {labels["capability"]: value for _, labels, value in _samples("dpe_agent_out_of_reach")}
-    assert gauge == {"counting": 1.0, "arithmetic": 1.0}
+    assert gauge == {name: float(name in ("counting", "arithmetic")) for name in settings.capabilities}
     assert judged <= 2 * (5 + settings.agents.concurrency), "the evidence, and at most the attempts then in flight"
 
 

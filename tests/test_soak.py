@@ -129,6 +129,17 @@ def test_a_plan_filled_exactly_passes_its_repeats_count_for_it_and_overfilling_o
     assert statuses == ["replanned", "open"]
 
 
+def test_a_plan_whose_out_of_reach_room_went_to_others_is_spilled_and_its_budget_is_still_a_hard_limit() -> None:
+    mixed = plan(0, {"color": 1, "arithmetic": 1})
+    chain = [checkpoint(0, []), checkpoint(1, ["a", "b"])]
+    spilled = [record("a", 0, mixed.plan_id), record("b", 1, mixed.plan_id)]
+    assert [f.status for f in plan_fills([mixed], spilled, chain, round_samples=2)] == ["spilled"]
+    beyond = [*spilled, record("c", 2, mixed.plan_id)]
+    assert [f.status for f in plan_fills([mixed], beyond, chain, round_samples=2)] == ["overfilled"]
+    elsewhere = [record("a", 0, mixed.plan_id), record("b", 1, mixed.plan_id, "chart")]
+    assert [f.status for f in plan_fills([mixed], elsewhere, chain, round_samples=2)] == ["overfilled"]
+
+
 def test_the_weakness_of_a_snapshot_missing_evidence_differs_from_the_recomputation() -> None:
     params = ScoringSettings(taxonomy=("color", "chart"))
     outcomes = [EvalOutcome(policy_version=0, suite="synthetic", item_id=f"i{i}", capability="color",

@@ -164,7 +164,7 @@ def sample_fates(records: Iterable[AcceptedRecord], chain: Sequence[Checkpoint],
     return Fates(frozenset(trained & set(by_id)), skipped_ids, frozenset(pending), lost)
 
 
-PlanStatus = Literal["filled", "open", "timed_out", "unfilled", "overfilled", "replanned"]
+PlanStatus = Literal["filled", "spilled", "open", "timed_out", "unfilled", "overfilled", "replanned"]
 FAILED_PLAN_STATUSES: frozenset[str] = frozenset({"unfilled", "overfilled", "replanned"})
 
 
@@ -210,7 +210,9 @@ def plan_fills(plans: Iterable[QuotaPlan], records: Iterable[AcceptedRecord], ch
     The round of a plan for version v is the lineage checkpoint whose parent is v; fewer than
     `round_samples` trained samples there means the trainer closed it on time, short of the plan
     (then fewer samples than the quotas is right, more never is). A plan replaced by another for
-    the same version before it was full is ``replanned``.
+    the same version before it was full is ``replanned``. A plan whose capabilities out of the policy's
+    reach gave their room to the others (`consumers.agents.reach`) is ``spilled``: exactly its budget,
+    and every capability over its quota paid for by others under theirs.
 
     >>> plan = QuotaPlan(round=0, strategy="s", budget=3, quotas={"color": 2, "chart": 1}, weights={},
     ...                  snapshot_id="x", policy_version=0)
@@ -238,10 +240,19 @@ def plan_fills(plans: Iterable[QuotaPlan], records: Iterable[AcceptedRecord], ch
 
 def _plan_status(quotas: Mapping[str, int], counts: Mapping[str, int], trained: Checkpoint | None,
                  round_samples: int, replaced: bool) -> PlanStatus:
-    if any(counts.get(capability, 0) > quotas.get(capability, 0) for capability in counts):
+    """
+    >>> _plan_status({"color": 2, "chart": 2}, {"color": 3, "chart": 1}, None, 4, replaced=False)
+    'spilled'
+    >>> _plan_status({"color": 2, "chart": 2}, {"color": 3, "chart": 2}, None, 4, replaced=False)
+    'overfilled'
+    """
+    over = sum(max(counts.get(capability, 0) - quotas.get(capability, 0), 0) for capability in counts)
+    if sum(counts.values()) > sum(quotas.values()) or over and any(c not in quotas for c in counts):
         return "overfilled"
     if all(counts.get(capability, 0) == quota for capability, quota in quotas.items()):
         return "filled"
+    if over and sum(counts.values()) == sum(quotas.values()):
+        return "spilled"
     if replaced:
         return "replanned"
     if trained is None:

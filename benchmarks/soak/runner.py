@@ -163,6 +163,7 @@ class SoakResult:
             "plans": len(self.fills),
             "plans_unfilled": len(fills),
             "plans_timed_out": sum(fill.status == "timed_out" for fill in self.fills),
+            "plans_spilled": sum(fill.status == "spilled" for fill in self.fills),
             "version_gaps": len(self.gaps),
             "stalls": len(self.stalled) + self.summary_stalls,
             "max_rss_growth_mb": max(growth.values(), default=0.0),

@@ -136,17 +136,23 @@ class QuotaLedger:
         plan_id = self.plan.plan_id if self.plan else ""
         return self._open(capability, slice_) - (self._reserved[(plan_id, capability, slice_)] if reserved else 0)
 
+    def _in_slice(self, slice_: int) -> set[str]:
+        return {capability for capability, p in self._targets if p == slice_}
+
     def _in_reach(self, slice_: int) -> list[str]:
-        return sorted({capability for capability, p in self._targets if p == slice_} - self.out_of_reach)
+        return sorted(self._in_slice(slice_) - self.out_of_reach)
 
     def _room(self, capability: str, slice_: int, reserved: bool = True) -> int:
         """Free room for a capability in the slice: its own, plus the pool the out-of-reach ones left (less what
-        the others already took from it); with `reserved`, in-flight attempts hold room too."""
+        the others already took from it), never more than the slice has left in all (once others took a
+        capability's room, it stays taken when that capability comes back in reach); with `reserved`, in-flight
+        attempts hold room too."""
         if capability in self.out_of_reach:
             return 0
         pool = sum(max(self._own_room(other, slice_, reserved), 0) for other in self.out_of_reach)
         pool -= sum(max(-self._own_room(other, slice_, reserved), 0) for other in self._in_reach(slice_))
-        return max(self._own_room(capability, slice_, reserved), 0) + max(pool, 0)
+        left = sum(self._own_room(other, slice_, reserved) for other in self._in_slice(slice_))
+        return min(max(self._own_room(capability, slice_, reserved), 0) + max(pool, 0), left)
 
     def reserve(self, slice_: int, capabilities: Iterable[str] | None) -> Reservation | None:
         """Hold a slot for the neediest of `capabilities` (None: any) with free room in the slice: the one with the

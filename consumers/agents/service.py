@@ -210,6 +210,8 @@ class AgentWorker:
             follow = asyncio.create_task(self.follower.run(following))
             try:
                 if settings.agents.qc.difficulty.enabled:
+                    for capability in settings.capabilities:  # every one in reach until the band judges otherwise
+                        AGENT_OUT_OF_REACH.labels(capability).set(0)
                     await self.holder.start()
                 await self.follower.synced(now_ms())
                 await self._policy_loaded(stop)
@@ -301,6 +303,7 @@ class AgentWorker:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         await self.holder.use(checkpoint)
+        self._follow_reach()
 
     async def _policy_loaded(self, stop: asyncio.Event) -> None:
         """With the difficulty check on, wait for a policy (the base one or the first checkpoint's)."""
@@ -456,11 +459,14 @@ class AgentWorker:
         if not self.settings.agents.qc.difficulty.enabled or version is None:
             return
         self.reach.record(capability, version, kept)
+        self._follow_reach()
+
+    def _follow_reach(self) -> None:
+        """Tell the ledger (and the gauge) which capabilities are out of reach of the policy measured with now."""
         out_of_reach = self.reach.out_of_reach(self._policy_version())
         if out_of_reach != self.ledger.out_of_reach:
             log.info("agents: out of reach of policy v%d (the band keeps almost none): %s", self._policy_version(),
                      sorted(out_of_reach) or "none")
-            AGENT_OUT_OF_REACH.clear()
-            for name in out_of_reach:
-                AGENT_OUT_OF_REACH.labels(name).set(1)
+            for name in self.ledger.out_of_reach | out_of_reach:
+                AGENT_OUT_OF_REACH.labels(name).set(name in out_of_reach)
         self.ledger.set_out_of_reach(out_of_reach)

@@ -76,6 +76,9 @@ class SpiralOptions:
     synthetic: bool | None = None
     """Ingest the synthetic world's endless stream (None: only when no folder is given)."""
     auditor: bool = True
+    difficulty: bool = True
+    """The agents keep only samples the current policy solves 3-7 times of 9 (`agents.qc.difficulty`), which GRPO
+    can learn from; capabilities out of its reach give their quota room to the others."""
     live: bool = True
     stall_after_s: float = 900.0
     """No new policy version for this long is a stall, said in words in the view, the log and the report."""
@@ -113,7 +116,7 @@ class SpiralOptions:
 
 
 RESUMED_OPTIONS = ("rounds", "round_samples", "round_timeout_s", "strategy", "ingest_rate", "images", "watch",
-                   "synthetic", "auditor", "stall_after_s", "base_model", "bus_memory_mb", "bus_max_tail")
+                   "synthetic", "auditor", "difficulty", "stall_after_s", "base_model", "bus_memory_mb", "bus_max_tail")
 """What a resumed run keeps of the run it goes on with (the rest says how this session shows and ends)."""
 
 
@@ -172,7 +175,8 @@ def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]
     specs = [
         ServiceSpec("weakness", ["serve", "weakness"]),
         ServiceSpec("evaluator", ["serve", "evaluator"]),
-        ServiceSpec("agents", ["serve", "agents", "--base-policy", str(base_model)]),
+        ServiceSpec("agents", ["serve", "agents", "--base-policy", str(base_model),
+                               "--difficulty" if options.difficulty else "--no-difficulty"]),
         ServiceSpec("trainer", ["serve", "trainer"]),
         *ingest_specs(options),
     ]
