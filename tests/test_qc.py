@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -316,19 +317,31 @@ async def test_capabilities_the_band_keeps_nothing_of_are_out_of_reach_and_no_lo
 
     async with running_worker(settings) as worker:
         assert await eventually(lambda: _out_of_reach(worker, {"counting", "arithmetic"}), 90)
-        judged = len(await read_all(settings, RejectedSample))
+        judged = await _settled(lambda: read_all(settings, RejectedSample))  # the attempts then in flight end
         await asyncio.sleep(2)
         assert len(await read_all(settings, RejectedSample)) == judged, "nothing more is attempted"
-        assert worker.reach.version == 2 and worker.ledger.remaining() == {"counting": 100, "arithmetic": 100}
+        assert worker.reach.version == 2 and all(left > 50 for left in worker.ledger.remaining().values())
+        gauge = {labels["capability"]: value for _, labels, value in _samples("dpe_agent_out_of_reach")}
+        assert gauge == {name: float(name in ("counting", "arithmetic")) for name in settings.capabilities}
         await publish_all(settings, [Checkpoint(policy_version=3, uri=tiny_policy_folder)])
 
         async def retried() -> bool:
             return any(s.policy_version == 3 for s in await read_all(settings, RejectedSample))
 
         assert await eventually(retried, 60), "a new checkpoint tries every capability again"
-    gauge = {labels["capability"]: value for _, labels, value in _samples("dpe_agent_out_of_reach")}
-    assert gauge == {name: float(name in ("counting", "arithmetic")) for name in settings.capabilities}
     assert judged <= 2 * (5 + settings.agents.concurrency), "the evidence, and at most the attempts then in flight"
+
+
+async def _settled(read, quiet_s: float = 1.0, timeout_s: float = 30.0) -> int:
+    """How many events `read` finds once the count stopped growing for `quiet_s`."""
+    count, deadline = len(await read()), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet_s)
+        now = len(await read())
+        if now == count:
+            return count
+        count = now
+    raise TimeoutError(f"still growing after {timeout_s} s")
 
 
 async def _out_of_reach(worker, capabilities: set[str]) -> bool:

@@ -214,6 +214,8 @@ class AgentWorker:
                         AGENT_OUT_OF_REACH.labels(capability).set(0)
                     await self.holder.start()
                 await self.follower.synced(now_ms())
+                if self._loading is not None:  # the newest checkpoint announced, not the base, measures from the start
+                    await asyncio.gather(self._loading, return_exceptions=True)
                 await self._policy_loaded(stop)
                 self.crew = Crew(roles, QCChain(build_checks(settings, roles, self.index, estimator)), self.store,
                                  self.ledger.plan_of, self._policy_version)

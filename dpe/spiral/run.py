@@ -76,9 +76,10 @@ class SpiralOptions:
     synthetic: bool | None = None
     """Ingest the synthetic world's endless stream (None: only when no folder is given)."""
     auditor: bool = True
-    difficulty: bool = True
+    difficulty: bool = False
     """The agents keep only samples the current policy solves 3-7 times of 9 (`agents.qc.difficulty`), which GRPO
-    can learn from; capabilities out of its reach give their quota room to the others."""
+    can learn from; capabilities out of its reach give their quota room to the others. Off by default until a
+    resumed run measures with its newest checkpoint at once (see the README)."""
     live: bool = True
     stall_after_s: float = 900.0
     """No new policy version for this long is a stall, said in words in the view, the log and the report."""
