@@ -176,7 +176,8 @@ class AgentWorker:
         self.items: AsyncSubscriber | None = None
         self.publisher: AsyncPublisher | None = None
         self.crew: Crew | None = None
-        self._slots = asyncio.Semaphore(settings.agents.concurrency)
+        band = qc.difficulty
+        self._slots = asyncio.Semaphore(max(settings.agents.concurrency, band.batch_size if band.enabled else 0))
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Work until `stop` is set; `ready` is set once the worker follows the plan and has joined the group."""

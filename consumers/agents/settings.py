@@ -100,10 +100,11 @@ class AgentSettings(Section):
     samples_per_item: int = Field(default=1, ge=1, description="Capabilities one item may serve.")
     edit_rate: float = Field(default=0.25, ge=0, le=1, description="Share of pixel and programmatic plans that edit the image.")
     concurrency: int = Field(
-        default=64, ge=1,
-        description="Items in flight per worker, at most `batch_size` (the items fetched at once): each waits on the "
-        "difficulty band's rollouts, so all of a batch in flight keeps the band's batches full (16 gave 25-30 "
-        "accepted/s on 2 cores, 64 gave 38); LLM requests have their own bound (`llm.concurrency`).",
+        default=16, ge=1,
+        description="Items in flight per worker, at most `batch_size` (the items fetched at once). With the difficulty "
+        "band on, at least its `batch_size` are: each waits on the band's rollouts, so a full band batch in flight "
+        "keeps its batches full (16 gave 25-30 accepted/s on 2 cores, 64 gave 38). LLM requests have their own "
+        "bound (`llm.concurrency`).",
     )
     batch_size: int = Field(default=64, ge=1, description="Unlabeled records fetched at once.")
     retrieval_pool: int = Field(default=256, ge=1, description="Recent images the retriever searches.")
