@@ -32,7 +32,7 @@ from typing import Protocol
 from PIL import Image
 
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
-from consumers.qc.difficulty import PolicyPassRate, PolicyUnavailable
+from consumers.qc.difficulty import PolicyPassRate, PolicyUnavailable, band_verdict
 from consumers.qc.settings import DifficultySettings
 from consumers.roles import AgentFailure, Answerer, AnswererQuestion, Draft, ItemContext, TaskPlan, Validator, run_role
 from dpe.events import AgentStep, QCVerdict, SampleBody
@@ -205,15 +205,12 @@ class DifficultyCheck:
             measured = await self.estimator.measure(candidate.image, candidate.body)
         except PolicyUnavailable as exc:
             return _verdict(self.name, "policy_unavailable", str(exc))
-        correct, rollouts, left = measured.correct, measured.rollouts, self.settings.samples - measured.rollouts
+        correct, rollouts = measured.correct, measured.rollouts
         rate = correct / rollouts if rollouts else None
         candidate.policy_version, candidate.pass_rate = measured.version, rate
-        detail = f"policy v{measured.version} solved {correct}/{rollouts}" + (" (verdict certain)" if left > 0 else "")
-        if correct + left < self.settings.min_correct:
-            return _verdict(self.name, "too_hard", detail, rate)
-        if correct > self.settings.max_correct:
-            return _verdict(self.name, "too_easy", detail, rate)
-        return _verdict(self.name, OK, detail, rate)
+        early = " (verdict certain)" if rollouts < self.settings.samples else ""
+        detail = f"policy v{measured.version} solved {correct}/{rollouts}{early}"
+        return _verdict(self.name, band_verdict(correct, rollouts, self.settings), detail, rate)
 
 
 class QCChain:

@@ -154,6 +154,20 @@ class PolicyPassRate:
         return list(zip(correct, done))
 
 
+def band_verdict(correct: int, done: int, settings: DifficultySettings) -> str:
+    """"too_hard" when `correct` right answers out of `done` rollouts can no longer reach the band, "too_easy" when
+    they are already above it, else "ok" (in the band, or not yet certain).
+
+    Example:
+        >>> band = DifficultySettings(samples=9, min_correct=3, max_correct=7)
+        >>> band_verdict(0, 7, band), band_verdict(8, 8, band), band_verdict(3, 9, band)
+        ('too_hard', 'too_easy', 'ok')
+    """
+    if correct + settings.samples - done < settings.min_correct:
+        return "too_hard"
+    return "too_easy" if correct > settings.max_correct else "ok"
+
+
 def decided(correct: int, done: int, settings: DifficultySettings) -> bool:
     """Whether a sample's verdict is certain after `correct` right answers out of `done` rollouts: all k are in,
     it is already above the band, it can no longer reach the band, or it stays in the band whatever comes.
@@ -163,8 +177,9 @@ def decided(correct: int, done: int, settings: DifficultySettings) -> bool:
         >>> decided(0, 7, band), decided(1, 7, band), decided(8, 8, band), decided(3, 5, band), decided(3, 4, band)
         (True, False, True, True, False)
     """
-    low, high, left = settings.min_correct, settings.max_correct, settings.samples - done
-    return left <= 0 or correct > high or correct + left < low or low <= correct and correct + left <= high
+    left = settings.samples - done
+    in_band_whatever_comes = settings.min_correct <= correct and correct + left <= settings.max_correct
+    return left <= 0 or band_verdict(correct, done, settings) != "ok" or in_band_whatever_comes
 
 
 def next_stage(correct: Sequence[int], done: Sequence[int], settings: DifficultySettings) -> int:
