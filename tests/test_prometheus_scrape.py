@@ -329,7 +329,8 @@ def short_run(tmp_path_factory: pytest.TempPathFactory, broker: EmbeddedBroker) 
     sections["ingest"] |= FAST_PATH["ingest"]
     sections["auditor"] |= FAST_PATH["auditor"]
     kafka = {"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": f"short{uuid.uuid4().hex[:8]}."}
-    config.write_text(yaml.safe_dump(sections | {"kafka": kafka}))
+    metrics = {"last_scrape_s": 3}  # this Prometheus scrapes each second
+    config.write_text(yaml.safe_dump(sections | {"kafka": kafka, "metrics": metrics}))
     publish_a_record_that_is_no_event(config, broker.bootstrap_servers)
     targets = {service: [f"127.0.0.1:{port}"] for service, port in ports.items()}
     with PrometheusServer.start(workdir / "prometheus", targets, rule_files=RULE_FILES) as server:

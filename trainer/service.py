@@ -270,6 +270,7 @@ class _Leader:
             recent_ids=recent.ids(),
         )
         checkpoint = store.commit(staging, manifest)
+        TRAINER_POLICY_VERSION.set(version)
         written = time.perf_counter()
         log.info("round: checkpoint %d written to %s", version, checkpoint.path)
         await self.announce(checkpoint)
@@ -285,7 +286,6 @@ class _Leader:
             TRAINER_ROUND_SECONDS.labels(phase).observe(getattr(report, f"{phase}_s"))
         TRAINER_CHECKPOINT_SECONDS.observe(report.checkpoint_s)
         TRAINER_ROUNDS.inc()
-        TRAINER_POLICY_VERSION.set(version)
         return report
 
     async def announce(self, checkpoint: StoredCheckpoint) -> None:

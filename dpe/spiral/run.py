@@ -324,9 +324,30 @@ def _run_epoch(settings: Settings, options: SpiralOptions, bus: RunBus, state: S
     try:
         for spec in service_specs(options, base_model):
             supervisor.start(spec)
-        return asyncio.run(_watch(configured, options, state, log, stalls, supervisor, bus, console, started))
+        outcome = asyncio.run(_watch(configured, options, state, log, stalls, supervisor, bus, console, started))
+        if outcome == "done" and (wait := last_scrape_s(configured)):
+            _say(console, started, f"done; the services stay up {wait:.0f}s more, so Prometheus scrapes their last state")
+            time.sleep(wait)
+        return outcome
     finally:
         supervisor.stop()
+
+
+def last_scrape_s(settings: Settings) -> float:
+    """How long a finished run keeps its services up for a last scrape: `metrics.last_scrape_s` when some service
+    serves /metrics, else 0.
+
+    >>> last_scrape_s(Settings()), last_scrape_s(with_overrides(Settings(), {"metrics": {"last_scrape_s": 2}}))
+    (10.0, 2.0)
+    >>> last_scrape_s(with_overrides(Settings(), {s: {"metrics_port": 0} for s in SERVICE_SECTIONS}))
+    0.0
+    """
+    served = any(settings.metrics.port_for(getattr(settings, section).metrics_port) for section in SERVICE_SECTIONS)
+    return settings.metrics.last_scrape_s if served else 0.0
+
+
+SERVICE_SECTIONS = ("stream", "evaluator", "auditor", "agents", "trainer", "ingest")
+"""The settings sections of the run's services, each with its own `metrics_port`."""
 
 
 def run_spiral(settings: Settings, options: SpiralOptions, console: Console | None = None) -> SpiralResult:
