@@ -94,8 +94,9 @@ class MetricsSettings(Section):
     port: int = Field(0, ge=0, le=65535, description="This process's port, over the service's own (0: the service's).")
     addr: str = Field("127.0.0.1", description="Listen address: loopback unless told (0.0.0.0 in containers).")
     last_scrape_s: float = Field(
-        10.0, ge=0, description="A finished dpe run keeps its services up this long, so that Prometheus scrapes their "
-                                "last state (twice the shipped 5 s scrape interval; only when some service serves /metrics)."
+        10.0, ge=0, description="A finished dpe run keeps its services up this long, so that Prometheus scrapes "
+                                "their last state (twice the shipped 5 s scrape interval; only when some service "
+                                "serves /metrics)."
     )
 
     def port_for(self, service_port: int) -> int:

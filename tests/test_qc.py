@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -25,6 +27,7 @@ from consumers.qc.checks import (
     SchemaCheck,
     schema_problem,
 )
+from consumers.qc import difficulty
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
 from consumers.qc.difficulty import PolicyHolder, PolicyPassRate, decided, next_stage
 from consumers.qc.settings import DifficultySettings
@@ -34,6 +37,7 @@ from dpe.bus.aio import AsyncPublisher
 from dpe.config import with_overrides
 from dpe.events import AcceptedSample, BlobRef, Checkpoint, RejectedSample, SampleBody, UnlabeledItem
 from dpe.imaging import Compose, Flip, Recolor, Rotate, Zoom
+from dpe.policy.checkpoints import load_checkpoint
 from dpe.world import generate_scene, render_scene, scene_capabilities, unlabeled_scene, write_question
 from producers.ingest.service import Ingestor
 from producers.ingest.sources import synthetic_entries
@@ -189,6 +193,26 @@ async def test_difficulty_band_uses_the_newest_checkpoint(tiny_policy_folder):
     assert hard.reason_code in ("too_hard", "ok") and (hard.reason_code == "ok") == (candidate.pass_rate == 1.0)
 
 
+async def test_a_checkpoint_loaded_while_the_base_policy_loads_is_kept(tiny_policy_folder, monkeypatch):
+    """A resumed run announces its newest checkpoint at once: loaded while the base is still loading, it stays
+    the policy the band measures with (the base used to overwrite it, and the samples were made for version 0)."""
+    holder = PolicyHolder(base_policy=tiny_policy_folder, roots=[Path(tiny_policy_folder).parent])
+    checkpoint_loaded = threading.Event()
+
+    def load(folder: str, **options: Any) -> Any:
+        if "roots" not in options:  # the base policy: its load ends after the checkpoint's
+            checkpoint_loaded.wait(30)
+        return load_checkpoint(folder, **options)
+
+    monkeypatch.setattr(difficulty, "load_checkpoint", load)
+    starting = asyncio.create_task(holder.start())
+    await asyncio.sleep(0)
+    await holder.use(Checkpoint(policy_version=3, uri=tiny_policy_folder))
+    checkpoint_loaded.set()
+    await starting
+    assert holder.get().version == 3
+
+
 @pytest.mark.parametrize("band", [(9, 3, 7), (9, 0, 8), (5, 1, 4), (8, 4, 4), (3, 0, 3)])
 def test_the_band_stops_early_only_when_the_full_k_would_give_the_same_verdict(band):
     """For every sequence of right and wrong answers, rolling out in `next_stage` stages until `decided` gives the
@@ -308,7 +332,8 @@ async def test_capabilities_the_band_keeps_nothing_of_are_out_of_reach_and_no_lo
     after `reach_evidence` verdicts a capability is out of reach (ledger, gauge), and the worker stops spending
     rollouts on it while its quota is still open, until the next checkpoint."""
     settings = agent_settings(settings, qc={"difficulty": {"enabled": True, "samples": 2, "min_correct": 1,
-                                                           "max_correct": 2, "max_new_tokens": 4, "reach_evidence": 5}})
+                                                           "max_correct": 2, "max_new_tokens": 4, "reach_evidence": 5,
+                                                           "batch_size": 16}})  # items in flight: concurrency, 16
     settings = with_overrides(settings, {"checkpoint_roots": [str(Path(tiny_policy_folder).parent)]})
     await publish_all(settings, [Checkpoint(policy_version=2, uri=tiny_policy_folder),
                                  plan({"counting": 100, "arithmetic": 100})])

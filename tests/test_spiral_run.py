@@ -112,20 +112,29 @@ def start_forever_run(tmp_path: Path, *extra: str, log_name: str = "run.log", ma
     return proc, run, log
 
 
-def still_alive(pids: set[int]) -> list[int]:
-    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+def still_alive(processes: set[psutil.Process]) -> list[str]:
+    """The command lines of `processes` still running. `is_running` compares start times, so a pid that an
+    unrelated process took meanwhile (pids wrap at 32768 here) is not taken for a survivor."""
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{process.pid}: {' '.join(process.cmdline())}")
+        except psutil.NoSuchProcess:
+            continue
+    return alive
 
 
 def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes_the_report(tmp_path):
     proc, run, log = start_forever_run(tmp_path)
     try:
         started = services_of(run)
-        descendants = {p.pid for p in run.children(recursive=True)}
+        descendants = set(run.children(recursive=True))
 
         started["agents"].kill()
         wait_until(running(lambda: services_of(run).get("agents", started["agents"]).pid != started["agents"].pid,
                            proc, log), 30, "the agents restarted")
-        descendants.add(services_of(run)["agents"].pid)
+        descendants.add(services_of(run)["agents"])
         summary_path = tmp_path / "runs" / "r" / "summary.json"
         wait_until(running(lambda: "policy v1:" in log.read_text(errors="replace"), proc, log), 240,
                    "a first trained round, graded: the run has seen it (the trainer's own log says so earlier)")
@@ -136,7 +145,7 @@ def test_a_killed_service_is_restarted_and_ctrl_c_stops_every_process_and_writes
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert not still_alive(descendants), "processes left running after Ctrl-C"
+    assert not (alive := still_alive(descendants)), f"processes left running after Ctrl-C: {alive}"
     summary = json.loads(summary_path.read_text())
     assert summary["completed"] is False and summary["rounds_requested"] is None
     assert [r["policy_version"] for r in summary["rounds"]][:2] == [0, 1], "the report keeps what was done"
@@ -151,7 +160,7 @@ def newest_checkpoint(run_dir: Path) -> int:
 
 def stop_with_sigterm(proc: subprocess.Popen, run: psutil.Process, log: Path) -> None:
     """What `docker stop` and systemd send: exit 0, and no process of the run left behind."""
-    descendants = {p.pid for p in run.children(recursive=True)}
+    descendants = set(run.children(recursive=True))
     try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0, log.read_text(errors="replace")[-3000:]
@@ -159,7 +168,7 @@ def stop_with_sigterm(proc: subprocess.Popen, run: psutil.Process, log: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert not still_alive(descendants), "SIGTERM left processes running"
+    assert not (alive := still_alive(descendants)), f"SIGTERM left processes running: {alive}"
 
 
 def ballast(run_dir: Path, megabytes: int) -> None:
@@ -225,7 +234,7 @@ def test_sigterm_stops_dpe_run_like_ctrl_c_and_resume_goes_on_across_a_bus_roll(
 def test_a_killed_dpe_run_takes_its_services_and_broker_with_it(tmp_path):
     """kill -9 of the parent leaves no orphans: each child asked the kernel for SIGTERM when its parent dies."""
     proc, run, log = start_forever_run(tmp_path)
-    descendants = {p.pid for p in run.children(recursive=True)}
+    descendants = set(run.children(recursive=True))
     proc.kill()
     proc.wait()
     wait_until(lambda: not still_alive(descendants), 30, "the orphans to stop")

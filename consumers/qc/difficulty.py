@@ -64,9 +64,12 @@ class PolicyHolder:
         self.current: VersionedPolicy | None = None
 
     async def start(self) -> None:
-        """Load the base policy, if one is configured and nothing newer is loaded."""
+        """Load the base policy, if one is configured and nothing newer is loaded, before or while it loads (a
+        resumed run's newest checkpoint may be announced meanwhile: the base never replaces it)."""
         if self.base_policy and self.current is None:
-            self._swap(VersionedPolicy(await asyncio.to_thread(load_checkpoint, self.base_policy), 0))
+            base = await asyncio.to_thread(load_checkpoint, self.base_policy)
+            if self.current is None:
+                self._swap(VersionedPolicy(base, 0))
 
     async def use(self, checkpoint: Checkpoint) -> None:
         """Load a checkpoint's policy if it is newer than the current one (a failed load keeps the old one)."""

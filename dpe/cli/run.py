@@ -51,8 +51,7 @@ console = Console()
 @click.option("--synthetic/--no-synthetic", default=None,
               help="The synthetic world's stream too (default: only when no folder is given).")
 @click.option("--difficulty/--no-difficulty", default=SpiralOptions.difficulty, show_default=True,
-              help="Keep only samples the current policy solves 3-7 times of 9 (the difficulty band; off by default "
-              "for now).")
+              help="Keep only samples the current policy solves 3-7 times of 9 (the difficulty band).")
 @pass_state
 def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round_samples: int,
         round_timeout_s: float, base_model: Path | None, runs_dir: Path, run_id: str | None, live: bool, timeout_s: float,

@@ -76,10 +76,9 @@ class SpiralOptions:
     synthetic: bool | None = None
     """Ingest the synthetic world's endless stream (None: only when no folder is given)."""
     auditor: bool = True
-    difficulty: bool = False
+    difficulty: bool = True
     """The agents keep only samples the current policy solves 3-7 times of 9 (`agents.qc.difficulty`), which GRPO
-    can learn from; capabilities out of its reach give their quota room to the others. Off by default until a
-    resumed run measures with its newest checkpoint at once (see the README)."""
+    can learn from; capabilities out of its reach give their quota room to the others."""
     live: bool = True
     stall_after_s: float = 900.0
     """No new policy version for this long is a stall, said in words in the view, the log and the report."""
@@ -326,7 +325,7 @@ def _run_epoch(settings: Settings, options: SpiralOptions, bus: RunBus, state: S
             supervisor.start(spec)
         outcome = asyncio.run(_watch(configured, options, state, log, stalls, supervisor, bus, console, started))
         if outcome == "done" and (wait := last_scrape_s(configured)):
-            _say(console, started, f"done; the services stay up {wait:.0f}s more, so Prometheus scrapes their last state")
+            _say(console, started, f"done; the services stay up {wait:.0f}s for Prometheus's last scrape")
             time.sleep(wait)
         return outcome
     finally:
