@@ -87,8 +87,7 @@ class TowerHead(torch.nn.Module):
 
     def forward(self, images: list[Image.Image]) -> torch.Tensor:
         batch = self.processor(images=images, return_tensors="pt")
-        tokens = self.tower(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-        tokens = tokens if isinstance(tokens, torch.Tensor) else tokens.pooler_output
+        tokens = self.tower(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
         return self.head(tokens.reshape(len(images), -1, tokens.shape[-1]).max(dim=1).values)
 
 

@@ -338,15 +338,14 @@ def last_scrape_s(settings: Settings) -> float:
 
     >>> last_scrape_s(Settings()), last_scrape_s(with_overrides(Settings(), {"metrics": {"last_scrape_s": 2}}))
     (10.0, 2.0)
-    >>> last_scrape_s(with_overrides(Settings(), {s: {"metrics_port": 0} for s in SERVICE_SECTIONS}))
+    >>> off = {"metrics_port": 0}
+    >>> last_scrape_s(with_overrides(Settings(), {s: off for s in ("stream", "evaluator", "auditor", "agents",
+    ...                                                              "trainer", "ingest")}))
     0.0
     """
-    served = any(settings.metrics.port_for(getattr(settings, section).metrics_port) for section in SERVICE_SECTIONS)
-    return settings.metrics.last_scrape_s if served else 0.0
-
-
-SERVICE_SECTIONS = ("stream", "evaluator", "auditor", "agents", "trainer", "ingest")
-"""The settings sections of the run's services, each with its own `metrics_port`."""
+    ports = [section.metrics_port for name in type(settings).model_fields
+             if hasattr(section := getattr(settings, name), "metrics_port")]
+    return settings.metrics.last_scrape_s if any(map(settings.metrics.port_for, ports)) else 0.0
 
 
 def run_spiral(settings: Settings, options: SpiralOptions, console: Console | None = None) -> SpiralResult:
