@@ -167,20 +167,27 @@ def test_step_batches_repeat_each_prompt_group_size_times_and_shard_across_ranks
     assert [[r["prompt"] for r in shard] for shard in shards] == [["a"] * 4, ["b"] * 4]
 
 
-def test_a_build_lock_left_by_a_killed_build_does_not_stall_the_next_trainer():
+def test_a_build_lock_left_by_a_killed_build_does_not_stall_the_next_trainer(tmp_path: Path):
     """torch waits forever on a `lock` file a killed op build left; dpe removes it under its own lock.
 
     The locks are left in the shared, built folder (torch takes a folder's lock even when nothing is to be built),
-    so that the test needs no second compile of the ops."""
+    so that the test needs no second compile of the ops. The second process is not told the folder through
+    $TORCH_EXTENSIONS_DIR: it must build into the folder it is given, not compile the op again into torch's default
+    folder (under $XDG_CACHE_HOME)."""
     folder = EXTENSIONS
     build_deepspeed_ops(folder)
+    built = {path: path.stat().st_mtime_ns for path in folder.glob("*/*.so")}
     leftovers = [path / "lock" for path in folder.iterdir() if path.is_dir()]
-    assert leftovers, "DeepSpeed built no op to leave a lock in"
+    assert built and leftovers, "DeepSpeed built no op to leave a lock in"
     for lock in leftovers:
         lock.touch()
+    env = {name: value for name, value in CLEAN_ENV.items() if name != "TORCH_EXTENSIONS_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
     build = "import sys; from pathlib import Path; from trainer.distributed import build_deepspeed_ops as b; b(Path(sys.argv[1]))"
-    subprocess.run([sys.executable, "-c", build, str(folder)], check=True, timeout=240, cwd=ROOT, env=CLEAN_ENV)
+    subprocess.run([sys.executable, "-c", build, str(folder)], check=True, timeout=240, cwd=ROOT, env=env)
     assert not any(lock.exists() for lock in leftovers)
+    assert {path: path.stat().st_mtime_ns for path in folder.glob("*/*.so")} == built, "the op was built again"
+    assert not any(tmp_path.iterdir()), "the op was built into torch's default folder"
 
 
 RENDEZVOUS = """

@@ -126,10 +126,10 @@ def prepare_process(settings: TrainerSettings) -> None:
         torch.set_num_threads(settings.torch_threads)
         os.environ["OMP_NUM_THREADS"] = str(settings.torch_threads)  # else accelerate resets the thread count
     if settings.deepspeed.enabled:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(settings.extensions_dir).expanduser().resolve()))
         if "WORLD_SIZE" not in os.environ:
             start_single_process_world()
-        build_deepspeed_ops(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
+        folder = os.environ.get("TORCH_EXTENSIONS_DIR") or settings.extensions_dir
+        build_deepspeed_ops(Path(folder).expanduser().resolve())
     else:
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # inherited from a DeepSpeed parent, it would switch it on
 
@@ -141,7 +141,8 @@ def build_deepspeed_ops(folder: Path) -> None:
     leaves it behind, and every later process waits on it forever. dpe builds only while holding an
     exclusive lock on ``folder/.dpe-builds.lock``, so once it has that lock any ``lock`` file left is
     stale and is removed. The build runs here, before any rendezvous, so ranks never wait on each
-    other while one of them holds the lock.
+    other while one of them holds the lock. DeepSpeed finds its build folder only through
+    ``$TORCH_EXTENSIONS_DIR``, so this sets it to ``folder`` for this process (its engine loads the op again).
     """
     from deepspeed.accelerator import get_accelerator
 
@@ -149,6 +150,7 @@ def build_deepspeed_ops(folder: Path) -> None:
     if builder is None or not builder.is_compatible(verbose=False):
         return
     folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
     with open(folder / ".dpe-builds.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         for stale in folder.glob("*/lock"):
