@@ -10,6 +10,7 @@ line of stdout is one JSON object.
 
 Run: `python -m benchmarks.warmup --recipe colour_counting --recipe reading --every 500`
 (each recipe trains on one thread, so two recipes use the two cores of a small machine).
+`--recipe sighted --recipe sighted_uncentred` shows what centred image tokens do (`dpe.policy.image_tokens`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from dpe.policy.accuracy import measure_accuracy  # noqa: E402
+from dpe.policy.accuracy import image_dependence, measure_accuracy  # noqa: E402
 from dpe.policy.config import TinyVLMConfig, WarmupConfig  # noqa: E402
 from dpe.policy.model import build_tiny_policy  # noqa: E402
 from dpe.policy.sft import train_sft  # noqa: E402
 from dpe.world import CAPABILITIES, WorldItem, diagnostic_sample, training_stream  # noqa: E402
 
 ALL = {capability: 1.0 for capability in CAPABILITIES}
+SIGHTED = {"color": 0.35, "existence": 0.35, "counting": 0.1, "spatial": 0.05, "chart": 0.05, "text_reading": 0.05,
+           "arithmetic": 0.05}
+"""Mostly the questions a model answers from colours alone: the mix on which the tiny model first looks at images."""
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "even": {"mix": ALL, "levels": [1, 2]},
@@ -44,6 +48,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "reading": {"mix": {"text_reading": 1.0, "arithmetic": 1.0}, "levels": [1, 2]},
     "colour_counting_patch4": {"mix": {"counting": 1.0, "color": 1.0}, "levels": [1, 2], "model": {"patch_size": 4}},
     "existence_unmerged": {"mix": {"existence": 1.0}, "levels": [1], "model": {"merge_size": 1}},
+    "sighted": {"mix": SIGHTED, "levels": [1], "steps": 1500, "centre_image_tokens": True},
+    "sighted_uncentred": {"mix": SIGHTED, "levels": [1], "steps": 1500},
 }
 """Named recipes: overrides of `WarmupConfig` (``model`` overrides `TinyVLMConfig`)."""
 
@@ -88,11 +94,13 @@ def learning_curve(name: str, overrides: dict[str, Any], steps: int | None, ever
     started = time.perf_counter()
     losses = train_sft(policy, _evaluated(config, items, every, rows, name, policy), steps=config.steps,
                        batch_size=config.batch_size, learning_rate=config.learning_rate,
-                       warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, show_progress=False)
+                       warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+                       centre_image_tokens=config.centre_image_tokens, show_progress=False)
     seconds = time.perf_counter() - started
     rows += _measure(policy, items, name, config.steps)
     return {"name": name, "config": config.model_dump(mode="json"), "rows": rows, "seconds": round(seconds, 1),
-            "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1)}
+            "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1),
+            "image_dependence": image_dependence(policy, items)}
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--per-capability", type=int, default=40, help="Held-out items per capability.")
     parser.add_argument("--out", type=Path, default=Path("runs/warmup"))
     args = parser.parse_args(argv)
-    recipes = {spec if spec in RECIPES else f"recipe{index}": RECIPES.get(spec) or json.loads(spec)
+    recipes = {spec if spec in RECIPES else f"recipe{index}": RECIPES[spec] if spec in RECIPES else json.loads(spec)
                for index, spec in enumerate(args.recipe or ["default"])}
     with ProcessPoolExecutor(max_workers=len(recipes)) as pool:
         futures = [pool.submit(learning_curve, name, overrides, args.steps, args.every, args.per_capability)
@@ -140,11 +148,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = [future.result() for future in futures]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [row for result in results for row in result["rows"]]
-    recipes_out = {r["name"]: {k: r[k] for k in ("config", "seconds", "final_loss")} for r in results}
+    recipes_out = {r["name"]: {k: r[k] for k in ("config", "seconds", "final_loss", "image_dependence")}
+                   for r in results}
     (args.out / "warmup_curves.json").write_text(json.dumps({"recipes": recipes_out, "rows": rows}, indent=1))
     plot(results, args.out / "warmup_curves.png")
     print_curves(results)
-    summary = {"out": str(args.out), "recipes": {r["name"]: {"seconds": r["seconds"], "final": {
+    summary = {"out": str(args.out), "recipes": {r["name"]: {
+        "seconds": r["seconds"], "image_dependence": r["image_dependence"], "final": {
         row["capability"]: row["accuracy"] for row in r["rows"] if row["step"] == r["config"]["steps"]}}
         for r in results}}
     print(json.dumps(summary))

@@ -21,7 +21,17 @@ from dpe.grading import grade
 from dpe.policy.accuracy import measure_accuracy
 from dpe.policy.config import TinyVLMConfig, WarmupConfig
 from dpe.policy.generation import SamplingParams, encode_prompts, generate, sample
-from dpe.policy.model import VISION_TOKENS, build_tiny_policy, load_policy, suppressed_token_ids
+from dpe.policy.image_tokens import (
+    centred_image_tokens,
+    image_tokens,
+    merger_output_layer,
+)
+from dpe.policy.model import (
+    VISION_TOKENS,
+    build_tiny_policy,
+    load_policy,
+    suppressed_token_ids,
+)
 from dpe.policy.processor import Qwen2VLNoVideoProcessor, load_processor
 from dpe.policy.prompts import build_messages, format_question, render_prompt
 from dpe.policy.sft import IGNORE_INDEX, sft_batch, train_sft
@@ -248,6 +258,29 @@ def test_sft_learns_a_single_easy_capability():
     assert all(grade(text, item.key).format_ok for text, item in zip(texts, held_out))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_centred_image_tokens_give_a_constant_no_gradient_and_leave_it_in_the_bias(family, items):
+    """Trained plainly, the merger builds one constant image token and the answers ignore the image
+    (`dpe.policy.image_tokens`). Centred, the merger's last bias, the one way to a constant, gets no gradient; on
+    exit the hook is gone and the bias holds the mean, so the saved model hands out centred tokens by itself."""
+    policy = build_tiny_policy(SMALL.model_copy(update={"family": family}))
+    model, bias = policy.model.train(), merger_output_layer(policy.model).bias
+    batch = sft_batch(policy, items)
+
+    def bias_gradient() -> torch.Tensor:
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return bias.grad.abs().max()
+
+    plain = bias_gradient()
+    before = bias.detach().clone()
+    with centred_image_tokens(model):
+        assert bias_gradient() < plain * 1e-3
+    assert bias_gradient() > plain * 1e-1, "the hook is removed on exit"
+    assert not torch.equal(bias, before)
+    assert image_tokens(model.eval(), batch).mean(0).abs().max() < 1e-5
+
+
 def test_measure_accuracy_reports_every_capability(policy):
     table = measure_accuracy(policy, diagnostic_sample(0, 14), num_samples=2, max_new_tokens=6)
     assert set(table) == set(CAPABILITIES)
@@ -305,11 +338,12 @@ def test_cli_init_tiny_sft_and_accuracy(tmp_path, no_network):
     assert "trained" in result.output and "base held-out accuracy, as recipe.json records it" in result.output
     recorded = recorded_heldout(tmp_path / "warm")
     assert set(recorded) == set(CAPABILITIES) and all(row["items"] == 100 for row in recorded.values())
-    assert (tmp_path / "warm" / RECIPE_FILE).exists()
+    assert 0.0 <= json.loads((tmp_path / "warm" / RECIPE_FILE).read_text())["image_dependence"] <= 1.0
     assert "loaded from cache" in runner.invoke(model_cli, args).output
 
     result = runner.invoke(model_cli, ["accuracy", str(tmp_path / "warm"), "--items", "7", "--samples", "2"])
     assert result.exit_code == 0, result.output
+    assert "the answers' dependence on the image" in result.output
 
     bad = runner.invoke(model_cli, ["sft", "--mix", "juggling=1", "--cache-dir", str(tmp_path / "cache")])
     assert bad.exit_code != 0 and "juggling" in bad.output

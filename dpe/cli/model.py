@@ -68,13 +68,15 @@ def _print_accuracy(table: dict[str, dict[str, float]], title: str) -> None:
 
 
 def _probe(policy: Any, items: int, samples: int, levels: tuple[int, ...] | None, seed: int) -> None:
-    from dpe.policy.accuracy import measure_accuracy
+    from dpe.policy.accuracy import image_dependence, measure_accuracy
     from dpe.world import DIFFICULTY_LEVELS, diagnostic_sample
 
     held_out = diagnostic_sample(round=0, n=items, seed=seed, levels=levels or DIFFICULTY_LEVELS)
     started = time.perf_counter()
     table = measure_accuracy(policy, held_out, num_samples=samples)
     _print_accuracy(table, f"held-out accuracy, {items} diagnostic items ({time.perf_counter() - started:.1f} s)")
+    console.print(f"the answers' dependence on the image: {image_dependence(policy, held_out):.3f} "
+                  "(0: the same answers whatever the image)")
 
 
 @click.group("model")

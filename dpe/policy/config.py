@@ -84,6 +84,11 @@ class WarmupConfig(BaseModel):
     warmup_steps: int = Field(25, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     seed: int = Field(0, ge=0)
+    centre_image_tokens: bool = Field(
+        False,
+        description="Train with centred image tokens (`dpe.policy.image_tokens`), without which the tiny model's "
+        "answers ignore the image. Off in the default recipe until that changes (its mix is unlearnt either way).",
+    )
 
     @field_validator("mix")
     @classmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from itertools import islice
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import BatchFeature
 
 from dpe.events import AnswerType
+from dpe.policy.image_tokens import centred_image_tokens
 from dpe.policy.model import Policy
 from dpe.policy.prompts import boxed, build_messages
 
@@ -81,11 +83,13 @@ def train_sft(
     learning_rate: float = 3e-3,
     warmup_steps: int = 25,
     weight_decay: float = 0.01,
+    centre_image_tokens: bool = False,
     show_progress: bool = True,
     description: str = "SFT",
 ) -> list[float]:
     """Train for `steps` batches drawn from `examples` (AdamW, linear warm-up, cosine decay to 10%).
 
+    With `centre_image_tokens` the model trains under `dpe.policy.image_tokens.centred_image_tokens`.
     Returns the loss of every step. The model is left in eval mode.
     """
     model = policy.model
@@ -94,7 +98,7 @@ def train_sft(
     batches = _batches(iter(examples), batch_size)
     losses: list[float] = []
     model.train()
-    with _progress(show_progress) as progress:
+    with _progress(show_progress) as progress, centred_image_tokens(model) if centre_image_tokens else nullcontext():
         task = progress.add_task(description, total=steps, loss=float("nan"))
         for step in range(steps):
             batch = next(batches, None)

@@ -23,8 +23,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from dpe.policy.accuracy import measure_accuracy
+from dpe.policy.accuracy import image_dependence, measure_accuracy
 from dpe.policy.config import WarmupConfig
 from dpe.policy.model import Policy, build_tiny_policy, load_policy
 from dpe.policy.sft import train_sft
@@ -72,6 +73,7 @@ def train_on_recipe(policy: Policy, config: WarmupConfig, *, show_progress: bool
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
+        centre_image_tokens=config.centre_image_tokens,
         show_progress=show_progress,
         description=description,
     )
@@ -89,6 +91,13 @@ def heldout_accuracy(policy: Policy, config: WarmupConfig) -> dict[str, dict[str
     return {capability: {name: round(value, 4) for name, value in row.items()} for capability, row in table.items()}
 
 
+def base_measurements(policy: Policy, config: WarmupConfig) -> dict[str, Any]:
+    """What ``recipe.json`` records about a warmed base: its `heldout_accuracy`, and the `image_dependence` of its
+    answers on an eighth of those items (spread over the capabilities; near 0 means the base ignores the image)."""
+    spread = base_heldout_items(config)[:: HELDOUT_PER_CAPABILITY // 8]
+    return {"heldout": heldout_accuracy(policy, config), "image_dependence": image_dependence(policy, spread)}
+
+
 def recorded_heldout(folder: Path) -> dict[str, dict[str, float]] | None:
     """The held-out accuracy table a warmed model's ``recipe.json`` records (None for models cached before it did)."""
     return json.loads((folder / RECIPE_FILE).read_text()).get("heldout")
@@ -100,7 +109,7 @@ def warm_up(
 ) -> WarmupResult:
     """The warmed policy of `config`: loaded from the cache, or built, trained and cached.
 
-    Its `heldout_accuracy` is recorded in ``recipe.json`` (measured once, also for a model cached before the
+    Its `base_measurements` are recorded in ``recipe.json`` (measured once, also for a model cached before the
     recipe recorded it) unless `measure_heldout` is off (a throwaway model in a test).
     """
     started = time.perf_counter()
@@ -111,8 +120,7 @@ def warm_up(
         if (folder / RECIPE_FILE).exists():
             policy = load_policy(folder)
             if measure_heldout and recorded_heldout(folder) is None:
-                _record(folder, json.loads((folder / RECIPE_FILE).read_text()) | {
-                    "heldout": heldout_accuracy(policy, config)})
+                _record(folder, json.loads((folder / RECIPE_FILE).read_text()) | base_measurements(policy, config))
             return WarmupResult(policy, folder, True, time.perf_counter() - started)
         policy = build_tiny_policy(config.model)
         losses = train_on_recipe(policy, config, show_progress=show_progress, description="warm-up SFT")
@@ -122,7 +130,7 @@ def warm_up(
             "config": config.model_dump(mode="json"),
             "seconds": round(seconds, 2),
             "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
-            **({"heldout": heldout_accuracy(policy, config)} if measure_heldout else {}),
+            **(base_measurements(policy, config) if measure_heldout else {}),
         }
         policy.save(folder, extra_files={RECIPE_FILE: json.dumps(recipe, indent=2)})
     return WarmupResult(policy, folder, False, seconds)
