@@ -133,6 +133,21 @@ def test_heldout_suite_is_fixed_disjoint_and_from_the_diagnostic_pool():
     assert {item.suite for item in heldout_items(config)} == {"heldout"}
 
 
+def test_the_suites_draw_their_items_at_the_configured_levels_only():
+    """Suites at the levels the base was trained on (#13) stay fixed and disjoint from the rounds' items."""
+
+    def levels(items: list) -> set[int]:
+        return {int(item.item_id.split("/")[2].removeprefix("d")) for item in items}
+
+    easy = SyntheticSuites(round_items=21, heldout_items=14, levels=(1,))
+    heldout = {item.item_id for item in heldout_items(easy)}
+    assert levels(heldout_items(easy) + round_items(easy, 2)) == {1}
+    assert not heldout & {item.item_id for item in round_items(easy, 0)}
+    assert levels(heldout_items(SyntheticSuites(round_items=21, heldout_items=14))) == {1, 2, 3, 4, 5}
+    with pytest.raises(ValueError, match="levels"):
+        SyntheticSuites(levels=(0, 6))
+
+
 def attribution(output, expected, answer_type, capability="counting", options=None):
     verdict = grade(output, AnswerKey(answer=expected, answer_type=answer_type, options=options))
     skills = {"counting": "perception", "arithmetic": "calculation", "spatial": "reasoning"}

@@ -82,7 +82,8 @@ def _per_capability(n: int, config: SyntheticSuites) -> int:
 def heldout_items(config: SyntheticSuites) -> list[EvalItem]:
     """The fixed held-out suite: the first slots of the diagnostic pool, the same every time."""
     items = diagnostic_sample(
-        0, config.heldout_items, config.seed, capabilities=config.capabilities, image_size=config.image_size
+        0, config.heldout_items, config.seed, capabilities=config.capabilities, levels=config.levels,
+        image_size=config.image_size,
     )
     return [from_world_item(item, config.heldout_suite) for item in items]
 
@@ -98,6 +99,7 @@ def round_items(config: SyntheticSuites, policy_version: int) -> list[EvalItem]:
         config.round_items,
         config.seed,
         capabilities=config.capabilities,
+        levels=config.levels,
         image_size=config.image_size,
     )
     return [from_world_item(item, config.round_suite) for item in items]

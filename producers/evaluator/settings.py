@@ -36,6 +36,7 @@ from dpe.config import CoreSettings, derived, following, set_derived, world_capa
 from dpe.endpoint.settings import EndpointSettings
 from dpe.events import ID_PATTERN
 from dpe.section import Section
+from dpe.world.knobs import DIFFICULTY_LEVELS
 from dpe.world.questions import CAPABILITIES
 
 Skill = Literal["perception", "calculation", "reasoning"]
@@ -73,6 +74,7 @@ class SyntheticSuites(Section):
     heldout_items: int = Field(210, ge=0, description="Fixed items, the same every version (0: none).")
     seed: int = Field(0, ge=0)
     capabilities: tuple[str, ...] = CAPABILITIES
+    levels: tuple[int, ...] = Field(DIFFICULTY_LEVELS, description="Difficulty levels of both suites' items, in turn.")
     image_size: int = Field(64, ge=16, le=1024)
 
     @model_validator(mode="after")
@@ -80,6 +82,8 @@ class SyntheticSuites(Section):
         unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
         if unknown or not self.capabilities:
             raise ValueError(f"synthetic capabilities must be a non-empty subset of {CAPABILITIES}; unknown: {unknown}")
+        if not self.levels or set(self.levels) - set(DIFFICULTY_LEVELS):
+            raise ValueError(f"synthetic levels must be a non-empty subset of {DIFFICULTY_LEVELS}, got {self.levels}")
         if self.round_suite == self.heldout_suite:
             raise ValueError("round_suite and heldout_suite must differ")
         return self
