@@ -131,6 +131,26 @@ def print_curves(results: list[dict[str, Any]]) -> None:
     Console(stderr=True).print(table)
 
 
+def markdown(curves: dict[str, Any]) -> str:
+    """The README's table of a ``warmup_curves.json``: each recipe's image dependence and final accuracies.
+
+    >>> print(markdown({"recipes": {"a": {"config": {"steps": 2}, "image_dependence": 0.5}},
+    ...                 "rows": [{"recipe": "a", "step": 2, "capability": "color", "accuracy": 0.25, "items": 4}]}))
+    | recipe | image dependence | color |
+    |---|---|---|
+    | `a` | 0.5 | 0.25 |
+    """
+    capabilities = [c for c in CAPABILITIES if any(row["capability"] == c for row in curves["rows"])]
+    lines = ["| " + " | ".join(["recipe", "image dependence", *capabilities]) + " |",
+             "|" + "---|" * (len(capabilities) + 2)]
+    for name, recipe in curves["recipes"].items():
+        final = {row["capability"]: row["accuracy"] for row in curves["rows"]
+                 if row["recipe"] == name and row["step"] == recipe["config"]["steps"]}
+        cells = [f"`{name}`", f"{recipe['image_dependence']:.2g}", *(f"{final[c]:.2f}" for c in capabilities)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", action="append", default=None,
@@ -139,7 +159,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--every", type=int, default=500, help="Measure every this many steps.")
     parser.add_argument("--per-capability", type=int, default=40, help="Held-out items per capability.")
     parser.add_argument("--out", type=Path, default=Path("runs/warmup"))
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="Only print the table of this warmup_curves.json in markdown (the README's), no training.")
     args = parser.parse_args(argv)
+    if args.markdown is not None:
+        table = markdown(json.loads(args.markdown.read_text()))
+        print(table)
+        return {"markdown": table}
     recipes = {spec if spec in RECIPES else f"recipe{index}": RECIPES[spec] if spec in RECIPES else json.loads(spec)
                for index, spec in enumerate(args.recipe or ["default"])}
     with ProcessPoolExecutor(max_workers=len(recipes)) as pool:

@@ -22,3 +22,7 @@ def test_learning_curves_are_measured_every_k_steps_per_recipe_and_capability(tm
         assert 0 <= data["recipes"][recipe]["image_dependence"] <= 1
     assert (tmp_path / "warmup_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+    table = main(["--markdown", str(tmp_path / "warmup_curves.json")])["markdown"].splitlines()
+    assert table[0].startswith("| recipe | image dependence |") and len(table) == 4
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| `default`", "| `recipe1`"]
