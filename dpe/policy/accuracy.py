@@ -103,7 +103,7 @@ def image_dependence(policy: Policy, items: Sequence[WorldItem], *, batch_size: 
 
 def _answer_distance(policy: Policy, items: Sequence[WorldItem], swapped: Sequence[WorldItem]) -> torch.Tensor:
     """Per item, the largest total-variation distance over its answer tokens between `items` and `swapped`."""
-    own, other = sft_batch(policy, items), sft_batch(policy, swapped)
+    own, other = (sft_batch(policy, batch).to(policy.model.device) for batch in (items, swapped))
     answers = own.pop("labels")[:, 1:] != IGNORE_INDEX
     other.pop("labels")
     with torch.no_grad():
