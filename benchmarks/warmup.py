@@ -34,8 +34,8 @@ from rich.table import Table  # noqa: E402
 from dpe.policy.accuracy import image_dependence, measure_accuracy  # noqa: E402
 from dpe.policy.config import TinyVLMConfig, WarmupConfig  # noqa: E402
 from dpe.policy.model import build_tiny_policy  # noqa: E402
-from dpe.policy.sft import train_sft  # noqa: E402
-from dpe.world import CAPABILITIES, WorldItem, diagnostic_sample, training_stream  # noqa: E402
+from dpe.policy.warmup import recipe_stream, train_on_recipe  # noqa: E402
+from dpe.world import CAPABILITIES, WorldItem, diagnostic_sample  # noqa: E402
 
 ALL = {capability: 1.0 for capability in CAPABILITIES}
 SIGHTED = {"color": 0.35, "existence": 0.35, "counting": 0.1, "spatial": 0.05, "chart": 0.05, "text_reading": 0.05,
@@ -67,8 +67,7 @@ def recipe_config(overrides: dict[str, Any], steps: int | None) -> WarmupConfig:
 
 def _evaluated(config: WarmupConfig, items: list[WorldItem], every: int, rows: list[dict], name: str, policy: Any):
     """The recipe's training stream, measuring accuracy into `rows` every `every` batches."""
-    for index, item in enumerate(training_stream(config.mix, config.seed, levels=config.levels,
-                                                 image_size=config.model.image_size)):
+    for index, item in enumerate(recipe_stream(config)):
         if index and index % (every * config.batch_size) == 0:
             rows += _measure(policy, items, name, index // config.batch_size)
         yield item
@@ -92,10 +91,8 @@ def learning_curve(name: str, overrides: dict[str, Any], steps: int | None, ever
     policy = build_tiny_policy(config.model)
     rows: list[dict] = []
     started = time.perf_counter()
-    losses = train_sft(policy, _evaluated(config, items, every, rows, name, policy), steps=config.steps,
-                       batch_size=config.batch_size, learning_rate=config.learning_rate,
-                       warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-                       centre_image_tokens=config.centre_image_tokens, show_progress=False)
+    losses = train_on_recipe(policy, config, examples=_evaluated(config, items, every, rows, name, policy),
+                             show_progress=False)
     seconds = time.perf_counter() - started
     rows += _measure(policy, items, name, config.steps)
     return {"name": name, "config": config.model_dump(mode="json"), "rows": rows, "seconds": round(seconds, 1),
@@ -131,6 +128,11 @@ def print_curves(results: list[dict[str, Any]]) -> None:
     Console(stderr=True).print(table)
 
 
+def final_accuracy(rows: list[dict], recipe: str, steps: int) -> dict[str, float]:
+    """A recipe's greedy accuracy per capability at its last step."""
+    return {row["capability"]: row["accuracy"] for row in rows if row["recipe"] == recipe and row["step"] == steps}
+
+
 def markdown(curves: dict[str, Any]) -> str:
     """The README's table of a ``warmup_curves.json``: each recipe's image dependence and final accuracies.
 
@@ -144,8 +146,7 @@ def markdown(curves: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(["recipe", "image dependence", *capabilities]) + " |",
              "|" + "---|" * (len(capabilities) + 2)]
     for name, recipe in curves["recipes"].items():
-        final = {row["capability"]: row["accuracy"] for row in curves["rows"]
-                 if row["recipe"] == name and row["step"] == recipe["config"]["steps"]}
+        final = final_accuracy(curves["rows"], name, recipe["config"]["steps"])
         cells = [f"`{name}`", f"{recipe['image_dependence']:.2g}", *(f"{final[c]:.2f}" for c in capabilities)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -180,9 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(results, args.out / "warmup_curves.png")
     print_curves(results)
     summary = {"out": str(args.out), "recipes": {r["name"]: {
-        "seconds": r["seconds"], "image_dependence": r["image_dependence"], "final": {
-        row["capability"]: row["accuracy"] for row in r["rows"] if row["step"] == r["config"]["steps"]}}
-        for r in results}}
+        "seconds": r["seconds"], "image_dependence": r["image_dependence"],
+        "final": final_accuracy(r["rows"], r["name"], r["config"]["steps"])} for r in results}}
     print(json.dumps(summary))
     return summary
 

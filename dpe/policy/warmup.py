@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,12 @@ def cached_folder(config: WarmupConfig, cache_dir: str | Path | None = None) -> 
 
 
 def train_on_recipe(policy: Policy, config: WarmupConfig, *, show_progress: bool = True,
-                    description: str = "SFT") -> list[float]:
-    """SFT `policy` on the recipe's skewed training stream; returns the per-step losses."""
+                    description: str = "SFT", examples: Iterable[WorldItem] | None = None) -> list[float]:
+    """SFT `policy` as the recipe says, on `examples` (default: the recipe's skewed training stream); returns the
+    per-step losses."""
     return train_sft(
         policy,
-        training_stream(config.mix, config.seed, levels=config.levels, image_size=config.model.image_size),
+        examples if examples is not None else recipe_stream(config),
         steps=config.steps,
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
@@ -77,6 +79,11 @@ def train_on_recipe(policy: Policy, config: WarmupConfig, *, show_progress: bool
         show_progress=show_progress,
         description=description,
     )
+
+
+def recipe_stream(config: WarmupConfig) -> Iterator[WorldItem]:
+    """The recipe's endless training stream: its mix, at its levels, from its seed."""
+    return training_stream(config.mix, config.seed, levels=config.levels, image_size=config.model.image_size)
 
 
 def base_heldout_items(config: WarmupConfig) -> list[WorldItem]:
