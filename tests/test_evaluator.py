@@ -17,7 +17,7 @@ from dpe.endpoint.settings import EndpointSettings
 from dpe.events import AnswerKey, Checkpoint, DeadLetter, Diagnosis, EvalOutcome
 from dpe.grading import extract_answer, grade
 from dpe.policy.checkpoints import latest_checkpoint
-from dpe.policy.config import TinyVLMConfig
+from dpe.policy.config import TinyVLMConfig, WarmupConfig
 from dpe.policy.model import build_tiny_policy
 from producers.evaluator.items import EvalItem, heldout_items, round_items
 from producers.evaluator.judge import SYSTEM_PROMPT, Case, Judge
@@ -139,11 +139,12 @@ def test_the_suites_draw_their_items_at_the_configured_levels_only():
     def levels(items: list) -> set[int]:
         return {int(item.item_id.split("/")[2].removeprefix("d")) for item in items}
 
-    easy = SyntheticSuites(round_items=21, heldout_items=14, levels=(1,))
-    heldout = {item.item_id for item in heldout_items(easy)}
-    assert levels(heldout_items(easy) + round_items(easy, 2)) == {1}
-    assert not heldout & {item.item_id for item in round_items(easy, 0)}
-    assert levels(heldout_items(SyntheticSuites(round_items=21, heldout_items=14))) == {1, 2, 3, 4, 5}
+    harder = SyntheticSuites(round_items=21, heldout_items=14, levels=(2, 3))
+    heldout = {item.item_id for item in heldout_items(harder)}
+    assert levels(heldout_items(harder) + round_items(harder, 2)) == {2, 3}
+    assert not heldout & {item.item_id for item in round_items(harder, 0)}
+    default = SyntheticSuites(round_items=21, heldout_items=35)
+    assert levels(heldout_items(default)) == set(WarmupConfig().levels) == {1}, "the default base's levels"
     with pytest.raises(ValueError, match="levels"):
         SyntheticSuites(levels=(0, 6))
 

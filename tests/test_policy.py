@@ -351,13 +351,15 @@ def test_cli_init_tiny_sft_and_accuracy(tmp_path, no_network):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_default_warm_up_leaves_uneven_blind_spots_but_samples_correct_answers():
-    """In the default cache, as `dpe run` warms it (later runs on the same machine start from it)."""
+def test_default_warm_up_is_strong_somewhere_and_weak_but_learnable_elsewhere():
+    """In the default cache, as `dpe run` warms it (`.ci/run` warms it while the tools install). What #13 needs of a
+    base, on the held-out suite its `recipe.json` records: a capability it masters, at least two it mostly fails
+    but sometimes solves (GRPO has a signal there), and answers that depend on the image."""
     result = warm_up(WarmupConfig(), show_progress=False)
-    table = measure_accuracy(result.policy, diagnostic_sample(0, 140, seed=0, levels=(1, 2, 3)))
     recorded = recorded_heldout(result.folder)
     assert set(recorded) == set(CAPABILITIES) and all(row["items"] == 100 for row in recorded.values())
-    assert all(row["format"] > 0.9 for row in table.values())
-    assert all(row["pass_at_k"] > 0.1 for row in table.values())
-    greedy = sorted(row["greedy"] for row in table.values())
-    assert greedy[-1] - greedy[0] > 0.3
+    assert all(row["format"] > 0.9 for row in recorded.values()), recorded
+    strong = [name for name, row in recorded.items() if row["greedy"] >= 0.85]
+    weak_but_learnable = [name for name, row in recorded.items() if row["greedy"] <= 0.35 and row["pass_at_k"] > 0.3]
+    assert strong and len(weak_but_learnable) >= 2, recorded
+    assert json.loads((result.folder / RECIPE_FILE).read_text())["image_dependence"] > 0.1, "the answers use the image"

@@ -18,6 +18,7 @@ from dpe.policy.config import Family, TinyVLMConfig, WarmupConfig
 console = Console()
 
 FAMILIES = list(Family.__args__)
+RECIPE_DEFAULTS = WarmupConfig()
 
 
 def _parse_mix(value: str | None) -> dict[str, float] | None:
@@ -112,11 +113,13 @@ def init_tiny(output: Path, **fields: Any) -> None:
               help="Copy the warmed model here (it is always cached).")
 @click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Fine-tune this local checkpoint instead of a fresh tiny model (not cached; needs --output).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default 800).")
-@click.option("--batch-size", type=int, default=None, help="Items per step (default 32).")
-@click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate (default 3e-3).")
+@click.option("--steps", type=int, default=None, help=f"Optimizer steps (default {RECIPE_DEFAULTS.steps}).")
+@click.option("--batch-size", type=int, default=None, help=f"Items per step (default {RECIPE_DEFAULTS.batch_size}).")
+@click.option("--lr", "learning_rate", type=float, default=None,
+              help=f"Peak learning rate (default {RECIPE_DEFAULTS.learning_rate:g}).")
 @click.option("--mix", default=None, help="Capability weights, e.g. color=0.5,counting=0.1 (default: skewed).")
-@click.option("--levels", default=None, help="Difficulty levels to train on, e.g. 1,2 (default 1,2,3).")
+@click.option("--levels", default=None, help="Difficulty levels to train on, e.g. 1,2 (default "
+              f"{','.join(map(str, RECIPE_DEFAULTS.levels))}).")
 @click.option("--family", type=click.Choice(FAMILIES), default=None, help="Qwen family of the tiny model.")
 @click.option("--seed", type=int, default=None, help="Data and initialisation seed (default 0).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -124,7 +127,8 @@ def init_tiny(output: Path, **fields: Any) -> None:
 @click.option("--eval-items", type=int, default=0, show_default=True,
               help="Afterwards, probe per-capability accuracy on this many held-out diagnostic items.")
 @click.option("--eval-samples", type=int, default=9, show_default=True, help="Samples per item (T=1.0) in the probe.")
-@click.option("--eval-levels", default=None, help="Difficulty levels of the probe items, e.g. 1,2,3 (default: all).")
+@click.option("--eval-levels", default=None,
+              help="Difficulty levels of the probe items, e.g. 1,2,3 (default: those trained on).")
 def sft(
     output: Path | None,
     base: Path | None,
@@ -168,7 +172,7 @@ def sft(
             shutil.copytree(result.folder, output, dirs_exist_ok=True)
             console.print(f"copied to {output}")
     if eval_items:
-        _probe(policy, eval_items, eval_samples, _parse_levels(eval_levels), config.seed)
+        _probe(policy, eval_items, eval_samples, _parse_levels(eval_levels) or config.levels, config.seed)
 
 
 def _fine_tune(base: Path, output: Path | None, config: WarmupConfig) -> Any:

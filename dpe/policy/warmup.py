@@ -87,9 +87,10 @@ def recipe_stream(config: WarmupConfig) -> Iterator[WorldItem]:
 
 
 def base_heldout_items(config: WarmupConfig) -> list[WorldItem]:
-    """The first `HELDOUT_PER_CAPABILITY` items of each capability in the diagnostic pool (seed 0, all levels):
-    the evaluator's held-out suite for that many items per capability."""
-    return diagnostic_sample(0, HELDOUT_PER_CAPABILITY * len(CAPABILITIES), seed=0, image_size=config.model.image_size)
+    """The first `HELDOUT_PER_CAPABILITY` items of each capability in the diagnostic pool (seed 0) at the recipe's
+    levels: the evaluator's held-out suite for that many items per capability at those levels."""
+    return diagnostic_sample(0, HELDOUT_PER_CAPABILITY * len(CAPABILITIES), seed=0, levels=config.levels,
+                             image_size=config.model.image_size)
 
 
 def heldout_accuracy(policy: Policy, config: WarmupConfig) -> dict[str, dict[str, float]]:

@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 from dpe.config import CoreSettings, derived, following, set_derived, world_capabilities
 from dpe.endpoint.settings import EndpointSettings
 from dpe.events import ID_PATTERN
+from dpe.policy.config import DEFAULT_LEVELS
 from dpe.section import Section
 from dpe.world.knobs import DIFFICULTY_LEVELS
 from dpe.world.questions import CAPABILITIES
@@ -74,7 +75,9 @@ class SyntheticSuites(Section):
     heldout_items: int = Field(210, ge=0, description="Fixed items, the same every version (0: none).")
     seed: int = Field(0, ge=0)
     capabilities: tuple[str, ...] = CAPABILITIES
-    levels: tuple[int, ...] = Field(DIFFICULTY_LEVELS, description="Difficulty levels of both suites' items, in turn.")
+    levels: tuple[int, ...] = Field(
+        DEFAULT_LEVELS, description="Difficulty levels of both suites' items, in turn (default: the default base's)."
+    )
     image_size: int = Field(64, ge=16, le=1024)
 
     @model_validator(mode="after")
