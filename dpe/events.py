@@ -175,7 +175,9 @@ class EvalOutcome(Event):
 
 
 class Divergence(Event):
-    """AuditDM evidence: reference models agree on an answer and the target model does not."""
+    """AuditDM evidence: one audited probe on which the reference models agreed. `diverged`: the target's answer
+    differed (a failure found); otherwise it matched, a success, so that a capability's audit evidence is a rate of
+    failures per probe, not a count of failures alone (which would make every capability look weak alike)."""
 
     policy_version: PolicyVersion
     item_id: str = Field(pattern=ID_PATTERN)
@@ -189,6 +191,7 @@ class Divergence(Event):
     reference_answers: dict[str, str] = Field(description="Reference model name -> its answer.")
     consensus_answer: str = Field(max_length=2000)
     consensus_strength: float = Field(ge=0.0, le=1.0, description="Share of references agreeing on the consensus.")
+    diverged: bool = Field(True, description="The target's answer differed from the consensus (False: it matched).")
 
     @property
     def divergence_id(self) -> str:

@@ -1,7 +1,8 @@
 """Per-capability weakness from graded outcomes and divergences: pure functions, no Kafka.
 
 Evidence: an `EvalOutcome` is one observation with error ``1 - score`` and weight 1; a `Divergence`
-(AuditDM) is an error with weight ``divergence_weight * consensus_strength``. Each has an idempotency
+(AuditDM: an audited probe the references agreed on) is an error if the target diverged and a success
+if it matched, with weight ``divergence_weight * consensus_strength``. Each has an idempotency
 key (``outcome_id`` / ``divergence_id``) and a last-writer-wins stamp ``(ts, event_id)``.
 
 State (`CapabilityState`): one ledger per evidence source (outcomes, divergences), because the two
@@ -125,11 +126,13 @@ def outcome_evidence(outcome: EvalOutcome, params: ScoringSettings) -> Evidence 
 
 
 def divergence_evidence(divergence: Divergence, params: ScoringSettings) -> Evidence:
-    """A divergence as evidence: an error weighted by ``divergence_weight * consensus_strength``."""
+    """An audited probe as evidence: an error if the target diverged, else a success, weighted by
+    ``divergence_weight * consensus_strength``."""
     capability = _known_capability(divergence.capability, params)
     strength = _unit_interval(divergence.consensus_strength, "consensus_strength")
+    error = 1.0 if divergence.diverged else 0.0
     return Evidence(capability, "divergence", divergence.divergence_id, divergence.policy_version,
-                    (divergence.ts.timestamp(), divergence.event_id, 1.0, params.divergence_weight * strength))
+                    (divergence.ts.timestamp(), divergence.event_id, error, params.divergence_weight * strength))
 
 
 @dataclass

@@ -121,27 +121,30 @@ async def test_divergences_where_references_agree_and_the_target_does_not(settin
     assert {letter.stage for letter in letters} == {"auditor.handle"}
     assert sorted(letter.error_class for letter in letters) == ["BlobMissing", "InvalidMetadata", "UnknownCapability"]
     assert "astrology" in next(letter.error_message for letter in letters if letter.error_class == "UnknownCapability")
-    assert found, "the random target disagrees with references that agree"
+    assert len(found) == len(truth), "one verdict per probe the references agree on"
     assert len({d.divergence_id for d in found}) == len(found)
+    assert any(d.diverged for d in found), "the random target disagrees with references that agree"
     for divergence in found:
         assert divergence.policy_version == 1 and divergence.consensus_strength == 1.0
         assert set(divergence.reference_answers) == {"oracle", "big-vlm"}
-        assert divergence.target_answer != divergence.consensus_answer
         assert divergence.capability in ("counting", "color", "spatial", "existence")
+    assert all(d.target_answer != d.consensus_answer for d in found if d.diverged)
     counterfactual = [d for d in found if d.counterfactual_of is not None]
     assert counterfactual and all(d.counterfactual_of == good.item_id and d.edit for d in counterfactual)
     assert all(store.exists(d.image) and d.image != good.image for d in counterfactual)
     assert {d.image for d in found if d.counterfactual_of is None} == {good.image}
 
 
-def test_no_divergence_when_all_agree_or_references_split(tmp_path):
+def test_agreements_are_verdicts_too_and_a_split_is_none(tmp_path):
     store = BlobStore(str(tmp_path / "blobs"), ImageLimits())
     item = scene_item(store)
     truth = truth_of(Auditor(audit_settings(), store, [OracleAnswerer()]), [item])
     assert truth, "the scene carries probes"
     right = reference_endpoint(lambda pixels, question: truth.get((pixels, question)))
     agreeing = Auditor(audit_settings(), store, [OracleAnswerer(), right])
-    assert agreeing.audit(item, OracleAnswerer("target"), policy_version=1) == []
+    verdicts = agreeing.audit(item, OracleAnswerer("target"), policy_version=1)
+    assert len(verdicts) == len(truth) and not any(d.diverged for d in verdicts), "a right target: successes"
+    assert all(d.target_answer == d.consensus_answer for d in verdicts)
 
     wrong = reference_endpoint(lambda pixels, question: wrong_answer(truth[(pixels, question)]))
     split = Auditor(audit_settings(), store, [OracleAnswerer(), wrong])
@@ -158,8 +161,9 @@ def test_generic_probes_for_images_without_scene_metadata(tmp_path):
     target = reference_endpoint(lambda pixels, question: "2" if "How many" in question else answers[question])
 
     found = Auditor(audit_settings(edits_per_item=0), store, references).audit(item, target, policy_version=0)
-    assert [(d.capability, d.target_answer, d.consensus_answer, d.reference_answers) for d in found] == [
+    assert [(d.capability, d.target_answer, d.consensus_answer, d.reference_answers) for d in found if d.diverged] == [
         ("counting", "2", "1", {"big-vlm": "1"})], "the oracle abstains without a scene"
+    assert len([d for d in found if not d.diverged]) == 2, "the text and colour probes: the target agrees"
     assert Auditor(audit_settings(edits_per_item=0, min_agreeing=2), store, references).audit(item, target, 0) == []
 
 

@@ -37,11 +37,12 @@ def outcome(version: int, item: str, score: float, *, capability: str = "countin
     return EvalOutcome(**fields, **({"event_id": event_id} if event_id else {}))
 
 
-def divergence(version: int, probe: str, strength: float, *, capability: str = "counting") -> Divergence:
+def divergence(version: int, probe: str, strength: float, *, capability: str = "counting",
+               diverged: bool = True) -> Divergence:
     image = BlobRef(sha256="a" * 64, media_type="image/png", size_bytes=10, width=8, height=8)
     return Divergence(policy_version=version, item_id="img", probe_id=probe, capability=capability, question="?",
-                      image=image, target_answer="3", reference_answers={"ref": "4"}, consensus_answer="4",
-                      consensus_strength=strength, ts=T0)
+                      image=image, target_answer="3" if diverged else "4", reference_answers={"ref": "4"},
+                      consensus_answer="4", consensus_strength=strength, ts=T0, diverged=diverged)
 
 
 def state_of(events, params: ScoringSettings = PARAMS) -> CapabilityState:
@@ -132,8 +133,16 @@ def test_divergences_are_weighted_errors():
     assert weakness.events == 2
 
 
+def test_audited_agreements_are_successes_so_the_audit_gives_a_rate():
+    """A target that matches the references on 9 probes of 10 is 10 % wrong by the audit, not 100 %."""
+    params = ScoringSettings(taxonomy=("counting",), divergence_weight=1.0, divergence_share=1.0)
+    verdicts = [divergence_evidence(divergence(1, f"p{i}", 1.0, diverged=i == 0), params) for i in range(10)]
+    weakness = summarise(replay(verdicts, params)["counting"], params)
+    assert weakness.effective_n == pytest.approx(10.0) and weakness.error_rate == pytest.approx(0.1)
+
+
 def test_divergences_never_outweigh_their_share_of_the_outcomes():
-    """An auditor publishes only disagreements: thousands of them must not drown 20 graded outcomes."""
+    """Thousands of audited probes must not drown 20 graded outcomes."""
     params = ScoringSettings(taxonomy=("counting",), divergence_weight=0.5, divergence_share=0.25)
     outcomes = [outcome_evidence(outcome(1, f"o{i}", 1.0 if i < 15 else 0.0), params) for i in range(20)]
     divergences = [divergence_evidence(divergence(1, f"p{i}", 1.0), params) for i in range(2000)]

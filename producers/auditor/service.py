@@ -138,11 +138,12 @@ class Auditor:
         return world_probe(view.scene, probe.capability, probe.seed)
 
     def audit(self, item: UnlabeledItem, target: ProbeAnswerer, policy_version: int) -> list[Divergence]:
-        """Ask target and references every question; a Divergence where the references agree and the target differs."""
+        """Ask target and references every question; a Divergence for each question the references agree on,
+        `diverged` where the target's answer differs from theirs."""
         asked = self.questions(item)
         target_answers = target.answer(asked)
         reference_answers = {reference.name: reference.answer(asked) for reference in self.references}
-        divergences = []
+        verdicts = []
         for position, (view, probe) in enumerate(asked):
             AUDIT_PROBES.labels(probe.capability).inc()
             answers = {name: given[position] for name, given in reference_answers.items()}
@@ -151,10 +152,10 @@ class Auditor:
                 continue
             if agreed.agreeing < self.settings.min_agreeing:
                 continue
-            if not target_differs(target_answers[position] or "", agreed, probe):
-                continue
-            AUDIT_DIVERGENCES.labels(probe.capability).inc()
-            divergences.append(Divergence(
+            diverged = target_differs(target_answers[position] or "", agreed, probe)
+            if diverged:
+                AUDIT_DIVERGENCES.labels(probe.capability).inc()
+            verdicts.append(Divergence(
                 producer=SERVICE,
                 policy_version=policy_version,
                 item_id=view.item_id,
@@ -168,8 +169,9 @@ class Auditor:
                 reference_answers={name: short_answer(text) for name, text in answers.items() if text},
                 consensus_answer=agreed.answer,
                 consensus_strength=agreed.strength,
+                diverged=diverged,
             ))
-        return divergences
+        return verdicts
 
     def _stored(self, view: View) -> BlobRef:
         buffer = io.BytesIO()
