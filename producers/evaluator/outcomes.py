@@ -13,7 +13,7 @@ Example:
     >>> outcomes = evaluate_items(build_tiny_policy(TinyVLMConfig(corpus_items=5)), items, policy_version=0)
     >>> [(o.outcome_id, o.correct, o.error_type) for o in outcomes]  # doctest: +NORMALIZE_WHITESPACE
     [('0/heldout/diagnostic/color/d1/797860', False, 'format'),
-     ('0/heldout/diagnostic/counting/d3/703142', False, 'format')]
+     ('0/heldout/diagnostic/counting/d1/703142', False, 'format')]
 """
 
 from __future__ import annotations
