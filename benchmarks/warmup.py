@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from benchmarks._markdown import add_markdown_option, print_markdown  # noqa: E402
 from dpe.policy.accuracy import image_dependence, measure_accuracy  # noqa: E402
 from dpe.policy.config import TinyVLMConfig, WarmupConfig  # noqa: E402
 from dpe.policy.model import build_tiny_policy  # noqa: E402
@@ -160,13 +161,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--every", type=int, default=500, help="Measure every this many steps.")
     parser.add_argument("--per-capability", type=int, default=40, help="Held-out items per capability.")
     parser.add_argument("--out", type=Path, default=Path("runs/warmup"))
-    parser.add_argument("--markdown", type=Path, default=None,
-                        help="Only print the table of this warmup_curves.json in markdown (the README's), no training.")
+    add_markdown_option(parser, "warmup_curves.json")
     args = parser.parse_args(argv)
     if args.markdown is not None:
-        table = markdown(json.loads(args.markdown.read_text()))
-        print(table)
-        return {"markdown": table}
+        return print_markdown(args.markdown, markdown)
     recipes = {spec if spec in RECIPES else f"recipe{index}": RECIPES[spec] if spec in RECIPES else json.loads(spec)
                for index, spec in enumerate(args.recipe or ["default"])}
     with ProcessPoolExecutor(max_workers=len(recipes)) as pool:
