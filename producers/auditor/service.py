@@ -219,7 +219,8 @@ class TargetTracker:
 def unlabeled_handler(
     auditor: Auditor, tracker: TargetTracker, publisher: AsyncPublisher
 ) -> Callable[[Delivery], Awaitable[None]]:
-    """Handler of the unlabeled topic: audit the selected share in a worker thread, publish divergences."""
+    """Handler of the unlabeled topic: audit the selected share in a worker thread, publish its verdicts
+    (`Divergence` events, diverged or not)."""
 
     async def on_unlabeled(delivery: Delivery) -> None:
         item: UnlabeledItem = delivery.event
@@ -228,12 +229,12 @@ def unlabeled_handler(
             return
         target = tracker.current
         assert target is not None, "items are consumed only once there is a target"
-        divergences = await asyncio.to_thread(auditor.audit, item, target.answerer, target.policy_version)
+        verdicts = await asyncio.to_thread(auditor.audit, item, target.answerer, target.policy_version)
         AUDIT_ITEMS.labels("audited").inc()
         try:
-            await asyncio.gather(*[await publisher.publish(divergence) for divergence in divergences])
+            await asyncio.gather(*[await publisher.publish(verdict) for verdict in verdicts])
         except KafkaError as error:
-            raise TransientError(f"publishing divergences failed: {error}") from error
+            raise TransientError(f"publishing audit verdicts failed: {error}") from error
 
     return on_unlabeled
 
