@@ -8,11 +8,13 @@ diagnostic pool's first items at `--levels`). If even these rounds leave held-ou
 was, no quota strategy can show a gain on that base, and `dpe experiment` has nothing to compare.
 
 A variant is ``NAME=JSON`` with optional keys ``grpo`` (`GRPOSettings` fields over the ``tiny``
-preset), ``mix`` (capability weights of the samples; default: every capability alike) and
-``levels`` (of the samples; default: `--levels`).
+preset), ``mix`` (capability weights of the samples; default: every capability alike), ``levels``
+(of the samples; default: `--levels`) and ``method``: ``grpo`` (default) or ``sft``, the control
+(supervised fine-tuning on the same items' right answers; ``sft`` sets its learning_rate and
+batch_size).
 
 Writes ``<out>/grpo_transfer.json`` (tidy rows: variant, round, capability, accuracy, items; per
-round the trainer's KL and mean reward) and prints a table; ``--markdown FILE`` prints the README's
+round the trainer's KL and mean reward, or the SFT loss) and prints a table; ``--markdown FILE`` prints the README's
 table of such a file. The last line of stdout is one JSON object.
 
 Run: `python -m benchmarks.grpo_transfer --variant 'default={}' --variant 'colour={"mix": {"color": 1}}'`
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,43 +52,81 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     >>> parse_variant('fast={"grpo": {"learning_rate": 0.001}}')
     ('fast', {'grpo': {'learning_rate': 0.001}})
     """
-    name, _, overrides = spec.partition("=")
-    if not name or not overrides:
+    name, _, text = spec.partition("=")
+    if not name or not text:
         raise argparse.ArgumentTypeError(f"expected NAME=JSON, got {spec!r}")
-    return name, json.loads(overrides)
+    overrides = json.loads(text)
+    if overrides.get("method", "grpo") not in LEARNERS:
+        raise argparse.ArgumentTypeError(f"unknown method {overrides['method']!r}; known: {sorted(LEARNERS)}")
+    return name, overrides
 
 
-def round_samples(stream: Any, count: int, version: int) -> list:
-    """The next `count` items of the stream as the trainer's samples, made against `version`."""
+def as_samples(items: list[WorldItem], version: int) -> list:
+    """World items as the trainer's samples, made against `version`."""
     from trainer.samples import TrainingSample
 
-    items: list[WorldItem] = [next(stream) for _ in range(count)]
     return [TrainingSample(sample_id=f"v{version}-{index}", capability=item.capability, image=item.image,
                            question=item.question, answer=item.answer, answer_type=item.answer_type,
                            options=item.options, tolerance=item.tolerance, policy_version=version)
             for index, item in enumerate(items)]
 
 
-def transfer(name: str, overrides: dict[str, Any], base: Path, rounds: int, samples: int,
-             levels: tuple[int, ...], per_capability: int) -> dict[str, Any]:
-    """One variant in this process: its rows (round 0 is the base) and per-round trainer metrics."""
+Learner = tuple[Any, Callable[[list[WorldItem], int], dict[str, float | None]]]
+"""A policy and how one round trains it on some items (returning the round's metrics)."""
+
+
+def grpo_learner(base: Path, overrides: dict[str, Any]) -> Learner:
+    """The trainer's `GRPOEngine` (plain torch) with the ``tiny`` preset and the variant's ``grpo`` fields."""
     from trainer.engine import GRPOEngine
     from trainer.settings import TrainerSettings
 
-    torch.set_num_threads(1)
     settings = TrainerSettings(base_model=str(base), torch_threads=1, deepspeed={"enabled": False},
                                grpo={"preset": "tiny", **overrides.get("grpo", {})}, staleness={"max_versions": None})
     engine = GRPOEngine(base, settings, Path(tempfile.mkdtemp(prefix="grpo-transfer-")))
+
+    def train(items: list[WorldItem], version: int) -> dict[str, float | None]:
+        summary = engine.train_round(as_samples(items, version)).summary()
+        return {"kl": summary.get("kl"), "reward_mean": summary.get("reward_mean")}
+
+    return engine.policy, train
+
+
+def sft_learner(base: Path, overrides: dict[str, Any]) -> Learner:
+    """The control: supervised fine-tuning on the same items' right answers (``sft``: learning_rate, batch_size;
+    a fresh optimiser each round)."""
+    from dpe.policy.model import load_policy
+    from dpe.policy.sft import train_sft
+
+    policy = load_policy(base)
+    options = {"learning_rate": 3e-4, "batch_size": 8} | overrides.get("sft", {})
+
+    def train(items: list[WorldItem], version: int) -> dict[str, float | None]:
+        losses = train_sft(policy, iter(items), steps=len(items) // options["batch_size"], warmup_steps=0,
+                           show_progress=False, **options)
+        return {"loss": statistics.fmean(losses) if losses else None}
+
+    return policy, train
+
+
+METRICS = ("kl", "reward_mean", "loss")
+"""What a round reports: GRPO its KL and mean reward, SFT its loss."""
+LEARNERS: dict[str, Callable[[Path, dict[str, Any]], Learner]] = {"grpo": grpo_learner, "sft": sft_learner}
+
+
+def transfer(name: str, overrides: dict[str, Any], base: Path, rounds: int, samples: int,
+             levels: tuple[int, ...], per_capability: int) -> dict[str, Any]:
+    """One variant in this process: its rows (round 0 is the base) and per-round training metrics."""
+    torch.set_num_threads(1)
+    policy, train = LEARNERS[overrides.get("method", "grpo")](base, overrides)
     heldout = diagnostic_sample(0, per_capability * len(CAPABILITIES), seed=0, levels=levels)
     mix = overrides.get("mix") or {capability: 1.0 for capability in CAPABILITIES}
     stream = training_stream(mix, SEED, levels=tuple(overrides.get("levels") or levels))
-    rows = _measure(engine.policy, heldout, name, 0)
+    rows = _measure(policy, heldout, name, 0)
     metrics = []
     for version in range(1, rounds + 1):
-        summary = engine.train_round(round_samples(stream, samples, version - 1)).summary()
-        metrics.append({"variant": name, "round": version, "kl": summary.get("kl"),
-                        "reward_mean": summary.get("reward_mean")})
-        rows += _measure(engine.policy, heldout, name, version)
+        items = [next(stream) for _ in range(samples)]
+        metrics.append({"variant": name, "round": version, **train(items, version - 1)})
+        rows += _measure(policy, heldout, name, version)
     return {"name": name, "overrides": overrides, "rows": rows, "metrics": metrics}
 
 
@@ -132,7 +174,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     table = Table(title="greedy held-out accuracy after each GRPO round (round 0: the base)")
-    for column in ("variant", "round", *CAPABILITIES, "KL", "reward"):
+    for column in ("variant", "round", *CAPABILITIES, "KL", "reward", "loss"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for name in result["variants"]:
         metrics = {row["round"]: row for row in result["metrics"] if row["variant"] == name}
@@ -140,7 +182,7 @@ def print_table(result: dict[str, Any]) -> None:
             accuracy = accuracy_at(result["rows"], name, version)
             extra = metrics.get(version, {})
             table.add_row(name, str(version), *(f"{accuracy[c]:.2f}" for c in CAPABILITIES),
-                          *(f"{extra[k]:.3f}" if extra.get(k) is not None else "–" for k in ("kl", "reward_mean")))
+                          *(f"{extra[k]:.3f}" if extra.get(k) is not None else "–" for k in METRICS))
     Console(stderr=True).print(table)
 
 
