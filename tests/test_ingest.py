@@ -302,20 +302,30 @@ async def test_an_endless_source_waits_for_its_consumers_past_max_backlog(settin
     assert report.counts == {"published": 40}
 
 
-def test_a_restarted_endless_synthetic_stream_goes_on_where_it_stopped(settings):
-    """`dpe run` restarts its `dpe ingest --synthetic --rate 40` after a crash or a kill: it must publish new
-    scenes at once, not replay (skipped as duplicates, but paced) every scene its last run published."""
+def endless_ingest(settings, **env: str) -> subprocess.Popen:
+    """`dpe ingest --synthetic --rate 40` as `dpe run` starts it, in its own process, with `env` added."""
     args = [sys.executable, "-m", "dpe", "--bootstrap", settings.kafka.bootstrap_servers, "--topic-prefix",
             settings.kafka.topic_prefix, "--home", str(settings.home), "ingest", "--synthetic", "--rate", "40",
             "--metrics-port", "0"]
+    return subprocess.Popen(args, env=os.environ | {"DPE_BLOB__URL": settings.blob.url, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+
+
+def wait_for_published(settings, published: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and len(asyncio.run(read_all(settings, UnlabeledItem))) < published:
+        time.sleep(0.5)
+
+
+def test_a_restarted_endless_synthetic_stream_goes_on_where_it_stopped(settings):
+    """`dpe run` restarts its `dpe ingest --synthetic --rate 40` after a crash or a kill: it must publish new
+    scenes at once, not replay (skipped as duplicates, but paced) every scene its last run published."""
 
     def run_until(published: int) -> str:
-        proc = subprocess.Popen(args, env=os.environ | {"DPE_BLOB__URL": settings.blob.url}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parent.parent)
+        proc = endless_ingest(settings)
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and len(asyncio.run(read_all(settings, UnlabeledItem))) < published:
-                time.sleep(0.5)
+            wait_for_published(settings, published)
         finally:
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=30)
@@ -328,3 +338,20 @@ def test_a_restarted_endless_synthetic_stream_goes_on_where_it_stopped(settings)
     sources = [item.source for item in asyncio.run(read_all(settings, UnlabeledItem))]
     assert "duplicate" not in again and len(sources) >= first + 10
     assert len(set(sources)) == len(sources)
+
+
+def test_an_ingest_paused_on_its_backlog_stops_at_once_on_sigterm(settings):
+    """`dpe run` stops its services together: once the agents are gone nobody consumes, so an ingest paused on
+    `ingest.max_backlog` would wait forever. SIGTERM must end the wait, not leave it to be killed."""
+    proc = endless_ingest(settings, DPE_INGEST__MAX_BACKLOG="8", DPE_INGEST__ACK_EVERY="4")
+    try:
+        wait_for_published(settings, 8)
+        time.sleep(3)
+        paused_at = len(asyncio.run(read_all(settings, UnlabeledItem)))
+        assert 8 <= paused_at <= 8 + 4, paused_at
+    finally:
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert time.monotonic() - asked < 5, output

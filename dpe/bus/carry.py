@@ -148,15 +148,19 @@ def _largest_record(settings: CoreSettings) -> int:
     return max(spec.max_bytes(settings.kafka.max_event_bytes) for spec in TOPICS.values()) + (1 << 20)
 
 
-def _read_partitions(settings: CoreSettings, bootstrap: str, partitions: list[TopicPartition],
+def _read_partitions(settings: CoreSettings, bootstrap: str, starts: dict[TopicPartition, int],
                      idle_ms: int) -> dict[TopicPartition, list[CarriedRecord]]:
-    """Every record of `partitions`, read until `idle_ms` pass without one (the bus is quiet)."""
+    """The records of each partition from its offset in `starts` on, read until `idle_ms` pass without one
+    (the bus is quiet)."""
     consumer = KafkaConsumer(**kafka_python_options(settings.kafka, bootstrap, "carry"), enable_auto_commit=False,
                              fetch_max_bytes=_largest_record(settings), max_partition_fetch_bytes=_largest_record(settings))
-    out: dict[TopicPartition, list[CarriedRecord]] = {tp: [] for tp in partitions}
+    out: dict[TopicPartition, list[CarriedRecord]] = {tp: [] for tp in starts}
     try:
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
+        consumer.assign(list(starts))
+        consumer.seek_to_beginning(*starts)
+        for tp, offset in starts.items():
+            if offset:
+                consumer.seek(tp, offset)
         while batch := consumer.poll(timeout_ms=idle_ms, max_records=50_000):
             for tp, records in batch.items():
                 out[tp].extend(CarriedRecord(r.partition, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp)
@@ -164,6 +168,16 @@ def _read_partitions(settings: CoreSettings, bootstrap: str, partitions: list[To
     finally:
         consumer.close()
     return out
+
+
+def first_needed(consumed: int | None, *, compacted: bool) -> int:
+    """The first offset of a partition that `select` may carry: a compacted partition's every record holds
+    some key's latest, another's records before `consumed` are gone (they were consumed).
+
+    >>> first_needed(7, compacted=False), first_needed(7, compacted=True), first_needed(None, compacted=False)
+    (7, 0, 0)
+    """
+    return 0 if compacted or consumed is None else consumed
 
 
 def read_state(settings: CoreSettings, bootstrap: str, *, max_tail: int, idle_ms: int = 1500) -> BusState:
@@ -178,13 +192,14 @@ def read_state(settings: CoreSettings, bootstrap: str, *, max_tail: int, idle_ms
         admin.close()
     committed = committed_offsets(settings, bootstrap)
     partitions = [TopicPartition(name, p) for name in names for p in range(shapes[name])]
-    read = _read_partitions(settings, bootstrap, partitions, idle_ms)
+    consumed = {tp: min((offsets[tp] for offsets in committed.values() if tp in offsets), default=None)
+                for tp in partitions}
+    starts = {tp: first_needed(consumed[tp], compacted=is_compacted(tp.topic, prefix)) for tp in partitions}
+    read = _read_partitions(settings, bootstrap, starts, idle_ms)
     carried: dict[TopicPartition, list[CarriedRecord]] = {}
     dropped: dict[str, int] = dict.fromkeys(names, 0)
     for tp, records in read.items():
-        consumed = [offsets[tp] for offsets in committed.values() if tp in offsets]
-        carried[tp], lost = select(records, min(consumed, default=None), compacted=is_compacted(tp.topic, prefix),
-                                   max_tail=max_tail)
+        carried[tp], lost = select(records, consumed[tp], compacted=is_compacted(tp.topic, prefix), max_tail=max_tail)
         dropped[tp.topic] += lost
     groups = {
         group: {(tp.topic, tp.partition): moved_offset(carried[tp], offset)

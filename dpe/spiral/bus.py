@@ -159,10 +159,10 @@ class RunBus:
         if broker is not None:
             broker.stop()
 
-    def stop(self) -> None:
-        """Save the embedded bus for ``--resume`` and stop its broker."""
+    def stop(self, *, save: bool = True) -> None:
+        """Save the embedded bus for ``--resume`` (unless not to `save`) and stop its broker."""
         try:
-            if self._broker is not None and self._broker.pid is not None:
+            if save and self._broker is not None and self._broker.pid is not None:
                 self.save()
         finally:
             self._stop_broker()

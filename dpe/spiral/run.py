@@ -92,6 +92,9 @@ class SpiralOptions:
     """Most unconsumed records per partition a roll or a resume carries over (older ones are dropped)."""
     resume: bool = False
     """Go on with the stopped run `run_id`: its options, bus, checkpoints and history (`resumed`)."""
+    keep_bus: bool = True
+    """Save the embedded bus when the run stops, for a resume (tens of seconds once the weakness tables'
+    changelogs are long; an experiment, whose runs are never resumed, skips it)."""
 
     @property
     def run_dir(self) -> Path:
@@ -371,7 +374,7 @@ def run_spiral(settings: Settings, options: SpiralOptions, console: Console | No
     except KeyboardInterrupt:
         outcome = "stopped"
     finally:
-        bus.stop()
+        bus.stop(save=options.keep_bus)
         _save_state(options.run_dir, state)
     seconds = time.monotonic() - started
     rounds = state.rounds()

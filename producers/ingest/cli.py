@@ -142,7 +142,7 @@ async def _run(settings: IngestConfig, inputs: Iterable[Input], total: int | Non
                watch: Path | None, stop: asyncio.Event) -> IngestReport:
     report = IngestReport()
     async with AsyncPublisher(settings, producer_name="ingest") as publisher:
-        ingestor = Ingestor.from_settings(settings, publisher)
+        ingestor = Ingestor.from_settings(settings, publisher, stop)
         with _progress() as progress:
             task = progress.add_task("ingest", total=total, published=0, skipped=0)
 

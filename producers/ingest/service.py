@@ -141,10 +141,12 @@ class Ingestor:
         self._pending_hashes: set[str] = set()
 
     @classmethod
-    def from_settings(cls, settings: IngestConfig, publisher: AsyncPublisher) -> "Ingestor":
+    def from_settings(cls, settings: IngestConfig, publisher: AsyncPublisher,
+                      stop: asyncio.Event | None = None) -> "Ingestor":
+        """The ingestor `settings` describe; `stop` (SIGTERM) also ends a wait for the backlog to drain."""
         store = BlobStore(settings.blob.url, settings.blob.limits)
         topic, bootstrap = publisher.topic(UnlabeledItem), resolve_bootstrap(settings)
-        backlog = Backlog(partial(slowest_committed, settings, bootstrap, topic))
+        backlog = Backlog(partial(slowest_committed, settings, bootstrap, topic), stop)
         return cls(publisher, store, PublishedIndex(index_path(settings)), settings.ingest.ack_every, backlog,
                    settings.ingest.max_backlog, settings.ingest.answer_key)
 
