@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import shutil
+from collections import Counter
 
 import httpx2
 import pytest
@@ -150,6 +151,27 @@ def test_agreements_are_verdicts_too_and_a_split_is_none(tmp_path):
     split = Auditor(audit_settings(), store, [OracleAnswerer(), wrong])
     target = reference_endpoint(lambda pixels, question: "still another answer")
     assert split.audit(item, target, policy_version=1) == [], "a 1-1 split is no consensus"
+
+
+class CountingStore(BlobStore):
+    """A real blob store that counts the images written to it."""
+
+    puts = 0
+
+    def put_image(self, data: bytes) -> BlobRef:
+        self.puts += 1
+        return super().put_image(data)
+
+
+def test_a_counterfactual_view_is_written_once_however_many_of_its_probes_are_verdicts(tmp_path):
+    store = CountingStore(str(tmp_path / "blobs"), ImageLimits())
+    item = scene_item(store)
+    written_before = store.puts
+    verdicts = Auditor(audit_settings(), store, [OracleAnswerer()]).audit(item, OracleAnswerer("target"), 1)
+    views = Counter(d.item_id for d in verdicts if d.counterfactual_of is not None)
+    assert views and max(views.values()) > 1, "a counterfactual view with several probes"
+    assert store.puts - written_before == len(views)
+    assert all(store.exists(d.image) for d in verdicts)
 
 
 def test_generic_probes_for_images_without_scene_metadata(tmp_path):

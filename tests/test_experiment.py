@@ -99,17 +99,18 @@ def test_experiment_json_is_a_tidy_table_that_the_cli_recomputes_the_tables_from
     outcomes = [RunOutcome(arm, seed, Path(f"r/{arm}/seed{seed}"), True, 60.0,
                            [row for row in rows if (row.arm, row.seed) == (arm, seed)])
                 for arm in options.arms for seed in options.seeds]
-    path = write_results(ExperimentResult(options.folder, "dpe_step", outcomes), options)
+    path = write_results(ExperimentResult(options.folder, "dpe_step", outcomes, 612.3), options)
     data = json.loads(path.read_text())
     assert data["default_strategy"] == "dpe_step" and data["arms"] == ["dpe_step", "uniform"]
+    assert data["seconds"] == 612.3 and data["base_model"] == "warmed tiny model"
     assert len(data["runs"]) == 2 * 5 * 4
     assert set(data["runs"][0]) == {"arm", "seed", "round", "samples_trained", "heldout_accuracy", "heldout_items"}
     assert [RunRow.from_dict(row) for row in data["runs"]] == rows
     assert (tmp_path / "e" / "experiment.png").read_bytes()[:4] == b"\x89PNG"
 
     printed = CliRunner().invoke(main, ["experiment", "--from", str(path)], catch_exceptions=False).output
-    assert "| dpe_step | 5 | +0.120 | +0.060 (+0.060 – +0.060) |" in printed, printed
-    assert "| uniform | 5 | +0.060 | – |" in printed and "2.00×" in printed
+    assert "| dpe_step | 5 | 60% | +0.120 | +0.060 (+0.060 – +0.060) |" in printed, printed
+    assert "| uniform | 5 | 60% | +0.060 | – |" in printed and "2.00×" in printed
 
 
 def test_a_run_cut_short_counts_no_gain_it_did_not_measure():

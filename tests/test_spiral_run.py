@@ -72,9 +72,10 @@ def no_run_outlives_its_test() -> Iterator[None]:
 
 
 def launch(tmp_path: Path, how: list[str], log_name: str = "run.log", max_versions: int = 4,
-           fast_path: bool = True) -> tuple[subprocess.Popen, Path]:
-    """`dpe run` with the options `how`, without metrics ports and with `QUICK_EVAL`: (process, its log).
-    `max_versions` is the trainer's staleness bound; `fast_path` puts the agents, ingest and auditor on `FAST_PATH`."""
+           fast_path: bool = True, command: str = "run") -> tuple[subprocess.Popen, Path]:
+    """`dpe run` (or `dpe experiment`) with the options `how`, without metrics ports and with `QUICK_EVAL`:
+    (process, its log). `max_versions` is the trainer's staleness bound; `fast_path` puts the agents, ingest and
+    auditor on `FAST_PATH`."""
     config = tmp_path / "dpe.yaml"
     sections = {section: {"metrics_port": 0} for section in ("stream", "evaluator", "auditor", "agents", "ingest")}
     sections["evaluator"] |= QUICK_EVAL
@@ -85,10 +86,10 @@ def launch(tmp_path: Path, how: list[str], log_name: str = "run.log", max_versio
     config.write_text(yaml.safe_dump(sections | {"trainer": trainer}))
     env = {key: value for key, value in os.environ.items() if not key.startswith("DPE_")}
     log = tmp_path / log_name
-    command = [sys.executable, "-m", "dpe", "--config", str(config), "run", *how, "--no-live",
-               "--runs-dir", str(tmp_path / "runs")]
+    argv = [sys.executable, "-m", "dpe", "--config", str(config), command, *how, "--no-live",
+            "--runs-dir", str(tmp_path / "runs")]
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     _RUNS.append(proc)
     return proc, log
 
@@ -271,3 +272,24 @@ def test_dpe_run_images_trains_on_a_folder_of_pngs_drawn_outside_the_synthetic_w
     trained = summary["rounds"][1]["samples_trained_by_capability"]
     assert sum(trained.values()) == summary["rounds"][1]["samples_trained"], "each trained sample has its capability"
 
+
+
+def test_dpe_experiment_starts_every_arm_from_the_given_base_model_and_writes_its_tidy_table(tmp_path):
+    """`dpe experiment --base-model DIR` is the command a GPU machine runs with a real checkpoint: every arm starts
+    from DIR, trains its rounds and is graded on the same held-out suite; its runs, never resumed, leave no bus."""
+    base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
+    proc, log = launch(tmp_path, ["--arm", "static", "--arm", "uniform", "--seed", "0", "--rounds", "1",
+                                  "--round-samples", "16", "--heldout-per-capability", "4",
+                                  "--base-model", str(base_model)], command="experiment")
+    assert proc.wait(540) == 0, log.read_text(errors="replace")[-3000:]
+    [folder] = (tmp_path / "runs").iterdir()
+    data = json.loads((folder / "experiment.json").read_text())
+    assert data["base_model"] == str(base_model) and data["seconds"] > 0
+    assert sorted((row["arm"], row["round"]) for row in data["runs"]) == [
+        ("static", 0), ("static", 1), ("uniform", 0), ("uniform", 1)]
+    assert all(set(row["heldout_items"].values()) == {4} for row in data["runs"])
+    assert [sum(row["samples_trained"].values()) for row in data["runs"] if row["round"] == 1] == [16, 16]
+    for arm in ("static", "uniform"):
+        summary = json.loads((folder / arm / "seed0" / "summary.json").read_text())
+        assert summary["base_model"] == str(base_model) and summary["strategy"] == arm
+        assert not (folder / arm / "seed0" / "bus").exists(), "an experiment's run saves no bus"

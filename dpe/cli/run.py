@@ -16,12 +16,17 @@ from dpe.lifecycle import sigterm_interrupts
 from dpe.settings import Settings
 from dpe.spiral.experiment.runner import ExperimentOptions, run_experiment
 from dpe.spiral.experiment.statistics import RunRow
-from dpe.spiral.experiment.tables import accuracy_table, comparison_table, markdown_table
+from dpe.spiral.experiment.tables import accuracy_markdown, accuracy_table, comparison_table, markdown_table
 from dpe.spiral.run import SpiralOptions, run_spiral
 from dpe.spiral.view import rounds_table
 from streams.strategies import STRATEGIES
 
 console = Console()
+
+BASE_MODEL = click.option(
+    "--base-model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+    help="Local model folder to start from, e.g. a real checkpoint on a GPU (default: the warmed tiny model, built "
+    "on first use).")
 
 
 @click.command()
@@ -34,8 +39,7 @@ console = Console()
 @click.option("--round-timeout", "round_timeout_s", type=click.FloatRange(min=1), default=SpiralOptions.round_timeout_s,
               show_default=True, help="Close a round this many seconds after its first sample even when the plan is "
               "not filled (a folder of images may not serve every capability).")
-@click.option("--base-model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Local model folder to start from (default: the warmed tiny model, built on first use).")
+@BASE_MODEL
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--run-id", default=None, help="Folder name under --runs-dir (default: time + random).")
 @click.option("--live/--no-live", default=True, show_default=True, help="Live table of the spiral.")
@@ -91,20 +95,23 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
               show_default=True, help="Samples per round, the same for every arm.")
 @click.option("--heldout-per-capability", type=click.IntRange(min=1), default=ExperimentOptions.heldout_per_capability,
               show_default=True, help="Held-out items per capability, the same suite for every run.")
+@BASE_MODEL
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--live/--no-live", default=False, show_default=True, help="Live table of each run.")
 @click.option("--from", "from_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Run nothing: print the tables (and the README's Markdown) of this experiment.json.")
 @pass_state
 def experiment(state: CliState, arms: tuple[str, ...], seeds: tuple[int, ...], rounds: int, round_samples: int,
-               heldout_per_capability: int, runs_dir: Path, live: bool, from_file: Path | None) -> None:
+               heldout_per_capability: int, base_model: Path | None, runs_dir: Path, live: bool,
+               from_file: Path | None) -> None:
     """Compare quota strategies at equal samples: gains over the base against uniform, over seeds."""
     if from_file is not None:
         data = json.loads(from_file.read_text())
         print_tables([RunRow.from_dict(row) for row in data["runs"]], tuple(data["arms"]), markdown=True)
         return
     options = ExperimentOptions(arms=arms, seeds=seeds, rounds=rounds, round_samples=round_samples,
-                                heldout_per_capability=heldout_per_capability, runs_dir=runs_dir, live=live)
+                                heldout_per_capability=heldout_per_capability, base_model=base_model,
+                                runs_dir=runs_dir, live=live)
     result = run_experiment(state.settings_as(Settings), options, console)
     print_tables(result.rows, arms)
     console.print(f"results: {result.folder / 'experiment.json'}; plot: {result.folder / 'experiment.png'}")
@@ -117,4 +124,5 @@ def print_tables(rows: list[RunRow], arms: tuple[str, ...], *, markdown: bool = 
     console.print(accuracy_table(rows, arms))
     console.print(comparison_table(rows, arms))
     if markdown:
-        console.print(markdown_table(rows, arms), markup=False, highlight=False, soft_wrap=True)
+        for text in (accuracy_markdown(rows, arms), markdown_table(rows, arms)):
+            console.print(text, markup=False, highlight=False, soft_wrap=True)

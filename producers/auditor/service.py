@@ -143,6 +143,7 @@ class Auditor:
         asked = self.questions(item)
         target_answers = target.answer(asked)
         reference_answers = {reference.name: reference.answer(asked) for reference in self.references}
+        stored: dict[str, BlobRef] = {}
         verdicts = []
         for position, (view, probe) in enumerate(asked):
             AUDIT_PROBES.labels(probe.capability).inc()
@@ -162,7 +163,7 @@ class Auditor:
                 probe_id=probe.probe_id,
                 capability=probe.capability,
                 question=probe.question[:_MAX_ANSWER],
-                image=item.image if view.counterfactual_of is None else self._stored(view),
+                image=item.image if view.counterfactual_of is None else self._stored(view, stored),
                 counterfactual_of=view.counterfactual_of,
                 edit=view.edit,
                 target_answer=short_answer(target_answers[position]),
@@ -173,10 +174,14 @@ class Auditor:
             ))
         return verdicts
 
-    def _stored(self, view: View) -> BlobRef:
-        buffer = io.BytesIO()
-        view.image.save(buffer, format="PNG")
-        return self.store.put_image(buffer.getvalue())
+    def _stored(self, view: View, stored: dict[str, BlobRef]) -> BlobRef:
+        """A counterfactual view's image in the blob store, encoded and written once however many of its
+        probes' verdicts show it (`stored`: the views of this item written so far)."""
+        if view.item_id not in stored:
+            buffer = io.BytesIO()
+            view.image.save(buffer, format="PNG")
+            stored[view.item_id] = self.store.put_image(buffer.getvalue())
+        return stored[view.item_id]
 
 
 @dataclass(frozen=True)

@@ -46,12 +46,11 @@ class ExperimentOptions:
     arms: tuple[str, ...] = DEFAULT_ARMS
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     rounds: int = 2
-    """Two rounds after the base: on 2 cores a run of three takes about 240 s, and 25 runs then 100 minutes."""
+    """Two rounds after the base: on 2 cores a run of three took about 240 s, so 25 runs 100 minutes."""
     round_samples: int = SpiralOptions.round_samples
-    ingest_rate: float = 25.0
-    """Unlabeled items per second: about what the agents use on 2 cores. `dpe run`'s 40 only lets the
-    auditor read more of the same stream, on CPU the agents would use."""
     heldout_per_capability: int = 100
+    base_model: Path | None = None
+    """Every arm's starting model (None: the warmed tiny model)."""
     runs_dir: Path = Path("runs")
     experiment_id: str = field(default_factory=lambda: time.strftime("experiment-%Y%m%d-%H%M%S"))
     live: bool = False
@@ -79,6 +78,8 @@ class ExperimentResult:
     folder: Path
     default_strategy: str
     outcomes: list[RunOutcome]
+    seconds: float
+    """Wall time of the whole experiment."""
 
     @property
     def rows(self) -> list[RunRow]:
@@ -130,7 +131,7 @@ def arm_settings(settings: Settings, options: ExperimentOptions, seed: int) -> S
 def run_arm(settings: Settings, options: ExperimentOptions, arm: str, seed: int, console: Console) -> RunOutcome:
     """One spiral run of `arm` with `seed`."""
     spiral = SpiralOptions(rounds=options.rounds, round_samples=options.round_samples, strategy=arm,
-                           ingest_rate=options.ingest_rate,
+                           base_model=options.base_model,
                            runs_dir=options.folder / arm, run_id=f"seed{seed}", live=options.live,
                            timeout_s=options.timeout_s, keep_bus=False)
     result = run_spiral(arm_settings(settings, options, seed), spiral, console)
@@ -141,6 +142,7 @@ def run_arm(settings: Settings, options: ExperimentOptions, arm: str, seed: int,
 def run_experiment(settings: Settings, options: ExperimentOptions, console: Console | None = None) -> ExperimentResult:
     """Every arm for every seed; then ``experiment.json`` and the plot."""
     console = console or Console()
+    started = time.monotonic()
     outcomes = []
     for seed in options.seeds:
         for arm in options.arms:
@@ -149,7 +151,7 @@ def run_experiment(settings: Settings, options: ExperimentOptions, console: Cons
             console.print(f"{arm} seed {seed}: {'completed' if outcome.completed else 'NOT completed'} "
                           f"in {outcome.seconds:.0f}s")
             outcomes.append(outcome)
-    result = ExperimentResult(options.folder, settings.stream.quotas.strategy, outcomes)
+    result = ExperimentResult(options.folder, settings.stream.quotas.strategy, outcomes, time.monotonic() - started)
     write_results(result, options)
     return result
 
@@ -161,6 +163,8 @@ def write_results(result: ExperimentResult, options: ExperimentOptions) -> Path:
         "experiment_id": options.experiment_id, "rounds": options.rounds, "round_samples": options.round_samples,
         "seeds": list(options.seeds), "arms": list(options.arms), "default_strategy": result.default_strategy,
         "heldout_per_capability": options.heldout_per_capability,
+        "base_model": str(options.base_model) if options.base_model else "warmed tiny model",
+        "seconds": round(result.seconds, 1),
         "completed": [{"arm": run.arm, "seed": run.seed, "completed": run.completed, "seconds": round(run.seconds, 1),
                        "run_dir": str(run.run_dir)} for run in result.outcomes],
         "runs": [row.as_dict() for row in result.rows],

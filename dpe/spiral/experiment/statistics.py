@@ -76,6 +76,8 @@ class ArmSummary:
 
     arm: str
     seeds: int
+    weak_share: float
+    """Share of the samples trained that went to the weak capabilities (how much the arm targets them)."""
     weak_gain: float
     mean_gain: float
     weak_difference: Interval
@@ -111,6 +113,21 @@ def run_gains(rows: Iterable[RunRow], arm: str, capabilities: Sequence[str]) -> 
     """Seed -> the run's last-round accuracy minus its round-0 accuracy, mean over `capabilities`."""
     return {seed: _mean_accuracy(run[-1], capabilities) - _mean_accuracy(run[0], capabilities)
             for seed, run in _runs(rows, arm, capabilities).items() if run[0].round == 0}
+
+
+def weak_share(rows: Iterable[RunRow], arm: str, capabilities: Sequence[str]) -> float:
+    """Share of the arm's samples trained by its last round that went to `capabilities`, mean over seeds.
+
+    >>> rows = [RunRow("uniform", 0, 1, {"a": 30, "b": 10}, {"a": 0.5, "b": 0.5}, {"a": 9, "b": 9})]
+    >>> weak_share(rows, "uniform", ["a"])
+    0.75
+    """
+    shares = []
+    for run in _runs(rows, arm, capabilities).values():
+        total = sum(run[-1].samples_trained.values())
+        if total:
+            shares.append(sum(run[-1].samples_trained.get(capability, 0) for capability in capabilities) / total)
+    return stats.fmean(shares) if shares else math.nan
 
 
 def final_accuracy(rows: Iterable[RunRow], arm: str) -> dict[str, dict[str, float]]:
@@ -202,6 +219,7 @@ def summarise_arm(rows: Sequence[RunRow], arm: str, weak: Sequence[str], referen
     return ArmSummary(
         arm=arm,
         seeds=len(weak_gains),
+        weak_share=weak_share(rows, arm, weak),
         weak_gain=stats.fmean(weak_gains.values()) if weak_gains else math.nan,
         mean_gain=stats.fmean(mean_gains.values()) if mean_gains else math.nan,
         weak_difference=_difference(rows, arm, reference, weak),

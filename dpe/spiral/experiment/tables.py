@@ -1,9 +1,10 @@
 """The experiment's tables, made from its tidy rows: the arms against uniform, and final accuracy per capability.
 
-"weakest gain" is the gain on the base's `WEAKEST` weakest capabilities, "mean gain" on the mean over
-all of them (see `dpe.spiral.experiment.statistics`).
+"samples to weakest" is the share of the samples trained that went to the base's `WEAKEST` weakest
+capabilities, "weakest gain" the gain on them, "mean gain" on the mean over all capabilities (see
+`dpe.spiral.experiment.statistics`).
 
-`markdown_table` is what the README shows; `dpe experiment --from FILE` prints all of them for any
+`markdown_table` and `accuracy_markdown` are what the README shows; `dpe experiment --from FILE` prints all of them for any
 ``experiment.json``.
 
 Example:
@@ -11,14 +12,15 @@ Example:
     >>> rows = [RunRow(arm, seed, r, {"a": 10 * r, "b": 10 * r}, {"a": curve[r], "b": 0.8}, {"a": 100, "b": 100})
     ...         for arm, curve in curves.items() for seed in (0, 1) for r in (0, 1, 2)]
     >>> print(markdown_table(rows, ("dpe_step", "uniform")))
-    | arm | seeds | weakest gain | vs uniform (95 % CI) | mean gain | vs uniform (95 % CI) | sample efficiency |
-    | --- | --- | --- | --- | --- | --- | --- |
-    | dpe_step | 2 | +0.150 | +0.050 (+0.050 – +0.050) | +0.150 | +0.050 (+0.050 – +0.050) | 2.00× |
-    | uniform | 2 | +0.100 | – | +0.100 | – | 1.00× |
+    | arm | seeds | samples to weakest | weakest gain | vs uniform (95 % CI) | mean gain | vs uniform (95 % CI) | sample efficiency |
+    | --- | --- | --- | --- | --- | --- | --- | --- |
+    | dpe_step | 2 | 100% | +0.150 | +0.050 (+0.050 – +0.050) | +0.150 | +0.050 (+0.050 – +0.050) | 2.00× |
+    | uniform | 2 | 100% | +0.100 | – | +0.100 | – | 1.00× |
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from rich.table import Table
@@ -49,9 +51,13 @@ def _signed(value: float) -> str:
 
 
 def _interval(interval: Interval, arm: str) -> str:
-    if arm == REFERENCE_ARM:
+    if arm == REFERENCE_ARM or math.isnan(interval.mean):
         return "–"
     return f"{_signed(interval.mean)} ({_signed(interval.low)} – {_signed(interval.high)})"
+
+
+def _share(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.0%}"
 
 
 def _efficiency(value: float | None) -> str:
@@ -59,13 +65,13 @@ def _efficiency(value: float | None) -> str:
 
 
 def _cells(summary: ArmSummary) -> list[str]:
-    return [summary.arm, str(summary.seeds), _signed(summary.weak_gain),
+    return [summary.arm, str(summary.seeds), _share(summary.weak_share), _signed(summary.weak_gain),
             _interval(summary.weak_difference, summary.arm), _signed(summary.mean_gain),
             _interval(summary.mean_difference, summary.arm), _efficiency(summary.sample_efficiency)]
 
 
 VERSUS = f"vs {REFERENCE_ARM} (95 % CI)"
-HEADERS = ("arm", "seeds", "weakest gain", VERSUS, "mean gain", VERSUS, "sample efficiency")
+HEADERS = ("arm", "seeds", "samples to weakest", "weakest gain", VERSUS, "mean gain", VERSUS, "sample efficiency")
 
 
 def comparison_table(rows: Sequence[RunRow], arms: Sequence[str]) -> Table:
@@ -81,22 +87,50 @@ def comparison_table(rows: Sequence[RunRow], arms: Sequence[str]) -> Table:
 
 def markdown_table(rows: Sequence[RunRow], arms: Sequence[str]) -> str:
     """`comparison_table` as Markdown."""
-    lines = [list(HEADERS), ["---"] * len(HEADERS)] + [_cells(summary) for summary in summaries(rows, arms)]
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+    return _markdown([list(HEADERS), ["---"] * len(HEADERS), *(_cells(summary) for summary in summaries(rows, arms))])
 
 
-def accuracy_table(rows: Sequence[RunRow], arms: Sequence[str]) -> Table:
-    """Last-round held-out accuracy per capability per arm: mean ± std over seeds (min–max)."""
+def accuracy_cells(rows: Sequence[RunRow], arms: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the last-round held-out accuracy per capability per arm (mean ± std over seeds
+    (min–max)), the mean over capabilities last."""
     per_arm = {arm: final_accuracy(rows, arm) for arm in arms}
-    table = Table(title="held-out accuracy after the last round: mean ± std over seeds (min–max)")
-    table.add_column("capability")
-    table.add_column("base", justify="right")
-    for arm in arms:
-        table.add_column(arm, justify="right")
+    lines = []
     for capability in sorted({cap for cells in per_arm.values() for cap in cells}, key=lambda cap: (cap == MEAN, cap)):
         cells = [per_arm[arm].get(capability) for arm in arms]
         base = next((cell["base"] for cell in cells if cell), float("nan"))
-        table.add_row(capability, f"{base:.3f}", *(
+        lines.append([capability, f"{base:.3f}", *(
             f"{cell['mean']:.3f} ± {cell['std']:.3f} ({cell['min']:.2f}–{cell['max']:.2f})" if cell else "–"
-            for cell in cells))
+            for cell in cells)])
+    return ["capability", "base", *arms], lines
+
+
+ACCURACY_TITLE = "held-out accuracy after the last round: mean ± std over seeds (min–max)"
+
+
+def accuracy_table(rows: Sequence[RunRow], arms: Sequence[str]) -> Table:
+    """`accuracy_cells` as a table for the terminal."""
+    headers, lines = accuracy_cells(rows, arms)
+    table = Table(title=ACCURACY_TITLE)
+    for header in headers:
+        table.add_column(header, justify="left" if header == "capability" else "right")
+    for line in lines:
+        table.add_row(*line)
     return table
+
+
+def accuracy_markdown(rows: Sequence[RunRow], arms: Sequence[str]) -> str:
+    """`accuracy_cells` as Markdown.
+
+    >>> rows = [RunRow(arm, 0, r, {"a": r}, {"a": 0.5 + r / 10}, {"a": 100}) for arm in ("uniform",) for r in (0, 1)]
+    >>> print(accuracy_markdown(rows, ("uniform",)))
+    | capability | base | uniform |
+    | --- | --- | --- |
+    | a | 0.500 | 0.600 ± 0.000 (0.60–0.60) |
+    | mean | 0.500 | 0.600 ± 0.000 (0.60–0.60) |
+    """
+    headers, lines = accuracy_cells(rows, arms)
+    return _markdown([headers, ["---"] * len(headers), *lines])
+
+
+def _markdown(lines: Sequence[Sequence[str]]) -> str:
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
