@@ -121,3 +121,14 @@ def test_a_run_cut_short_counts_no_gain_it_did_not_measure():
     rows[last] = RunRow("uniform", 0, 3, rows[last].samples_trained, half_graded, rows[last].heldout_items)
     assert run_gains(rows, "uniform", ["chart"]) == pytest.approx({0: 0.04, 1: 0.0}), "round 2 is its last graded"
     assert math.isnan(paired_bootstrap([]).mean)
+
+
+def test_the_readme_tables_are_the_committed_experiments_own():
+    """The README's experiment tables are `dpe experiment --from docs/experiment.json`, word for word."""
+    repo = Path(__file__).resolve().parent.parent
+    printed = CliRunner().invoke(main, ["experiment", "--from", str(repo / "docs" / "experiment.json")],
+                                 catch_exceptions=False).output
+    table_lines = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert len(table_lines) >= 2 * 7, printed
+    readme = (repo / "README.md").read_text()
+    assert [line for line in table_lines if line not in readme] == []
