@@ -1,7 +1,7 @@
 """Settings every service shares, and how settings are loaded and overridden.
 
-`CoreSettings` holds what every process reads (home, kafka, blob store, metrics, log level, and the
-taxonomy: ``capabilities``, which every section that names capabilities follows). Each
+`CoreSettings` holds what every process reads (home, kafka, blob store, metrics, policy placement, log
+level, and the taxonomy: ``capabilities``, which every section that names capabilities follows). Each
 service adds its own section in its ``settings.py`` as a subclass (``AgentsConfig(CoreSettings)``
 with an ``agents: AgentSettings`` field), so a service reads only the sections it declares; the
 application shell composes all of them into one `Settings` (`dpe.settings`). Every section is
@@ -108,6 +108,31 @@ class MetricsSettings(Section):
         return self.port or service_port
 
 
+TINY_MAX_PARAMETERS = 50_000_000
+"""A checkpoint of at most this many parameters is tiny (the embedded default is under a million): it runs in float32
+and trains with the ``tiny`` GRPO preset unless told otherwise; anything larger is a real checkpoint."""
+
+
+class PlacementSettings(Section):
+    """Where and in what precision every process loads a policy to run it (the evaluator, the difficulty band, the
+    auditor's models, the policy server); `dpe.policy.placement` turns it into a device, dtype and attention kernel.
+
+    ``auto`` picks a CUDA GPU when there is one; float32 for a checkpoint small enough that precision is free (the
+    tiny model) and otherwise the checkpoint's own half precision (bfloat16 when it declares none), so a real
+    checkpoint never runs in float32 on the CPU by accident; flash attention where it is installed and can run.
+    A setting that asks for what the machine lacks (``cuda`` without a GPU, ``flash_attention_2`` without
+    flash-attn) is an error at load, never a silent fallback.
+    """
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    float32_max_parameters: int = Field(
+        TINY_MAX_PARAMETERS, ge=0,
+        description="With dtype auto, checkpoints up to this many parameters load in float32.",
+    )
+
+
 WORLD_CAPABILITIES: tuple[str, ...] = (
     "counting", "color", "spatial", "existence", "text_reading", "chart", "arithmetic",
 )
@@ -164,6 +189,7 @@ class CoreSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     blob: BlobSettings = Field(default_factory=BlobSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
     log_level: str = "INFO"
     capabilities: tuple[str, ...] = Field(
         default_factory=world_capabilities, min_length=1,
@@ -356,3 +382,30 @@ def _drop_none(value: dict[str, Any]) -> dict[str, Any]:
         elif item is not None:
             out[key] = item
     return out
+
+
+def write_config(settings: BaseSettings, path: Path) -> None:
+    """`settings` as YAML at `path`, every secret left out, wherever it is (`child_env` carries them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = to_jsonable_python(_without_secrets(settings.model_dump()))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _without_secrets(data: Any) -> Any:
+    """Plain data (a model's python-mode dump) with every `SecretStr` left out, in mappings and lists alike.
+
+    >>> _without_secrets({"a": 1, "key": SecretStr("k"), "refs": [{"key": SecretStr("k"), "b": 2}]})
+    {'a': 1, 'refs': [{'b': 2}]}
+    """
+    if isinstance(data, dict):
+        return {key: _without_secrets(value) for key, value in data.items() if not isinstance(value, SecretStr)}
+    if isinstance(data, (list, tuple)):
+        return [_without_secrets(value) for value in data if not isinstance(value, SecretStr)]
+    return data
+
+
+def child_env(config_path: Path, settings: BaseSettings) -> dict[str, str]:
+    """A child dpe process's environment: ours without ``DPE_*``, the config `write_config` wrote, and `settings`'
+    secrets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPE_")}
+    return env | {"DPE_CONFIG": str(config_path.resolve())} | secret_env(settings)

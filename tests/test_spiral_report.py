@@ -10,7 +10,7 @@ import time
 from prometheus_server import wait_until
 from rich.console import Console
 
-from dpe.config import secret_env
+from dpe.config import child_env, secret_env, write_config
 from dpe.events import (
     AcceptedSample,
     BlobRef,
@@ -26,7 +26,7 @@ from dpe.events import (
 )
 from dpe.settings import Settings
 from dpe.spiral.report import write_report
-from dpe.spiral.run import SpiralOptions, child_env, run_settings, write_config
+from dpe.spiral.run import SpiralOptions, run_settings
 from dpe.spiral.state import SpiralState
 from dpe.spiral.view import RoundLog, StallLog, render_view, rounds_table
 from dpe.supervisor import ServiceSpec, Supervisor

@@ -293,3 +293,23 @@ def test_dpe_experiment_starts_every_arm_from_the_given_base_model_and_writes_it
         summary = json.loads((folder / arm / "seed0" / "summary.json").read_text())
         assert summary["base_model"] == str(base_model) and summary["strategy"] == arm
         assert not (folder / arm / "seed0" / "bus").exists(), "an experiment's run saves no bus"
+
+
+def test_dpe_run_lora_trains_adapters_that_every_service_loads_merged(tmp_path):
+    """`dpe run --lora 8`: the trainer writes adapter-only checkpoints, and the evaluator, the difficulty band and the
+    auditor load each one onto its base, so every round is graded and the next one filtered by the new version."""
+    base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
+    proc, log = launch(tmp_path, ["--lora", "8", "--rounds", "2", "--round-samples", "24",
+                                  "--base-model", str(base_model), "--run-id", "r"])
+    assert proc.wait(540) == 0, log.read_text(errors="replace")[-3000:]
+    run = tmp_path / "runs" / "r"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] is True
+    assert [record["policy_version"] for record in summary["rounds"]] == [0, 1, 2]
+    assert all(record["heldout_items"] > 0 for record in summary["rounds"]), "every version was graded"
+    checkpoints = sorted((run / "home" / "checkpoints").glob("v*"))
+    assert [folder.name for folder in checkpoints] == ["v00000001", "v00000002"]
+    for folder in checkpoints:
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_model)
+        assert not (folder / "model.safetensors").exists(), "adapter-only checkpoints"
+    assert "cannot load policy" not in (run / "logs" / "agents.log").read_text(), "the band loaded every version"

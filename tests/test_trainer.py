@@ -24,15 +24,20 @@ import pytest
 import torch
 import yaml
 from aiokafka import AIOKafkaProducer
+from click.testing import CliRunner
 from PIL import Image
 from prometheus_client import REGISTRY
 
 from dpe.blobstore import BlobStore
+from dpe.cli.model import model as model_cli
 from dpe.broker import free_port
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.events import AcceptedSample, BlobRef, Checkpoint, DeadLetter, Event
+from dpe.policy.architectures import build_published_policy
 from dpe.policy.config import WarmupConfig
-from dpe.policy.model import load_policy
+from dpe.policy.generation import SamplingParams, generate
+from dpe.policy.model import Policy, load_policy
+from dpe.policy.prompts import build_messages
 from dpe.policy.warmup import warm_up
 from dpe.recent import RecentIds
 from dpe.settings import Settings
@@ -379,6 +384,68 @@ async def test_a_round_mixing_image_sizes_and_question_lengths_trains(settings, 
     assert stats.steps and math.isfinite(stats.summary()["loss"])
 
 
+async def test_a_round_trains_a_released_architecture_with_the_paper_preset_it_picks(settings, tmp_path):
+    """Qwen2.5-VL-3B's published shape at one text and two vision layers (random weights): the trainer picks the
+    paper preset for it (bf16 mixed precision, gradient checkpointing) and steps through DeepSpeed ZeRO-2 on the CPU.
+    Random weights never answer in the format, so every group's rewards are equal and the step carries no signal:
+    what is checked is that the whole path runs and reports; completions are kept short, and the GPU measurements
+    are `benchmarks.gpu`'s."""
+    folder = build_published_policy("qwen2.5-vl-3b", text_layers=1, vision_layers=2).save(tmp_path / "qwen2.5-vl-3b")
+    configured = Settings.load(overrides=overrides(settings, folder, grpo={"max_completion_length": 6})).trainer
+    engine = GRPOEngine(folder, configured, tmp_path / "w")
+    assert (engine.settings.grpo.preset, engine.settings.grpo.bf16, engine.settings.grpo.gradient_checkpointing,
+            engine.settings.grpo.max_completion_length) == ("paper", True, True, 6)
+    assert engine.deepspeed and engine.policy.model.config.text_config.hidden_size == 2048
+    summary = engine.train_round([training_sample(i) for i in range(4)]).summary()
+    assert summary["frac_zero_std"] == 1.0 and summary["tokens_per_s"] > 0
+    assert all(math.isfinite(summary[name]) for name in ("loss", "kl", "reward_mean"))
+
+
+@pytest.mark.parametrize("deepspeed", [True, False], ids=["zero2", "torch"])
+async def test_a_lora_round_trains_the_adapter_alone_and_its_checkpoint_loads_merged(settings, base_model, tmp_path,
+                                                                                      deepspeed):
+    configured = Settings.load(overrides=overrides(settings, base_model, lora={"rank": 4},
+                                                   deepspeed={"enabled": deepspeed})).trainer
+    engine = GRPOEngine(base_model, configured, tmp_path / "w")
+    peft_model = engine.accelerator.unwrap_model(engine.model)
+    named = lambda: {name: p.detach().clone() for name, p in peft_model.named_parameters()}  # noqa: E731
+    before = named()
+    trained = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trained and all(".default." in name and "language_model" in name for name in trained)
+    engine.train_round([training_sample(i) for i in range(8)])
+    after = named()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(".lora_" in name for name in changed), "the base stays frozen"
+    assert all(torch.equal(after[name], after[name.replace(".default.", ".ref.")]) for name in trained), \
+        "the KL reference is re-anchored on the trained adapter"
+
+    folder = tmp_path / "v1"
+    engine.save(folder)
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    assert not (folder / "model.safetensors").exists(), "an adapter checkpoint holds the adapter only"
+    merged = load_policy(folder)
+    item = training_sample(99)
+    conversation = [build_messages(item.question, item.answer_type, item.options)]
+    peft_model.eval()
+    expected = generate(Policy(peft_model.get_base_model(), engine.policy.processor), [item.image], conversation,
+                        SamplingParams(max_new_tokens=6))
+    assert generate(merged, [item.image], conversation, SamplingParams(max_new_tokens=6)) == expected
+    assert not any(hasattr(module, "lora_A") for module in merged.model.modules()), "merged into plain weights"
+    refused = CliRunner().invoke(model_cli, ["export", str(folder), "-o", str(tmp_path / "full")])
+    assert refused.exit_code == 2 and "is a LoRA adapter on" in refused.output
+    exported = CliRunner().invoke(model_cli, ["export", str(folder), "-o", str(tmp_path / "full"), "--merged"])
+    assert exported.exit_code == 0, exported.output
+    full = tmp_path / "full"
+    assert (full / "model.safetensors").is_file() and not (full / "adapter_config.json").exists()
+    assert generate(load_policy(full), [item.image], conversation,
+                    SamplingParams(max_new_tokens=6)) == expected
+
+    restarted = GRPOEngine(base_model, configured, tmp_path / "r")
+    restarted.load_checkpoint(folder, engine.global_step)
+    resumed = {name: p for name, p in restarted.accelerator.unwrap_model(restarted.model).named_parameters()}
+    assert all(torch.equal(after[name], resumed[name]) for name in changed)
+
+
 def adam_state(engine: GRPOEngine) -> dict[str, torch.Tensor | int]:
     """Adam's first parameter group state (DeepSpeed ZeRO keeps it on its flat fp32 partition)."""
     optimizer = engine.model.optimizer.optimizer if engine.deepspeed else engine.optimizer.optimizer
@@ -565,3 +632,21 @@ async def test_two_processes_share_each_round_and_save_both_zero_partitions(sett
         assert {"deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                 "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest.files)
     assert [e.policy_version for e in await read_all(configured, Checkpoint)] == [0, 1, 2, 3], "rank 0 alone announces"
+
+
+async def test_num_processes_starts_the_ranks_under_accelerates_launcher_and_they_share_each_round(
+        settings, base_model, tmp_path):
+    """`dpe serve trainer --num-processes 2`: one command becomes accelerate's DeepSpeed launcher of two ranks
+    (gloo on the CPU, one per GPU on a GPU machine); rank 0 reads the round, both train on it and save their ZeRO
+    partition, rank 0 alone announces."""
+    configured_overrides = overrides(settings, base_model, rounds={"max_samples": 4})
+    configured = Settings.load(overrides=configured_overrides)
+    config = tmp_path / "trainer.yaml"
+    config.write_text(yaml.safe_dump(configured_overrides))
+    await publish(configured, [accepted(BlobStore(configured.blob.url, configured.blob.limits), i) for i in range(4)])
+    TrainerProcess(config, tmp_path / "launch.log", "--num-processes", "2", "--max-rounds", "1").finish(240)
+    manifest = verify(checkpoint_root(configured) / "v00000001")
+    assert {f"deepspeed/state/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)} <= set(manifest.files)
+    assert sorted(manifest.event.sample_ids) == [f"sample-{i}" for i in range(4)]
+    assert [e.policy_version for e in await read_all(configured, Checkpoint)] == [0, 1], "rank 0 alone announces"
+    assert (configured.home / "trainer" / "launch.yaml").is_file(), "the ranks read the launcher's settings"

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -206,3 +207,20 @@ def share_from_main(value: T | None, num_processes: int) -> T:
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def launcher_command(settings: TrainerSettings, num_processes: int, port: int, trainer_args: list[str]) -> list[str]:
+    """`python -m trainer.cli trainer_args` on `num_processes` processes of this machine under accelerate's DeepSpeed
+    launcher (one per GPU; torchrun underneath sets each rank's environment), at the ZeRO stage and precision of
+    `settings` (its GRPO preset resolved for the base model).
+
+    Example:
+        >>> command = launcher_command(TrainerSettings(), 2, 29500, ["--max-rounds", "1"])
+        >>> command[command.index("--num_processes") + 1], command[-4:]
+        ('2', ['--module', 'trainer.cli', '--max-rounds', '1'])
+    """
+    grpo = settings.grpo.resolved(settings.base_model) if settings.base_model else settings.grpo
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--use_deepspeed", "--zero_stage", str(settings.deepspeed.zero_stage),
+            "--mixed_precision", "bf16" if grpo.bf16 else "no", "--main_process_ip", LOOPBACK,
+            "--main_process_port", str(port), "--module", "trainer.cli", *trainer_args]

@@ -7,7 +7,9 @@ runs TRL's `training_step` (generate G completions per prompt, score, backward) 
 step per batch, on the same engine, so the Adam moments and the step count carry over from round
 to round; `save` and `load_checkpoint` carry them over restarts. At the end of a round the
 KL reference becomes the new policy, so every round is regularised towards its parent checkpoint
-(the same after a restart as without one).
+(the same after a restart as without one). With ``lora.rank`` set, only a LoRA adapter on the language model is
+trained, its KL reference is TRL's frozen copy of the adapter (re-anchored the same way), and checkpoints hold the
+adapter alone.
 
 Example:
     >>> rows = [{"prompt": p} for p in "abc"]
@@ -17,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -29,20 +32,29 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
 
+from dpe.config import PlacementSettings
 from dpe.policy.model import Policy, load_policy, suppressed_token_ids
 from dpe.policy.processor import load_processor
 from trainer.distributed import deepspeed_config, prepare_process, use_vllm, vllm_available
 from trainer.rewards import accuracy_reward, format_reward
 from trainer.samples import TrainingSample
-from trainer.settings import TrainerSettings
+from trainer.settings import LoraSettings, TrainerSettings
 
 log = logging.getLogger(__name__)
 
 DEEPSPEED_STATE = "deepspeed"
 TORCH_STATE = "optimizer.pt"
+TRAINED_ADAPTER = "default"
+REFERENCE_ADAPTER = "ref"
+"""With LoRA: the adapter trained, and the frozen copy TRL adds as the KL reference (names TRL expects)."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MASTER_WEIGHTS = PlacementSettings(device="cpu", dtype="float32")
+"""The trainer loads float32 weights on the CPU whatever the policy placement: accelerate and DeepSpeed move them
+to the rank's GPU, and ``grpo.bf16`` trains in mixed precision over them."""
 REWARD_FUNCS = (accuracy_reward, format_reward)
 """The reward functions, in the order of `GRPOSettings.accuracy_weight, format_weight`."""
 TRL_METRICS = {"reward": "reward_mean", "reward_std": "reward_std", "frac_reward_zero_std": "frac_zero_std", "kl": "kl"}
@@ -174,13 +186,17 @@ class GRPOEngine:
     """
 
     def __init__(self, model_folder: Path, settings: TrainerSettings, output_dir: Path):
+        settings = settings.model_copy(update={"grpo": settings.grpo.resolved(model_folder)})
+        log.info("GRPO preset %s for %s", settings.grpo.preset, model_folder)
         prepare_process(settings)
         self.settings = settings
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         processor = load_processor(model_folder)
         # The config comes first: with ZeRO-3 it makes the model load partitioned.
         args = grpo_config(settings, output_dir, suppressed_token_ids(processor.tokenizer), world_size=world_size)
-        self.policy: Policy = load_policy(model_folder)
+        self.policy: Policy = load_policy(model_folder, MASTER_WEIGHTS)
+        if settings.lora.enabled:
+            self.policy = Policy(model=with_adapter(self.policy.model, settings.lora), processor=self.policy.processor)
         # TRL left-pads prompts and takes mm_token_type_ids from the processor's own padding: they
         # only line up when the processor pads on the left too (as processors TRL loads itself do).
         self.policy.processor.tokenizer.padding_side = "left"
@@ -192,6 +208,9 @@ class GRPOEngine:
             processing_class=self.policy.processor,
         )
         self.accelerator = self.trainer.accelerator
+        for name, parameter in self.policy.model.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:  # TRL's frozen copy of the adapter, the KL reference
+                parameter.requires_grad_(False)
         grpo = settings.grpo
         parameters = [p for p in self.policy.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -261,7 +280,8 @@ class GRPOEngine:
         """
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.is_main_process:
-            self.accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=state_dict)
+            adapter_only = {"selected_adapters": [TRAINED_ADAPTER]} if self.settings.lora.enabled else {}
+            self.accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=state_dict, **adapter_only)
             self.policy.processor.save_pretrained(folder)
         if self.deepspeed:
             self.model.save_checkpoint(str(folder / DEEPSPEED_STATE), tag="state", save_latest=False)
@@ -282,8 +302,7 @@ class GRPOEngine:
                 str(folder / DEEPSPEED_STATE), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
             )
         else:
-            saved = load_policy(folder).model
-            SyncRefModelCallback.sync_target_model(saved, self.accelerator.unwrap_model(self.model), 1.0)
+            self._load_weights(folder)
             if not self.deepspeed and (folder / TORCH_STATE).is_file():
                 state = torch.load(folder / TORCH_STATE, weights_only=True)
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -293,11 +312,52 @@ class GRPOEngine:
                             folder, "on" if self.deepspeed else "off")
         self._anchor_reference()
 
+    def _load_weights(self, folder: Path) -> None:
+        """Replace the trained weights by the checkpoint's: the whole model's, or the adapter's (its base is ours)."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.settings.lora.enabled:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(policy, load_file(folder / ADAPTER_WEIGHTS), adapter_name=TRAINED_ADAPTER)
+        else:
+            SyncRefModelCallback.sync_target_model(load_policy(folder, MASTER_WEIGHTS).model, policy, 1.0)
+
     def _anchor_reference(self) -> None:
-        """Make the KL reference a copy of the current policy."""
+        """Make the KL reference a copy of the current policy: the reference model's weights, or with LoRA the
+        reference adapter's (TRL's frozen copy of the trained one)."""
+        policy = self.accelerator.unwrap_model(self.model)
         if self.trainer.ref_model is not None:
-            policy = self.accelerator.unwrap_model(self.model)
             SyncRefModelCallback.sync_target_model(policy, self.trainer.ref_model, 1.0)
+        elif self.settings.lora.enabled and REFERENCE_ADAPTER in policy.peft_config:
+            copy_adapter(policy, TRAINED_ADAPTER, REFERENCE_ADAPTER)
+
+
+def with_adapter(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
+    """`model` wrapped with a fresh LoRA adapter (B = 0: it starts as the base) on `lora.target_modules`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or 2 * lora.rank, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, bias="none")
+    return get_peft_model(model, config, adapter_name=TRAINED_ADAPTER)
+
+
+def copy_adapter(model: PreTrainedModel, source: str, target: str) -> None:
+    """Copy adapter `source`'s weights into adapter `target` of a peft `model` (gathered under ZeRO-3)."""
+    pairs = [(parameter, model.get_parameter(name.replace(f".{source}.", f".{target}.")))
+             for name, parameter in model.named_parameters() if f".{source}." in name]
+    with _gathered([tensor for pair in pairs for tensor in pair]), torch.no_grad():
+        for parameter, copy in pairs:
+            copy.copy_(parameter)
+
+
+def _gathered(parameters: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Full tensors for ZeRO-3 partitioned `parameters` (written back from rank 0); nothing to do otherwise."""
+    if any(hasattr(parameter, "ds_id") for parameter in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=0)
+    return contextlib.nullcontext()
 
 
 def _warmup(steps: int) -> Callable[[int], float]:

@@ -3,7 +3,9 @@
 GRPO hyperparameters come from a preset that explicitly set fields override: ``paper`` holds the
 DPE reference's settings for real models (8 rollouts, lr 1e-6, KL 1e-2, clip 0.2/0.3, reward
 0.9 · accuracy + 0.1 · format), ``tiny`` a recipe that makes the tiny CPU model learn (lr 3e-4,
-β 0.04, short completions, fp32).
+β 0.04, short completions, fp32). The default, ``auto``, holds the tiny values until the trainer knows its
+base model (`GRPOSettings.resolved`): ``paper`` for a checkpoint above `dpe.config.TINY_MAX_PARAMETERS`
+parameters, ``tiny`` otherwise (and for the warmed default).
 
 Example:
     >>> GRPOSettings(preset="paper").learning_rate
@@ -21,10 +23,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from dpe.config import CoreSettings
+from dpe.config import TINY_MAX_PARAMETERS, CoreSettings
+from dpe.policy.weights import checkpoint_parameters
 from dpe.section import Section
 
-Preset = Literal["tiny", "paper"]
+Preset = Literal["auto", "tiny", "paper"]
 
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
@@ -64,7 +67,7 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
 class GRPOSettings(Section):
     """GRPO hyperparameters: rollouts, optimiser, KL, clipping, reward weights and lengths."""
 
-    preset: Preset = "tiny"
+    preset: Preset = "auto"
     group_size: int = Field(ge=2, description="Rollouts per prompt (G).")
     prompts_per_step: int = Field(ge=1, description="Prompts per optimiser step, over all ranks.")
     updates_per_batch: int = Field(
@@ -97,10 +100,26 @@ class GRPOSettings(Section):
     def _apply_preset(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        preset = data.get("preset", "tiny")
-        if preset not in GRPO_PRESETS:
-            raise ValueError(f"unknown GRPO preset {preset!r}; known: {sorted(GRPO_PRESETS)}")
-        return {**GRPO_PRESETS[preset], **data}
+        preset = data.get("preset", "auto")
+        if preset != "auto" and preset not in GRPO_PRESETS:
+            raise ValueError(f"unknown GRPO preset {preset!r}; known: auto, {', '.join(sorted(GRPO_PRESETS))}")
+        return {**GRPO_PRESETS["tiny" if preset == "auto" else preset], **data}
+
+    def resolved(self, base_model: Path) -> "GRPOSettings":
+        """What the trainer trains `base_model` with: with preset ``auto``, the `preset_for` the checkpoint, whose
+        values replace every field still at the tiny preset's (set a preset to keep a field at a tiny value);
+        an explicit preset as it is.
+
+        Example:
+            >>> GRPOSettings(learning_rate=1e-5).resolved(Path("/no/such/folder")).preset
+            'tiny'
+        """
+        if self.preset != "auto":
+            return self
+        preset = preset_for(base_model)
+        tiny = GRPO_PRESETS["tiny"]
+        kept = {name: value for name, value in self.model_dump().items() if name not in tiny or value != tiny[name]}
+        return GRPOSettings(**kept | {"preset": preset})
 
 
 class RoundSettings(Section):
@@ -135,6 +154,27 @@ class DeepSpeedSettings(Section):
     config_file: Path | None = Field(None, description="A full DeepSpeed JSON config instead of the generated one.")
 
 
+class LoraSettings(Section):
+    """Low-rank adapters (peft LoRA) on the language model's linear layers instead of full fine-tuning.
+
+    Checkpoints then hold the adapter only (``adapter_config.json`` naming the base folder, and
+    ``adapter_model.safetensors``), written, announced and resumed like full ones; every reader loads the base with
+    the adapter merged in, and ``dpe model export --merged`` writes a full model folder.
+    """
+
+    rank: int = Field(0, ge=0, description="LoRA rank r; 0 trains every weight (no adapter).")
+    alpha: float | None = Field(None, gt=0, description="Scale numerator (the update is alpha/r · BA); None: 2r.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str = Field(
+        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        description="Regex over module names: the text decoder's attention and MLP projections (not the vision tower).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class TrainerSettings(Section):
     """Everything the trainer service reads."""
 
@@ -149,6 +189,7 @@ class TrainerSettings(Section):
     staleness: StalenessSettings = Field(default_factory=StalenessSettings)
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
     rollout: Literal["auto", "generate", "vllm"] = Field(
         "auto", description="vllm (colocated) needs a GPU and the gpu extra; auto picks it when both are present."
     )
@@ -165,6 +206,17 @@ class TrainerConfig(CoreSettings):
     """What the trainer reads: the core settings and its own section."""
 
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+
+
+def preset_for(base_model: Path) -> Preset:
+    """``paper`` for a checkpoint with more than `TINY_MAX_PARAMETERS` parameters, else ``tiny`` (also for a folder
+    holding no weights).
+
+    Example:
+        >>> preset_for(Path("/no/such/folder"))
+        'tiny'
+    """
+    return "paper" if checkpoint_parameters(base_model) > TINY_MAX_PARAMETERS else "tiny"
 
 
 def checkpoint_root(settings: TrainerConfig) -> Path:

@@ -163,7 +163,7 @@ class AgentWorker:
         self.store = BlobStore(settings.blob.url, settings.blob.limits)
         qc = settings.agents.qc
         self.index = NearDuplicateIndex(qc.image_distance, qc.colour_distance, qc.text_similarity)
-        self.holder = PolicyHolder(qc.difficulty.base_policy, allowed_roots(settings))
+        self.holder = PolicyHolder(qc.difficulty.base_policy, allowed_roots(settings), settings.placement)
         self.lock = asyncio.Lock()
         self.inflight: set[asyncio.Task] = set()
         self.revoking = False

@@ -29,6 +29,7 @@ from PIL import Image
 
 from consumers.qc.settings import DifficultySettings
 from dpe.batching import MicroBatcher
+from dpe.config import PlacementSettings
 from dpe.events import Checkpoint, SampleBody
 from dpe.grading import grade
 from dpe.policy.checkpoints import load_checkpoint
@@ -58,16 +59,22 @@ class PolicyHolder:
     settings); the base policy is the operator's own folder.
     """
 
-    def __init__(self, base_policy: str | None, roots: Sequence[Path]):
+    def __init__(self, base_policy: str | None, roots: Sequence[Path],
+                 placement: PlacementSettings = PlacementSettings()):
         self.base_policy = base_policy
         self.roots = roots
+        self.placement = placement
         self.current: VersionedPolicy | None = None
 
     async def start(self) -> None:
-        """Load the base policy, if one is configured and nothing newer is loaded, before or while it loads (a
+        """Check the placement (one this machine cannot honour stops the agents now, not at the first checkpoint),
+        then load the base policy, if one is configured and nothing newer is loaded, before or while it loads (a
         resumed run's newest checkpoint may be announced meanwhile: the base never replaces it)."""
+        from dpe.policy.placement import resolve_placement
+
+        resolve_placement(self.placement)
         if self.base_policy and self.current is None:
-            base = await asyncio.to_thread(load_checkpoint, self.base_policy)
+            base = await asyncio.to_thread(load_checkpoint, self.base_policy, placement=self.placement)
             if self.current is None:
                 self._swap(VersionedPolicy(base, 0))
 
@@ -76,7 +83,8 @@ class PolicyHolder:
         if self.current is not None and checkpoint.policy_version <= self.current.version:
             return
         try:
-            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots)
+            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots,
+                                           placement=self.placement)
         except Exception as exc:  # noqa: BLE001 - a bad (or refused) checkpoint must not stop the agents
             log.error("cannot load policy v%s from %s: %s", checkpoint.policy_version, checkpoint.uri, exc)
             return

@@ -199,3 +199,25 @@ def accuracy(checkpoint: Path, items: int, samples: int, levels: str | None, see
     from dpe.policy.model import load_policy
 
     _probe(load_policy(checkpoint), items, samples, _parse_levels(levels), seed)
+
+
+@model.command("export")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write (replaced whole, never left half-written).")
+@click.option("--merged", is_flag=True,
+              help="Merge a LoRA adapter checkpoint into its base (required for one: a full model folder any "
+              "transformers or vLLM loads).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Precision of the written weights (auto: float32 for a tiny model, else half).")
+def export(checkpoint: Path, output: Path, merged: bool, dtype: str) -> None:
+    """Write a checkpoint's model alone (weights, config, processor; no optimiser or DeepSpeed state)."""
+    from dpe.config import PlacementSettings
+    from dpe.policy.model import load_policy
+    from dpe.policy.weights import adapter_base
+
+    base = adapter_base(checkpoint)
+    if base is not None and not merged:
+        raise click.UsageError(f"{checkpoint} is a LoRA adapter on {base}: export it with --merged")
+    load_policy(checkpoint, PlacementSettings(device="cpu", dtype=dtype)).save(output)
+    console.print(f"exported {checkpoint}{f' merged into {base}' if base else ''}: {output}")

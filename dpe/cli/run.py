@@ -29,6 +29,12 @@ BASE_MODEL = click.option(
     "on first use).")
 
 
+LORA = click.option(
+    "--lora", type=click.IntRange(min=0), default=None, metavar="RANK",
+    help="Train a LoRA adapter of this rank on the language model instead of every weight; checkpoints hold the "
+    "adapter only (0: full fine-tuning; default: trainer.lora.rank of the settings).")
+
+
 @click.command()
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Training rounds to run.")
 @click.option("--forever", is_flag=True, help="Always on: keep training until Ctrl-C.")
@@ -40,6 +46,7 @@ BASE_MODEL = click.option(
               show_default=True, help="Close a round this many seconds after its first sample even when the plan is "
               "not filled (a folder of images may not serve every capability).")
 @BASE_MODEL
+@LORA
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--run-id", default=None, help="Folder name under --runs-dir (default: time + random).")
 @click.option("--live/--no-live", default=True, show_default=True, help="Live table of the spiral.")
@@ -58,9 +65,9 @@ BASE_MODEL = click.option(
               help="Keep only samples the current policy solves 3-7 times of 9 (the difficulty band).")
 @pass_state
 def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round_samples: int,
-        round_timeout_s: float, base_model: Path | None, runs_dir: Path, run_id: str | None, live: bool, timeout_s: float,
-        bus_memory_mb: float, resume_id: str | None, images: Path | None, watch: Path | None,
-        synthetic: bool | None, difficulty: bool) -> None:
+        round_timeout_s: float, base_model: Path | None, lora: int | None, runs_dir: Path, run_id: str | None,
+        live: bool, timeout_s: float, bus_memory_mb: float, resume_id: str | None, images: Path | None,
+        watch: Path | None, synthetic: bool | None, difficulty: bool) -> None:
     """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds.
 
     Ctrl-C and SIGTERM (``docker stop``, systemd) both stop every service, save the run for --resume
@@ -73,7 +80,8 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
         options = replace(options, timeout_s=None) if options.rounds is None else options
     else:
         options = SpiralOptions(rounds=None if forever else rounds, round_samples=round_samples, strategy=strategy,
-                                round_timeout_s=round_timeout_s, base_model=base_model, runs_dir=runs_dir, bus_memory_mb=bus_memory_mb, **session,
+                                round_timeout_s=round_timeout_s, base_model=base_model, lora=lora, runs_dir=runs_dir,
+                                bus_memory_mb=bus_memory_mb, **session,
                                 images=images and images.resolve(), watch=watch and watch.resolve(), synthetic=synthetic,
                                 difficulty=difficulty,
                                 **({"run_id": run_id} if run_id else {}))

@@ -289,17 +289,20 @@ class LocalServer:
         await self.stop()
 
 
-def _policy(folder: str | None, corpus_items: int) -> Policy:
+def _policy(args: argparse.Namespace) -> Policy:
+    from dpe.config import PlacementSettings
     from dpe.policy.config import TinyVLMConfig
     from dpe.policy.model import build_tiny_policy, load_policy
 
-    return load_policy(folder) if folder else build_tiny_policy(TinyVLMConfig(corpus_items=corpus_items))
+    if args.policy is None:
+        return build_tiny_policy(TinyVLMConfig(corpus_items=args.corpus_items))
+    return load_policy(args.policy, PlacementSettings(device=args.device, dtype=args.dtype))
 
 
 async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     config = ServerConfig(model_name=args.model_name, max_new_tokens=args.max_new_tokens,
                           faults=FaultPlan(cycle=args.faults.split(","), delay_s=args.delay))
-    server = LocalServer(LocalVLM(_policy(args.policy, args.corpus_items), config), args.host, args.port)
+    server = LocalServer(LocalVLM(_policy(args), config), args.host, args.port)
     async with server:
         print(f"serving {config.model_name} at {server.url}", flush=True)
         await stop.wait()
@@ -312,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--policy", default=None, help="Policy folder (default: a tiny random policy).")
     parser.add_argument("--corpus-items", type=int, default=20, help="Tokenizer corpus size of the tiny policy.")
+    parser.add_argument("--device", default="auto", help="Where a policy folder runs: auto, cpu, cuda or cuda:N.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="Its precision (auto: float32 for a tiny checkpoint, else its half precision).")
     parser.add_argument("--model-name", default="dpe-tiny")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--faults", default="ok", help="Comma-separated fault cycle, e.g. ok,server_error.")

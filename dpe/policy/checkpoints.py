@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.config import CoreSettings
+from dpe.config import CoreSettings, PlacementSettings
 from dpe.events import Checkpoint
-from dpe.policy.weights import PickledWeights, refuse_pickled_weights
+from dpe.policy.weights import PickledWeights, adapter_base, refuse_pickled_weights
 
 if TYPE_CHECKING:
     from dpe.policy.model import Policy
@@ -74,7 +74,7 @@ def checkpoint_folder(uri: str, roots: Sequence[Path] | None = None) -> Path:
 
 def loadable_folder(uri: str, roots: Sequence[Path] | None = None) -> Path:
     """The folder `load_checkpoint` would load for `uri`; raises one of `REFUSALS` for a folder outside `roots`
-    or one whose only weights are pickled. Nothing is loaded.
+    or one whose only weights are pickled (for an adapter checkpoint, the same for its base). Nothing is loaded.
 
     Example:
         >>> loadable_folder("/ckpt/../etc", roots=[Path("/ckpt")])
@@ -84,19 +84,23 @@ def loadable_folder(uri: str, roots: Sequence[Path] | None = None) -> Path:
     """
     folder = checkpoint_folder(uri, roots)
     refuse_pickled_weights(folder)
+    base = adapter_base(folder)
+    if base is not None:
+        refuse_pickled_weights(checkpoint_folder(str(base), roots))
     return folder
 
 
-def load_checkpoint(uri: str, *, roots: Sequence[Path] | None = None) -> "Policy":
+def load_checkpoint(uri: str, *, roots: Sequence[Path] | None = None,
+                    placement: PlacementSettings = PlacementSettings()) -> "Policy":
     """The policy saved at `uri` (a folder path or a ``file://`` URL), refused outside `roots` or with pickled
-    weights only (`loadable_folder`).
+    weights only (`loadable_folder`), loaded where `placement` (the settings' ``placement``) puts it.
 
     `roots` is None only for a folder the operator configured (a base policy, a reference model),
     never for a URI read from the bus: pass `allowed_roots` of the settings.
     """
     from dpe.policy.model import load_policy
 
-    return load_policy(loadable_folder(uri, roots))
+    return load_policy(loadable_folder(uri, roots), placement)
 
 
 async def latest_checkpoint(settings: CoreSettings, *, service: str, timeout_ms: int = 500) -> Checkpoint | None:

@@ -37,10 +37,12 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from dpe.policy.config import TinyVLMConfig
+from dpe.config import PlacementSettings
+from dpe.policy.config import Family, TinyVLMConfig
+from dpe.policy.placement import resolve_placement
 from dpe.policy.processor import PROCESSOR_CLASSES, load_processor
 from dpe.policy.tokenizer import CHAT_TEMPLATE, train_tokenizer, world_corpus
-from dpe.policy.weights import refuse_pickled_weights
+from dpe.policy.weights import adapter_base, refuse_pickled_weights
 
 VISION_TOKENS: tuple[str, ...] = (
     "<|vision_start|>",
@@ -96,20 +98,32 @@ def suppressed_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def build_tiny_policy(config: TinyVLMConfig = TinyVLMConfig()) -> Policy:
     """A random-initialised tiny VLM of `config.family` with a freshly trained tokenizer."""
     tokenizer = train_tokenizer(world_corpus(config.corpus_items, config.seed), config.vocab_size)
-    pixels = config.image_size**2
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=config.patch_size,
         merge_size=config.merge_size,
         temporal_patch_size=2,
-        size={"shortest_edge": (config.patch_size * config.merge_size) ** 2, "longest_edge": pixels},
+        size={"shortest_edge": (config.patch_size * config.merge_size) ** 2, "longest_edge": config.image_size**2},
     )
-    processor = PROCESSOR_CLASSES[config.family](
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
-    )
-    model_config = _MODEL_CONFIGS[config.family](config, tokenizer)
+    return assemble_policy(config.family, _MODEL_CONFIGS[config.family](config, tokenizer), tokenizer,
+                           image_processor, seed=config.seed)
+
+
+def assemble_policy(
+    family: Family,
+    model_config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: Qwen2VLImageProcessorPil,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Policy:
+    """A random-initialised policy of `family` (weights drawn from `seed`, in `dtype`) with the project's chat template
+    and image-only processor around `tokenizer` and `image_processor`, greedy and ending at ``<|im_end|>``."""
+    processor = PROCESSOR_CLASSES[family](image_processor=image_processor, tokenizer=tokenizer,
+                                          chat_template=CHAT_TEMPLATE)
     with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        model = _MODEL_CLASSES[config.family](model_config)
+        torch.manual_seed(seed)
+        model = _MODEL_CLASSES[family]._from_config(model_config, dtype=dtype)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
         pad_token_id=tokenizer.pad_token_id,
@@ -118,20 +132,31 @@ def build_tiny_policy(config: TinyVLMConfig = TinyVLMConfig()) -> Policy:
     return Policy(model=model.eval(), processor=processor)
 
 
-def load_policy(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Policy:
-    """Load a local checkpoint folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL...) with its processor.
+def load_policy(folder: str | Path, placement: PlacementSettings = PlacementSettings()) -> Policy:
+    """Load a local checkpoint folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL...) with its processor, on the device, in the
+    dtype and with the attention kernel `placement` resolves to for it (`dpe.policy.placement`).
 
-    Weights come from safetensors only: a folder with pickled weights alone is refused
-    (`dpe.policy.weights.PickledWeights`).
+    A LoRA adapter checkpoint (`dpe.policy.weights.adapter_base`) loads its base with the adapter merged in. Weights
+    come from safetensors only: a folder with pickled weights alone is refused (`dpe.policy.weights.PickledWeights`).
     """
     refuse_pickled_weights(folder)
+    base = adapter_base(folder)
+    weights = base or Path(folder)
+    refuse_pickled_weights(weights)
+    resolved = resolve_placement(placement, weights)
     model = AutoModelForImageTextToText.from_pretrained(
-        str(folder), dtype=dtype, local_files_only=True, use_safetensors=True
+        str(weights), dtype=resolved.dtype, attn_implementation=resolved.attention, local_files_only=True,
+        use_safetensors=True,
     )
-    return Policy(model=model.to(device).eval(), processor=load_processor(folder))
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder), local_files_only=True).merge_and_unload()
+    return Policy(model=model.to(resolved.device).eval(), processor=load_processor(folder))
 
 
-def _token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The vision token ids a Qwen-family config names, as `tokenizer` numbers them."""
     ids = {
         "image_token_id": "<|image_pad|>",
         "video_token_id": "<|video_pad|>",
@@ -177,7 +202,7 @@ def _qwen2_vl_config(config: TinyVLMConfig, tokenizer: PreTrainedTokenizerBase) 
             "spatial_merge_size": config.merge_size,
             "temporal_patch_size": 2,
         },
-        **_token_ids(tokenizer),
+        **special_token_ids(tokenizer),
     )
 
 
@@ -202,7 +227,7 @@ def _qwen2_5_vl_config(config: TinyVLMConfig, tokenizer: PreTrainedTokenizerBase
             "window_size": config.image_size // 2,
             "fullatt_block_indexes": [config.vision_depth - 1],
         },
-        **_token_ids(tokenizer),
+        **special_token_ids(tokenizer),
     )
 
 
@@ -217,7 +242,7 @@ def _qwen3_vl_config(config: TinyVLMConfig, tokenizer: PreTrainedTokenizerBase) 
             "num_position_embeddings": grid * grid,
             "deepstack_visual_indexes": [config.vision_depth - 1],
         },
-        **_token_ids(tokenizer),
+        **special_token_ids(tokenizer),
     )
 
 

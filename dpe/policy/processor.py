@@ -15,6 +15,8 @@ from typing import Any
 from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from dpe.policy.weights import adapter_base
+
 
 class _ImageOnly:
     """Mixin: the processor's sub-processors are the image processor and the tokenizer only."""
@@ -53,8 +55,8 @@ PROCESSOR_CLASSES: dict[str, type[ProcessorMixin]] = {
 
 
 def model_type_of(folder: str | Path) -> str:
-    """The `model_type` in a checkpoint folder's config.json."""
-    config = json.loads((Path(folder) / "config.json").read_text())
+    """The `model_type` in a checkpoint folder's config.json (an adapter checkpoint's base's)."""
+    config = json.loads(((adapter_base(folder) or Path(folder)) / "config.json").read_text())
     return str(config.get("model_type", ""))
 
 

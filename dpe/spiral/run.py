@@ -16,7 +16,7 @@ state and plans.
 With a terminal it shows a live view; without one (``--no-live``, or output to a file or a pipe)
 it prints one line per round (`RoundLog`) and one per service restart instead.
 
-The run's ``config.yaml`` holds no secret: the services get theirs by environment (`secret_env`).
+The run's ``config.yaml`` holds no secret: the services get theirs by environment (`dpe.config.child_env`).
 
 Example:
     >>> result = run_spiral(Settings.load(), SpiralOptions(rounds=3))   # doctest: +SKIP
@@ -28,22 +28,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import SecretStr
 from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.live import Live
 
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.config import secret_env, with_overrides
+from dpe.config import child_env, with_overrides, write_config
 from dpe.events import AcceptedSample, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample, WeaknessSnapshot
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
@@ -86,6 +83,8 @@ class SpiralOptions:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     base_model: Path | None = None
     """A local model folder to start from instead of the warmed tiny model."""
+    lora: int | None = None
+    """Train a LoRA adapter of this rank instead of every weight (None: as the settings say, ``trainer.lora``)."""
     bus_memory_mb: float | None = 1024.0
     """The embedded broker is rolled (its state carried over to a fresh one) past this resident memory."""
     bus_max_tail: int = 20_000
@@ -119,7 +118,8 @@ class SpiralOptions:
 
 
 RESUMED_OPTIONS = ("rounds", "round_samples", "round_timeout_s", "strategy", "ingest_rate", "images", "watch",
-                   "synthetic", "auditor", "difficulty", "stall_after_s", "base_model", "bus_memory_mb", "bus_max_tail")
+                   "synthetic", "auditor", "difficulty", "stall_after_s", "base_model", "lora", "bus_memory_mb",
+                   "bus_max_tail")
 """What a resumed run keeps of the run it goes on with (the rest says how this session shows and ends)."""
 
 
@@ -164,6 +164,8 @@ def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, bas
         "trainer": {"base_model": str(base_model),
                     "rounds": {"max_samples": options.round_samples, "max_seconds": options.round_timeout_s}},
     }
+    if options.lora is not None:
+        overrides["trainer"]["lora"] = {"rank": options.lora}
     return with_overrides(settings, overrides)
 
 
@@ -210,32 +212,6 @@ def ingest_specs(options: SpiralOptions) -> list[ServiceSpec]:
         extra = ["--metrics-port", "0"] if specs else []
         specs.append(ServiceSpec(name, ["ingest", *args, str(folder), "--allowed-root", str(folder), *rate, *extra]))
     return specs
-
-
-def write_config(settings: Settings, path: Path) -> None:
-    """`settings` as YAML at `path`, every secret left out, wherever it is (`child_env` carries them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_jsonable_python(_without_secrets(settings.model_dump()))
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def _without_secrets(data: Any) -> Any:
-    """Plain data (a model's python-mode dump) with every `SecretStr` left out, in mappings and lists alike.
-
-    >>> _without_secrets({"a": 1, "key": SecretStr("k"), "refs": [{"key": SecretStr("k"), "b": 2}]})
-    {'a': 1, 'refs': [{'b': 2}]}
-    """
-    if isinstance(data, dict):
-        return {key: _without_secrets(value) for key, value in data.items() if not isinstance(value, SecretStr)}
-    if isinstance(data, (list, tuple)):
-        return [_without_secrets(value) for value in data if not isinstance(value, SecretStr)]
-    return data
-
-
-def child_env(config_path: Path, settings: Settings) -> dict[str, str]:
-    """The services' environment: ours without ``DPE_*``, the written config, and `settings`' secrets."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DPE_")}
-    return env | {"DPE_CONFIG": str(config_path.resolve())} | secret_env(settings)
 
 
 def _say(console: Console, started: float, line: str) -> None:

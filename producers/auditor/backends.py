@@ -32,6 +32,7 @@ from typing import Protocol
 
 from PIL import Image
 
+from dpe.config import PlacementSettings
 from dpe.endpoint.client import EndpointClient, EndpointFailure, image_part
 from dpe.policy.checkpoints import load_checkpoint
 from dpe.policy.generation import SamplingParams, generate
@@ -144,12 +145,13 @@ class EndpointAnswerer:
             return list(pool.map(self._answer, asked))
 
 
-def reference_answerer(reference: Reference, max_new_tokens: int) -> ProbeAnswerer:
+def reference_answerer(reference: Reference, max_new_tokens: int,
+                       placement: PlacementSettings = PlacementSettings()) -> ProbeAnswerer:
     """The answerer a configured reference describes."""
     if isinstance(reference, ToolchainReference):
         return ToolchainAnswerer(reference.name, reference.toolchain)
     if isinstance(reference, OracleReference):
         return OracleAnswerer(reference.name)
     if isinstance(reference, CheckpointReference):
-        return PolicyAnswerer(reference.name, load_checkpoint(reference.uri), max_new_tokens)
+        return PolicyAnswerer(reference.name, load_checkpoint(reference.uri, placement=placement), max_new_tokens)
     return EndpointAnswerer(reference.name, EndpointClient(reference.endpoint))

@@ -39,6 +39,7 @@ from PIL import Image
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
+from dpe.config import PlacementSettings
 from dpe.events import BlobRef, Checkpoint, Divergence, UnlabeledItem
 from dpe.grading import extract_answer
 from dpe.imaging import ImageEditor, PillowEditor
@@ -46,6 +47,7 @@ from dpe.perception import NotPerceived
 from dpe.perception.toolchain import TOOLCHAINS
 from dpe.world import Scene
 from dpe.policy.checkpoints import REFUSALS, allowed_roots, load_checkpoint
+from dpe.policy.placement import resolve_placement
 from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_ITEMS, AUDIT_PROBES
 from producers.auditor.backends import OracleAnswerer, PolicyAnswerer, ProbeAnswerer, View, reference_answerer
 from producers.auditor.consensus import consensus, target_differs
@@ -85,7 +87,8 @@ class Auditor:
     def from_settings(cls, settings: AuditorConfig) -> "Auditor":
         """The auditor the settings describe: blob store, references (checkpoints are loaded now)."""
         audit = settings.auditor
-        references = [reference_answerer(reference, audit.max_new_tokens) for reference in audit.references]
+        references = [reference_answerer(reference, audit.max_new_tokens, settings.placement)
+                      for reference in audit.references]
         return cls(audit, BlobStore(settings.blob.url, settings.blob.limits), references)
 
     @staticmethod
@@ -195,9 +198,12 @@ class Target:
 class TargetTracker:
     """Keeps the newest checkpoint inside `roots` as the target; `ready` is set once there is one."""
 
-    def __init__(self, max_new_tokens: int, roots: Sequence[Path]) -> None:
+    def __init__(self, max_new_tokens: int, roots: Sequence[Path],
+                 placement: PlacementSettings = PlacementSettings()) -> None:
         self.max_new_tokens = max_new_tokens
         self.roots = tuple(roots)
+        self.placement = placement
+        resolve_placement(placement)  # a placement this machine cannot honour stops the service now
         self.current: Target | None = None
         self.ready = asyncio.Event()
 
@@ -208,7 +214,8 @@ class TargetTracker:
         if self.current is not None and checkpoint.policy_version <= self.current.policy_version:
             return
         try:
-            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots)
+            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots,
+                                             placement=self.placement)
         except REFUSALS:
             raise
         except Exception as error:  # noqa: BLE001 - a bad checkpoint must not stop auditing with the current one
@@ -271,7 +278,7 @@ async def _until_ready(tracker: TargetTracker, stop: asyncio.Event) -> None:
 async def serve_auditor(settings: AuditorConfig, stop: asyncio.Event, auditor: Auditor | None = None) -> None:
     """Follow checkpoints (the target) and unlabeled items (what to audit) until `stop` is set."""
     auditor = auditor or await asyncio.to_thread(Auditor.from_settings, settings)
-    tracker = TargetTracker(settings.auditor.max_new_tokens, allowed_roots(settings))
+    tracker = TargetTracker(settings.auditor.max_new_tokens, allowed_roots(settings), settings.placement)
     async with AsyncPublisher(settings, producer_name=SERVICE) as publisher, AsyncSubscriber(
         settings, [Checkpoint], group_id=None, service=SERVICE, publisher=publisher, subscribe=False, read_only=True
     ) as checkpoints, AsyncSubscriber(

@@ -72,7 +72,7 @@ def eval_command(state: CliState, uri: str | None, policy_version: int | None, s
         if latest is None:
             raise click.ClickException("no checkpoint on the bus yet; pass --checkpoint and --policy-version")
         uri, policy_version, roots = latest.uri, latest.policy_version, allowed_roots(settings)
-    runner = Evaluator(settings.evaluator, settings.blob.limits)
+    runner = Evaluator(settings.evaluator, settings.blob.limits, placement=settings.placement)
     unknown = sorted(set(suites) - set(runner.suite_names))
     if unknown:
         raise click.BadParameter(f"unknown suites {unknown}; configured: {runner.suite_names}", param_hint="--suite")

@@ -27,9 +27,11 @@ from aiokafka.errors import KafkaError
 from dpe.blobstore import BlobStore, ImageLimits
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
+from dpe.config import PlacementSettings
 from dpe.endpoint.client import EndpointClient
 from dpe.events import Checkpoint, Diagnosis, EvalOutcome
 from dpe.policy.checkpoints import allowed_roots, load_checkpoint
+from dpe.policy.placement import resolve_placement
 from monitoring.metrics import BENCHMARK_ROWS_SKIPPED, EVAL_ACCURACY, EVAL_ITEMS, EVAL_POLICY_VERSION, EVAL_SECONDS
 from producers.evaluator.diagnosis import diagnose
 from producers.evaluator.items import EvalItem, heldout_items, round_items
@@ -60,9 +62,12 @@ class Evaluator:
     """Evaluates checkpoints on the configured suites; benchmark files are read once, at start. With a `store`,
     the images of the failed items a `Diagnosis` quotes are put in it."""
 
-    def __init__(self, settings: EvaluatorSettings, limits: ImageLimits, store: BlobStore | None = None) -> None:
+    def __init__(self, settings: EvaluatorSettings, limits: ImageLimits, store: BlobStore | None = None,
+                 placement: PlacementSettings = PlacementSettings()) -> None:
         self.settings = settings
         self.store = store
+        self.placement = placement
+        resolve_placement(placement)  # a placement this machine cannot honour stops the service now
         self.judge = Judge(EndpointClient(settings.judge)) if settings.judge is not None else None
         self.heldout = heldout_items(settings.synthetic) if settings.synthetic is not None else []
         self.benchmarks = [(suite, self._load(suite, limits)) for suite in settings.benchmarks]
@@ -95,7 +100,7 @@ class Evaluator:
         """Load the checkpoint at `uri` (refused outside `roots`, see `load_checkpoint`) and evaluate it
         (blocking; CPU-bound)."""
         started = time.perf_counter()
-        policy = load_checkpoint(uri, roots=roots)
+        policy = load_checkpoint(uri, roots=roots, placement=self.placement)
         outcomes = evaluate_items(
             policy,
             self.items_for(policy_version, suites),
@@ -175,7 +180,7 @@ def checkpoint_handler(
 async def serve_evaluator(settings: EvaluatorConfig, stop: asyncio.Event, evaluator: Evaluator | None = None) -> None:
     """Follow the checkpoints topic until `stop` is set; commits after each checkpoint's outcomes are acknowledged."""
     evaluator = evaluator or Evaluator(settings.evaluator, settings.blob.limits,
-                                       BlobStore(settings.blob.url, settings.blob.limits))
+                                       BlobStore(settings.blob.url, settings.blob.limits), settings.placement)
     async with AsyncPublisher(settings, producer_name=SERVICE) as publisher, AsyncSubscriber(
         settings, [Checkpoint], group_id=settings.evaluator.group_id, service=SERVICE, publisher=publisher
     ) as subscriber:
