@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from consumers.agents.settings import AgentsConfig
+from consumers.policy.settings import PolicyServerConfig
 from producers.auditor.settings import AuditorConfig
 from producers.evaluator.settings import EvaluatorConfig
 from producers.ingest.settings import IngestConfig
@@ -21,5 +22,6 @@ from streams.settings import StreamConfig
 from trainer.settings import TrainerConfig
 
 
-class Settings(StreamConfig, IngestConfig, EvaluatorConfig, AuditorConfig, AgentsConfig, TrainerConfig):
+class Settings(StreamConfig, IngestConfig, EvaluatorConfig, AuditorConfig, AgentsConfig, TrainerConfig,
+               PolicyServerConfig):
     """Everything a dpe deployment can be told; each section belongs to the service that reads it."""

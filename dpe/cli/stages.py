@@ -55,6 +55,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("agents", "consumers.agents.cli:agents", True, ("quotas", "diagnosis", "unlabeled", "checkpoints"),
           ("samples_accepted", "samples_rejected")),
     Stage("trainer", "trainer.cli:trainer", True, ("samples_accepted", "checkpoints"), ("checkpoints",)),
+    Stage("policy", "consumers.policy.cli:policy", True, ("checkpoints",), ()),
 )
 
 SERVICE_COMMANDS: dict[str, str] = {stage.name: stage.command for stage in STAGES if stage.serve}

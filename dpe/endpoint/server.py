@@ -31,7 +31,7 @@ import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 from PIL import Image
@@ -97,11 +97,16 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=64, description="Completions for the prompt (sampled unless temperature 0).")
+    seed: int | None = Field(default=None, description="Seeds the sampling of this request's batch.")
 
 
 class BadRequest(ValueError):
     """A request the server refuses with HTTP 400."""
+
+
+class UnknownModel(LookupError):
+    """A request for a model the server does not serve (HTTP 404, OpenAI's ``model_not_found``)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,13 @@ class _Job:
     conversation: list[dict[str, Any]]
     temperature: float
     max_new_tokens: int
+    samples: int = 1
+    seed: int | None = None
+
+    @property
+    def batch_key(self) -> tuple[float, int, int, int | None]:
+        """Jobs generated together share their sampling (one `generate` call, one seed)."""
+        return self.temperature, self.max_new_tokens, self.samples, self.seed
 
 
 class LocalVLM:
@@ -140,11 +152,14 @@ class LocalVLM:
             conversation.append({"role": message.role, "content": parts})
         if len(images) != 1:
             raise BadRequest(f"this server needs exactly one image per request, got {len(images)}")
+        if request.n > 1 and request.temperature == 0:
+            raise BadRequest("greedy decoding (temperature 0) gives one completion; set a temperature for n > 1")
         prompt = render_prompt(self.policy.processor, conversation)
         if len(self.policy.tokenizer(prompt).input_ids) > self.config.max_prompt_tokens:
             raise BadRequest(f"the prompt is longer than {self.config.max_prompt_tokens} tokens")
         wanted = request.max_completion_tokens or request.max_tokens or self.config.max_new_tokens
-        return _Job(images[0], conversation, request.temperature, min(wanted, self.config.max_new_tokens))
+        return _Job(images[0], conversation, request.temperature, min(wanted, self.config.max_new_tokens),
+                    request.n, request.seed)
 
     def _image(self, image_url: dict[str, Any]) -> Image.Image:
         url = str(image_url.get("url", ""))
@@ -160,24 +175,54 @@ class LocalVLM:
             raise BadRequest(f"image refused: {exc}") from None
         return Image.open(io.BytesIO(data)).convert("RGB")
 
-    async def complete(self, job: _Job) -> str:
+    async def complete(self, job: _Job) -> list[str]:
+        """The job's `samples` completions."""
         return await self._batcher.submit(job)
 
     async def close(self) -> None:
         await self._batcher.close()
 
-    def _generate(self, jobs: list[_Job]) -> list[str]:
-        results: dict[int, str] = {}
-        groups = itertools.groupby(sorted(enumerate(jobs), key=lambda ij: (ij[1].temperature, ij[1].max_new_tokens)),
-                                   key=lambda ij: (ij[1].temperature, ij[1].max_new_tokens))
-        for (temperature, max_new_tokens), members in groups:
+    def _generate(self, jobs: list[_Job]) -> list[list[str]]:
+        results: dict[int, list[str]] = {}
+        ordered = sorted(enumerate(jobs), key=lambda ij: repr(ij[1].batch_key))
+        for (temperature, max_new_tokens, samples, seed), members in itertools.groupby(
+                ordered, key=lambda ij: ij[1].batch_key):
             members = list(members)
             outputs = generate(self.policy, [job.image for _, job in members], [job.conversation for _, job in members],
                                SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                              batch_size=self.config.batch_size))
-            for (index, _), (text,) in zip(members, outputs):
-                results[index] = text
+                                              num_samples=samples, batch_size=self.config.batch_size), seed=seed)
+            for (index, _), texts in zip(members, outputs):
+                results[index] = texts
         return [results[index] for index in range(len(jobs))]
+
+
+class ModelTable(Protocol):
+    """The models a server answers for: `lookup` gives the name an answer reports and the model that makes it."""
+
+    def lookup(self, name: str) -> tuple[str, LocalVLM]:
+        """The served name and model for a request naming `name`; raises `UnknownModel`."""
+
+    def names(self) -> list[str]:
+        """What ``/v1/models`` lists."""
+
+    async def close(self) -> None:
+        """Stop every model's batcher."""
+
+
+@dataclass(frozen=True)
+class OneModel:
+    """A table of one model, which answers whatever model a request names (as a single-model server does)."""
+
+    vlm: LocalVLM
+
+    def lookup(self, name: str) -> tuple[str, LocalVLM]:
+        return self.vlm.config.model_name, self.vlm
+
+    def names(self) -> list[str]:
+        return [self.vlm.config.model_name]
+
+    async def close(self) -> None:
+        await self.vlm.close()
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -185,11 +230,12 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
                              headers=headers)
 
 
-def _completion(model: str, content: str) -> web.Response:
+def _completion(model: str, contents: list[str]) -> web.Response:
+    choices = [{"index": index, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+               for index, content in enumerate(contents)]
     return web.json_response({
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "choices": choices, "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     })
 
 
@@ -205,9 +251,9 @@ class ServerStats:
 STATS = web.AppKey("stats", ServerStats)
 
 
-def create_web_app(vlm: LocalVLM) -> web.Application:
-    """The aiohttp application; `app[STATS]` records what it saw."""
-    config = vlm.config
+def create_web_app(models: ModelTable, config: ServerConfig) -> web.Application:
+    """The aiohttp application answering for `models` (limits and faults from `config`); `app[STATS]` records what
+    it saw."""
     counter = itertools.count()
     app = web.Application(client_max_size=config.max_image_bytes * 2)
     stats = app[STATS] = ServerStats()
@@ -228,36 +274,42 @@ def create_web_app(vlm: LocalVLM) -> web.Application:
             parsed = ChatRequest.model_validate(body)
             if parsed.stream:
                 raise BadRequest("streaming is not supported by this server")
+            served, vlm = models.lookup(parsed.model)
             job = vlm.job(parsed)
+        except UnknownModel as exc:
+            return _error(404, str(exc), "model_not_found")
         except (ValidationError, ValueError) as exc:
             return _error(400, str(exc)[:2000], "invalid_request_error")
         if fault == "invalid_json":
-            return _completion(config.model_name, "this is not JSON {")
+            return _completion(served, ["this is not JSON {"])
         if fault == "timeout":
             await asyncio.sleep(config.faults.delay_s)
-        return _completion(config.model_name, await vlm.complete(job))
+        return _completion(served, await vlm.complete(job))
 
-    async def models(request: web.Request) -> web.Response:
+    async def listing(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": config.model_name, "object": "model", "created": 0, "owned_by": "dpe"}]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "dpe"} for name in models.names()]})
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models", listing)
     app.router.add_get("/health", health)
     return app
 
 
 class LocalServer:
-    """Runs the app on a loopback port in the current event loop; an async context manager."""
+    """Runs the app on a loopback port in the current event loop; an async context manager. Serves one model, or
+    the `ModelTable` given with its `ServerConfig`."""
 
-    def __init__(self, vlm: LocalVLM, host: str = "127.0.0.1", port: int = 0):
-        self.vlm = vlm
+    def __init__(self, models: LocalVLM | ModelTable, host: str = "127.0.0.1", port: int = 0,
+                 config: ServerConfig | None = None):
+        single = isinstance(models, LocalVLM)
+        self.models = OneModel(models) if single else models
         self.host = host
         self.port = port
-        self.app = create_web_app(vlm)
+        self.app = create_web_app(self.models, models.config if single else config or ServerConfig())
         self._runner: web.AppRunner | None = None
 
     @property
@@ -280,7 +332,7 @@ class LocalServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.vlm.close()
+        await self.models.close()
 
     async def __aenter__(self) -> "LocalServer":
         return await self.start()
