@@ -170,3 +170,14 @@ TRAINER_ROUND_SECONDS = Histogram(
     "dpe_trainer_round_seconds", "Time per round phase (consume, train, checkpoint, announce).", ["phase"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
 )
+
+# Policy server (`dpe serve policy`).
+POLICY_SERVER_VERSION = Gauge("dpe_policy_server_version", "Newest policy version the policy server answers with.")
+POLICY_SERVER_LOADS = Counter(
+    "dpe_policy_server_loads_total", "Announced checkpoints the policy server tried to load, by outcome (loaded, "
+    "refused, failed).", ["outcome"],
+)
+POLICY_SERVER_LOAD_SECONDS = Histogram(
+    "dpe_policy_server_load_seconds", "Time to load one checkpoint where the placement puts it (its reload time).",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client import REGISTRY
 
 from consumers.policy.service import serve_policy
 from dpe.bus.aio import AsyncPublisher
@@ -55,6 +56,10 @@ async def ask(client: openai.AsyncOpenAI, model: str, **options) -> tuple[str, l
     return reply.model, [choice.message.content for choice in reply.choices]
 
 
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def until_served(client: openai.AsyncOpenAI, model: str, timeout_s: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while f"{model}" not in {entry.id for entry in (await client.models.list()).data}:
@@ -71,6 +76,8 @@ async def test_the_policy_server_moves_to_each_checkpoint_and_names_the_version_
     _, outside = tiny(3, tmp_path / "elsewhere")
     port = free_port()
     configured = with_overrides(settings, {"policy": {"port": port, "base_policy": str(base), "keep_versions": 2}})
+    refused_before = metric("dpe_policy_server_loads_total", outcome="refused")
+    loaded_before = metric("dpe_policy_server_loads_total", outcome="loaded")
     stop, ready = asyncio.Event(), asyncio.Event()
     server = asyncio.create_task(serve_policy(configured, stop, ready))
     await asyncio.wait_for(ready.wait(), 60)
@@ -102,9 +109,11 @@ async def test_the_policy_server_moves_to_each_checkpoint_and_names_the_version_
             await ask(client, "dpe-policy@v0", max_tokens=6)
         with pytest.raises(openai.NotFoundError, match="model 'gpt-4o' is not served here"):
             await ask(client, "gpt-4o", max_tokens=6)
-        await asyncio.sleep(1.0)
         assert (await ask(client, "dpe-policy", max_tokens=6, temperature=0))[0] == "dpe-policy@v2", \
-            "a checkpoint outside the roots is refused, the newest loadable one stays"
+            "a checkpoint outside the roots is refused, the newest loadable one is served"
+        assert metric("dpe_policy_server_loads_total", outcome="refused") - refused_before == 1
+        assert metric("dpe_policy_server_loads_total", outcome="loaded") - loaded_before == 3
+        assert metric("dpe_policy_server_version") == 2
     finally:
         stop.set()
         await asyncio.wait_for(server, 30)

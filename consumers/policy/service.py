@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 from dpe.bus.aio import AsyncPublisher
@@ -29,6 +30,7 @@ from dpe.events import Checkpoint
 from dpe.policy.checkpoints import REFUSALS, allowed_roots, load_checkpoint
 from dpe.policy.model import Policy
 from dpe.policy.placement import resolve_placement
+from monitoring.metrics import POLICY_SERVER_LOAD_SECONDS, POLICY_SERVER_LOADS, POLICY_SERVER_VERSION
 from consumers.policy.settings import PolicyServerConfig, PolicyServerSettings
 
 log = logging.getLogger(__name__)
@@ -101,9 +103,14 @@ class CheckpointLoader:
         self.roots = allowed_roots(settings)
 
     async def load(self, version: int, uri: str, *, roots: Sequence | None) -> None:
+        """Load `uri` as `version` and serve it (raises what `load_checkpoint` raises)."""
+        started = time.perf_counter()
         policy = await asyncio.to_thread(load_checkpoint, uri, roots=roots, placement=self.settings.placement)
+        POLICY_SERVER_LOAD_SECONDS.observe(time.perf_counter() - started)
         self.models.add(version, policy)
-        log.info("serving policy v%d (%s)", version, uri)
+        POLICY_SERVER_LOADS.labels("loaded").inc()
+        POLICY_SERVER_VERSION.set(version)
+        log.info("serving policy v%d (%s), loaded in %.1fs", version, uri, time.perf_counter() - started)
 
     async def on_checkpoints(self, batch: Sequence[Checkpoint]) -> None:
         """Handler of the followed checkpoints: the newest one that loads, if newer than what is served (a refused
@@ -116,8 +123,10 @@ class CheckpointLoader:
                 await self.load(checkpoint.policy_version, checkpoint.uri, roots=self.roots)
                 return
             except REFUSALS as refused:
+                POLICY_SERVER_LOADS.labels("refused").inc()
                 log.error("refusing checkpoint v%d: %s", checkpoint.policy_version, refused)
             except Exception as error:  # noqa: BLE001 - a bad checkpoint must not stop serving the current version
+                POLICY_SERVER_LOADS.labels("failed").inc()
                 log.error("cannot load checkpoint v%d at %s (%s)", checkpoint.policy_version, checkpoint.uri, error)
 
 
