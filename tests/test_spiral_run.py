@@ -308,7 +308,7 @@ def test_dpe_run_lora_trains_adapters_that_every_service_loads_merged(tmp_path):
     assert [record["policy_version"] for record in summary["rounds"]] == [0, 1, 2]
     assert all(record["heldout_items"] > 0 for record in summary["rounds"]), "every version was graded"
     checkpoints = sorted((run / "home" / "checkpoints").glob("v*"))
-    assert [folder.name for folder in checkpoints] == ["v00000001", "v00000002"]
+    assert {"v00000001", "v00000002"} <= {folder.name for folder in checkpoints}, "(a round may end as the run stops)"
     for folder in checkpoints:
         assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_model)
         assert not (folder / "model.safetensors").exists(), "adapter-only checkpoints"

@@ -30,6 +30,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -299,11 +300,12 @@ def _run_epoch(settings: Settings, options: SpiralOptions, bus: RunBus, state: S
     write_config(configured, config_path)
     supervisor = Supervisor(env=child_env(config_path, configured), log_dir=options.run_dir / "logs",
                             on_restart=None if options.live else lambda event: _say(console, started, str(event)))
+    specs = service_specs(options, base_model)
     try:
-        for spec in service_specs(options, base_model):
+        for spec in specs:
             supervisor.start(spec)
         outcome = asyncio.run(_watch(configured, options, state, log, stalls, supervisor, bus, console, started))
-        if outcome == "done" and (wait := last_scrape_s(configured)):
+        if outcome == "done" and (wait := last_scrape_s(configured, [spec.name for spec in specs])):
             _say(console, started, f"done; the services stay up {wait:.0f}s for Prometheus's last scrape")
             time.sleep(wait)
         return outcome
@@ -311,19 +313,21 @@ def _run_epoch(settings: Settings, options: SpiralOptions, bus: RunBus, state: S
         supervisor.stop()
 
 
-def last_scrape_s(settings: Settings) -> float:
-    """How long a finished run keeps its services up for a last scrape: `metrics.last_scrape_s` when some service
-    serves /metrics, else 0.
+def last_scrape_s(settings: Settings, services: Collection[str]) -> float:
+    """How long a finished run keeps its services up for a last scrape: `metrics.last_scrape_s` when one of the
+    `services` it started (`ServiceSpec` names) serves /metrics, else 0.
 
-    >>> last_scrape_s(Settings()), last_scrape_s(with_overrides(Settings(), {"metrics": {"last_scrape_s": 2}}))
-    (10.0, 2.0)
+    >>> run = ["weakness", "evaluator", "agents", "trainer", "ingest", "auditor"]
+    >>> shorter = with_overrides(Settings(), {"metrics": {"last_scrape_s": 2}})
+    >>> last_scrape_s(Settings(), run), last_scrape_s(shorter, run), last_scrape_s(Settings(), ["ingest-watch"])
+    (10.0, 2.0, 10.0)
     >>> off = {"metrics_port": 0}
     >>> last_scrape_s(with_overrides(Settings(), {s: off for s in ("stream", "evaluator", "auditor", "agents",
-    ...                                                              "trainer", "ingest")}))
+    ...                                                              "trainer", "ingest")}), run)
     0.0
     """
-    ports = [section.metrics_port for name in type(settings).model_fields
-             if hasattr(section := getattr(settings, name), "metrics_port")]
+    sections = {"stream" if name == "weakness" else name.partition("-")[0] for name in services}
+    ports = [getattr(settings, section).metrics_port for section in sections]
     return settings.metrics.last_scrape_s if any(map(settings.metrics.port_for, ports)) else 0.0
 
 
