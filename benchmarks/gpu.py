@@ -27,13 +27,13 @@ import argparse
 import importlib.util
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks._stats import print_table
 from benchmarks.lora import SHARED, model_folder, peak_memory_mb, run_worker, trainer_settings
+from benchmarks.trainer import train_with_trl
 
 EASYR1_TOKENS_PER_S = 1200.0
 """EasyR1's reported GRPO throughput for Qwen2.5-VL-3B, tokens per second per H100."""
@@ -51,44 +51,13 @@ def shape(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def trl_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """TRL's GRPOTrainer.train() on the same checkpoint, samples and GRPO settings."""
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOTrainer
-
-    from dpe.config import PlacementSettings
-    from dpe.policy.model import load_policy, suppressed_token_ids
-    from trainer.distributed import prepare_process
-    from trainer.engine import REWARD_FUNCS, grpo_config
-
-    class StepTimer(TrainerCallback):
-        """Each optimiser step's wall time and the tokens TRL counted during it."""
-
-        def __init__(self) -> None:
-            self.steps: list[tuple[float, int]] = []
-            self.started, self.tokens_before = 0.0, 0
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.started, self.tokens_before = time.perf_counter(), state.num_input_tokens_seen
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.steps.append((time.perf_counter() - self.started, state.num_input_tokens_seen - self.tokens_before))
-
+    """TRL's GRPOTrainer.train() on the same checkpoint, samples and GRPO settings (`benchmarks.trainer`'s run)."""
     folder = Path(args.folder)
     settings = trainer_settings(args, folder, "full")
     settings = settings.model_copy(update={"grpo": settings.grpo.resolved(folder)})
-    prepare_process(settings)
-    policy = load_policy(folder, PlacementSettings(device="cpu", dtype="float32"))
-    config = grpo_config(settings, Path(tempfile.mkdtemp(prefix="bench-gpu-trl-")),
-                         suppressed_token_ids(policy.tokenizer), world_size=1)
     steps_per_round = -(-args.round_samples // args.prompts_per_step)
-    config.max_steps = args.rounds * steps_per_round
-    timer = StepTimer()
-    trainer = GRPOTrainer(model=policy.model, reward_funcs=list(REWARD_FUNCS), args=config,
-                          train_dataset=Dataset.from_list([sample.row() for sample in samples(args)]),
-                          processing_class=policy.processor, callbacks=[timer])
-    trainer.train()
-    measured = timer.steps[steps_per_round:]
+    timed = train_with_trl(settings, folder, [sample.row() for sample in samples(args)], args.rounds * steps_per_round)
+    measured = list(zip(timed["step_seconds"], timed["step_tokens"]))[steps_per_round:]
     return {"step_s": statistics.median(seconds for seconds, _ in measured),
             "tokens_per_s": statistics.median(tokens / seconds for seconds, tokens in measured),
             "peak_memory_mb": peak_memory_mb(args.device)}
@@ -167,8 +136,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU here: run with --dry-run to check the wiring on the CPU")
-    folder = model_folder(argparse.Namespace(architecture=args.architecture, text_layers=args.text_layers,
-                                             vision_layers=args.vision_layers))
+    folder = model_folder(args.architecture, args.text_layers, args.vision_layers)
     started = time.perf_counter()
     ours = {side: run_worker("benchmarks.lora", side, args, folder) for side in ("full", "lora")}
     theirs = run_worker("benchmarks.gpu", "trl", args, folder)

@@ -36,13 +36,12 @@ SIDES = ("full", "lora")
 FIRST_INDEX = 40_000
 
 
-def model_folder(args: argparse.Namespace) -> Path:
-    """The random-weight checkpoint both sides start from (built once per benchmark run)."""
+def model_folder(architecture: str, text_layers: int | None, vision_layers: int | None) -> Path:
+    """The random-weight checkpoint every side starts from (built once per benchmark run)."""
     from dpe.policy.architectures import build_published_policy
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-lora-")) / args.architecture
-    build_published_policy(args.architecture, text_layers=args.text_layers, vision_layers=args.vision_layers,
-                           seed=0).save(folder)
+    folder = Path(tempfile.mkdtemp(prefix="bench-lora-")) / architecture
+    build_published_policy(architecture, text_layers=text_layers, vision_layers=vision_layers, seed=0).save(folder)
     return folder
 
 
@@ -138,7 +137,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    folder = model_folder(args)
+    folder = model_folder(args.architecture, args.text_layers, args.vision_layers)
     rows: dict[str, list[float]] = {f"{label}, {side}": [] for label, _ in METRICS.values() for side in SIDES}
     rows |= {"peak memory ratio lora/full": [], "step time ratio lora/full": []}
     for repeat in range(args.repeats):

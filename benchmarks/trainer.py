@@ -111,17 +111,17 @@ async def ours(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
     }
 
 
-def trl(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
-    """TRL's GRPOTrainer.train() on the same samples, model, rewards and GRPO configuration."""
+def train_with_trl(settings: Any, base_model: Path, rows: list[dict[str, Any]], max_steps: int) -> dict[str, Any]:
+    """TRL's GRPOTrainer.train() for `max_steps` steps on `rows` (`TrainingSample.row`s) from `base_model`, with the
+    trainer's GRPO configuration and rewards and its float32 master weights: each step's wall time and the tokens
+    TRL counted during it, and the peak RSS."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
     from dpe.policy.model import load_policy, suppressed_token_ids
     from trainer.distributed import prepare_process
-    from trainer.engine import REWARD_FUNCS, grpo_config
-    from trainer.samples import TrainingSample
-    from trainer.settings import TrainerSettings
+    from trainer.engine import MASTER_WEIGHTS, REWARD_FUNCS, grpo_config
 
     class StepTimer(TrainerCallback):
         """Each optimiser step's wall time, and the tokens TRL counted during it."""
@@ -140,25 +140,34 @@ def trl(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
             self.seconds.append(time.perf_counter() - self.started)
             self.tokens.append(int(state.num_input_tokens_seen - self.tokens_before))
 
-    settings = TrainerSettings(**trainer_section(args, base_model))
     prepare_process(settings)
-    policy = load_policy(base_model)
-    steps_per_round = -(-args.round_samples // args.prompts_per_step)
+    policy = load_policy(base_model, MASTER_WEIGHTS)
     config = grpo_config(settings, Path(tempfile.mkdtemp(prefix="bench-trl-")), suppressed_token_ids(policy.tokenizer),
                          world_size=1)
-    config.max_steps = args.rounds * steps_per_round
+    config.max_steps = max_steps
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=policy.model, reward_funcs=list(REWARD_FUNCS), args=config,
+                          train_dataset=Dataset.from_list(rows), processing_class=policy.processor, callbacks=[timer])
+    trainer.train()
+    return {"step_seconds": timer.seconds, "step_tokens": timer.tokens, "peak_rss_mb": peak_rss_mb()}
+
+
+def trl(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
+    """TRL's GRPOTrainer.train() on the same samples, model, rewards and GRPO configuration."""
+    from trainer.samples import TrainingSample
+    from trainer.settings import TrainerSettings
+
+    steps_per_round = -(-args.round_samples // args.prompts_per_step)
     rows = [
         TrainingSample(sample_id=f"bench-{index}", capability=item.capability, image=item.image, question=item.question,
                        answer=item.answer, answer_type=item.answer_type, options=item.options, tolerance=item.tolerance,
                        policy_version=0).row()
         for index, item in enumerate(bench_items(args.rounds * args.round_samples))
     ]
-    timer = StepTimer()
-    trainer = GRPOTrainer(model=policy.model, reward_funcs=list(REWARD_FUNCS), args=config,
-                          train_dataset=Dataset.from_list(rows), processing_class=policy.processor, callbacks=[timer])
-    trainer.train()
-    return {"step_seconds": timer.seconds[steps_per_round:], "step_tokens": timer.tokens[steps_per_round:],
-            "peak_rss_mb": peak_rss_mb()}
+    timed = train_with_trl(TrainerSettings(**trainer_section(args, base_model)), base_model, rows,
+                           args.rounds * steps_per_round)
+    return {name: values[steps_per_round:] for name, values in timed.items() if name != "peak_rss_mb"} | {
+        "peak_rss_mb": timed["peak_rss_mb"]}
 
 
 def seconds_per_token(result: dict[str, Any]) -> float:

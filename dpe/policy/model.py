@@ -141,8 +141,9 @@ def load_policy(folder: str | Path, placement: PlacementSettings = PlacementSett
     """
     refuse_pickled_weights(folder)
     base = adapter_base(folder)
+    if base is not None:
+        refuse_pickled_weights(base)
     weights = base or Path(folder)
-    refuse_pickled_weights(weights)
     resolved = resolve_placement(placement, weights)
     model = AutoModelForImageTextToText.from_pretrained(
         str(weights), dtype=resolved.dtype, attn_implementation=resolved.attention, local_files_only=True,
