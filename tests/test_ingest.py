@@ -22,6 +22,7 @@ from PIL import Image
 
 from dpe.blobstore import BlobStore, ImageLimits
 from dpe.bus.aio import AsyncPublisher
+from dpe.bus.options import consumer_tuning, kafka_python_options
 from dpe.cli import main
 from dpe.config import with_overrides
 from dpe.events import UnlabeledItem
@@ -291,8 +292,11 @@ async def test_an_endless_source_waits_for_its_consumers_past_max_backlog(settin
         published_alone = sum(ingestor.backlog.published.values())
         assert not task.done() and published_alone <= 8 + 4, published_alone
 
-        consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap_servers, group_id="slow-agents",
-                                 auto_offset_reset="earliest", enable_auto_commit=False)
+        # The project's consumer tuning: with kafka-python's default session timeout the embedded broker
+        # holds a group join for about 23 s (half of it), longer on a loaded machine.
+        consumer = KafkaConsumer(topic, group_id="slow-agents",
+                                 **kafka_python_options(configured.kafka, broker.bootstrap_servers),
+                                 **consumer_tuning(configured.kafka))
         deadline = time.monotonic() + 60
         while not task.done() and time.monotonic() < deadline:
             await asyncio.to_thread(consumer.poll, 500)
