@@ -19,6 +19,7 @@ import time
 import torch
 
 from benchmarks._stats import print_table, spread
+from dpe.inference import LocalVersion
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.model import Policy, build_tiny_policy
 from producers.evaluator.items import EvalItem, heldout_items
@@ -29,7 +30,7 @@ from producers.evaluator.settings import SyntheticSuites
 def items_per_second(policy: Policy, items: list[EvalItem], batch_size: int, max_new_tokens: int) -> float:
     """Items evaluated per second in one full pass."""
     started = time.perf_counter()
-    outcomes = evaluate_items(policy, items, policy_version=0, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    outcomes = evaluate_items(LocalVersion(policy, 0), items, batch_size=batch_size, max_new_tokens=max_new_tokens)
     elapsed = time.perf_counter() - started
     assert len(outcomes) == len(items)
     return len(items) / elapsed

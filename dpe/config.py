@@ -133,6 +133,47 @@ class PlacementSettings(Section):
     )
 
 
+class InferenceSettings(Section):
+    """Where the evaluator, the difficulty band and the auditor's target get the current policy's answers.
+
+    ``local``: each loads its own copy of every checkpoint (where ``placement`` says). ``server``: they ask the
+    policy server (`dpe serve policy`, vLLM in production) at `url` for ``model@vN``, the version they grade, and
+    load nothing; a version the server has not loaded yet is waited for, up to `wait_s`, and a reply that names
+    another version is refused, so an outcome is never attributed to the wrong version.
+
+    >>> InferenceSettings(mode="server").versioned(3)
+    'dpe-policy@v3'
+    """
+
+    mode: Literal["local", "server"] = "local"
+    url: str = Field("http://127.0.0.1:8100/v1", description="The policy server's OpenAI base URL.")
+    model: str = Field("dpe-policy", pattern=r"^[A-Za-z0-9_.-]+$", description="Its model name (policy.model_name).")
+    wait_s: float = Field(600.0, gt=0, description="How long to wait for the server to serve a version.")
+    timeout_s: float = Field(300.0, gt=0, description="Per request (a batch of n completions).")
+    concurrency: int = Field(16, ge=1, description="Requests in flight per caller; the server batches them.")
+
+    def versioned(self, version: int) -> str:
+        """The model name that asks for policy version `version` itself."""
+        return versioned_model(self.model, version)
+
+
+def versioned_model(model: str, version: int) -> str:
+    """The name a policy server answers policy version `version` of `model` under (`model_version` reads it)."""
+    return f"{model}@v{version}"
+
+
+def model_version(name: str) -> tuple[str, int | None]:
+    """The model and the version a served model name asks for (None: the newest); ValueError for a bad version.
+
+    >>> model_version("dpe-policy@v12"), model_version("dpe-policy")
+    (('dpe-policy', 12), ('dpe-policy', None))
+    """
+    model, _, version = name.partition("@v")
+    if version and not version.isdigit():
+        raise ValueError(f"{name!r} names no policy version (model@vN)")
+    return model, int(version) if version else None
+
+
 WORLD_CAPABILITIES: tuple[str, ...] = (
     "counting", "color", "spatial", "existence", "text_reading", "chart", "arithmetic",
 )
@@ -190,6 +231,7 @@ class CoreSettings(BaseSettings):
     blob: BlobSettings = Field(default_factory=BlobSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     log_level: str = "INFO"
     capabilities: tuple[str, ...] = Field(
         default_factory=world_capabilities, min_length=1,

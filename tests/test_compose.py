@@ -33,10 +33,12 @@ DPE_COMMANDS = {
     "evaluator": ["serve", "evaluator"],
     "auditor": ["serve", "auditor"],
     "agents": ["serve", "agents"],
-    "trainer": ["serve", "trainer"],
+    "trainer": ["serve", "trainer", "--num-processes", "${DPE_TRAINER_GPUS:-1}"],
     "ingest": ["ingest", "--watch", "/data/inbox"],
+    "policy": ["serve", "policy"],
 }
-METRICS_PORTS = {"weakness": 9101, "evaluator": 9102, "auditor": 9103, "agents": 9104, "trainer": 9105, "ingest": 9106}
+METRICS_PORTS = {"weakness": 9101, "evaluator": 9102, "auditor": 9103, "agents": 9104, "trainer": 9105, "ingest": 9106,
+                 "policy": 9107}
 ONE_SHOT = {"topics"}
 
 VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -172,7 +174,8 @@ def test_dpe_services_build_the_project_image_and_run_dpe_subcommands(
     assert {name: svc["command"] for name, svc in dpe_services.items()} == DPE_COMMANDS
     for name, svc in dpe_services.items():
         assert svc["build"] == {"context": ".", "dockerfile": "Dockerfile"}, name
-        assert _resolves(svc["command"]), f"{name}: `dpe {' '.join(svc['command'])}` is not a dpe command"
+        command = [interpolate(arg) for arg in svc["command"]]
+        assert _resolves(command), f"{name}: `dpe {' '.join(command)}` is not a dpe command"
         assert "entrypoint" not in svc, f"{name} must run the image's `dpe` entrypoint"
     assert len({svc["image"] for svc in dpe_services.values()}) == 1, "one image for every dpe service"
 
@@ -310,6 +313,53 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboards(services: 
     [provider] = yaml.safe_load((GRAFANA_PROVISIONING / "dashboards/dpe.yml").read_text())["providers"]
     assert provider["type"] == "file"
     assert provider["options"]["path"] == mounts["./monitoring/grafana/dashboards"]
+
+
+# --- GPUs, the policy server, vLLM and Kafka -----------------------------------------------------
+
+
+def gpu_count(svc: dict[str, Any]) -> int:
+    """The NVIDIA GPUs a service reserves (0: none), with its variables at their defaults."""
+    devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    return sum(int(interpolate(str(device["count"]))) for device in devices
+               if device.get("driver") == "nvidia" and "gpu" in device["capabilities"])
+
+
+def test_the_trainer_and_the_policy_server_reserve_gpus_and_the_trainer_one_rank_per_gpu(
+    dpe_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reserving = {name: gpu_count(svc) for name, svc in dpe_services.items() if gpu_count(svc)}
+    assert reserving == {"trainer": 1, "policy": 1}
+    trainer = dpe_services["trainer"]
+    assert trainer["command"][-1] == trainer["deploy"]["resources"]["reservations"]["devices"][0]["count"], \
+        "as many DeepSpeed ranks as reserved GPUs"
+    for var in [v for v in os.environ if v.startswith("DPE_")]:
+        monkeypatch.delenv(var)
+    assert Settings.load(ROOT / "deploy/dpe.yaml").placement.device == "auto", "a reserved GPU is used when present"
+
+
+def test_the_policy_server_answers_for_every_service_that_grades_or_filters_by_the_policy(
+    dpe_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Served inference is the compose default: the evaluator, the agents' difficulty band and the auditor ask the
+    policy server, at the address it listens on, for the model it serves."""
+    for var in [v for v in os.environ if v.startswith("DPE_")]:
+        monkeypatch.delenv(var)
+    policy = dpe_services["policy"]["environment"]
+    with monkeypatch.context() as server_env:
+        for name, value in policy.items():
+            server_env.setenv(name, value)
+        server = Settings.load(ROOT / "deploy/dpe.yaml").policy
+    assert server.host == "0.0.0.0"
+    for name in ("evaluator", "agents", "auditor"):
+        with monkeypatch.context() as client_env:
+            for variable, value in dpe_services[name]["environment"].items():
+                client_env.setenv(variable, value)
+            inference = Settings.load(ROOT / "deploy/dpe.yaml").inference
+        assert inference.mode == "server", name
+        assert inference.url == f"http://policy:{server.port}/v1" and inference.model == server.model_name, name
+    for name in ("weakness", "trainer", "ingest"):
+        assert "DPE_INFERENCE__MODE" not in dpe_services[name]["environment"], name
 
 
 # --- vLLM and Kafka ------------------------------------------------------------------------------

@@ -41,12 +41,13 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture
 def own_answer_benchmark(tmp_path, checkpoint):
     """A one-row benchmark whose expected answer is the tiny model's own greedy answer: a sure success."""
+    from dpe.inference import LocalVersion
     from dpe.policy.model import load_policy
 
     (tmp_path / "bench").mkdir()
     Image.new("RGB", (64, 64), "orange").save(tmp_path / "bench" / "sq.png")
     probe = EvalItem("own", "1", "color", (tmp_path / "bench" / "sq.png").read_bytes(), "What is it?", "x", "text")
-    output = answer_items(load_policy(checkpoint), [probe], max_new_tokens=MAX_NEW_TOKENS)[0]
+    output = answer_items(LocalVersion(load_policy(checkpoint), 0), [probe], max_new_tokens=MAX_NEW_TOKENS)[0]
     row = {"id": "1", "question": "What is it?", "answer": extract_answer(output), "answer_type": "text",
            "image": "sq.png", "capability": "color"}
     (tmp_path / "bench" / "own.jsonl").write_text(json.dumps(row) + "\n")

@@ -16,6 +16,7 @@ from consumers.qc.difficulty import PolicyHolder
 from dpe.config import CoreSettings, PlacementSettings
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.generation import SamplingParams, generate
+from dpe.inference import PolicyVersions
 from dpe.policy.model import build_tiny_policy, load_policy
 from dpe.policy.placement import PlacementUnavailable, resolve_placement
 from dpe.policy.weights import checkpoint_parameters
@@ -96,15 +97,16 @@ def test_a_policy_loaded_in_bfloat16_answers_on_the_cpu(tiny_folder):
 
 
 async def test_the_difficulty_band_loads_where_the_settings_say(tiny_folder):
-    holder = PolicyHolder(str(tiny_folder), [tiny_folder.parent], PlacementSettings(dtype="bfloat16"))
+    holder = PolicyHolder(str(tiny_folder), [tiny_folder.parent],
+                          PolicyVersions(placement=PlacementSettings(dtype="bfloat16")))
     await holder.start()
     assert holder.get().policy.model.dtype == torch.bfloat16
 
 
 @NO_GPU
 async def test_services_asked_for_a_missing_gpu_stop_at_start_not_at_their_first_checkpoint(tiny_folder):
-    on_gpu = PlacementSettings(device="cuda")
+    on_gpu = PolicyVersions(placement=PlacementSettings(device="cuda"))
     with pytest.raises(PlacementUnavailable):
         await PolicyHolder(str(tiny_folder), [tiny_folder.parent], on_gpu).start()
     with pytest.raises(PlacementUnavailable):
-        Evaluator(EvaluatorSettings(synthetic=None), CoreSettings().blob.limits, placement=on_gpu)
+        Evaluator(EvaluatorSettings(synthetic=None), CoreSettings().blob.limits, versions=on_gpu)

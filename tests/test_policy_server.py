@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -40,9 +42,9 @@ def tiny(seed: int, folder: Path) -> tuple[Policy, Path]:
     return policy, policy.save(folder)
 
 
-def local_answers(policy: Policy, params: SamplingParams, seed: int | None = None) -> list[str]:
-    """What `policy` answers `ITEM` in-process."""
-    (answers,) = generate(policy, [ITEM.image], [build_messages(ITEM.question, ITEM.answer_type, ITEM.options)],
+def local_answers(policy: Policy, params: SamplingParams, seed: int | None = None, item=ITEM) -> list[str]:
+    """What `policy` answers `item` in-process."""
+    (answers,) = generate(policy, [item.image], [build_messages(item.question, item.answer_type, item.options)],
                           params, seed=seed)
     return answers
 
@@ -145,3 +147,80 @@ def test_dpe_serve_policy_serves_its_base_until_sigterm(settings, tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+@pytest.mark.timeout(300)
+async def test_served_versions_answer_batches_like_local_copies_and_never_under_another_version(settings, tmp_path):
+    """`ServedPolicy` (what the evaluator, the band and the auditor use under `inference.mode: server`): many prompts
+    at once give each prompt its version's own greedy answer; a version not loaded yet is waited for, one the server
+    has moved past fails at once, and a reply that names another model is refused."""
+    from dpe.endpoint.server import LocalServer, LocalVLM, ServerConfig
+    from dpe.endpoint.served import ServedPolicy, VersionNotServed, WrongVersion
+    from dpe.inference import PolicyVersions
+    from dpe.policy.checkpoints import CheckpointOutsideRoots
+
+    checkpoints = settings.home / "checkpoints"
+    clients = ThreadPoolExecutor(max_workers=16, thread_name_prefix="client")
+
+    def client_side(call, *args, **options):
+        """`call` on a thread of the clients' own: the server in this event loop generates in the default pool,
+        which blocking clients there would fill (in production the server is its own process)."""
+        return asyncio.get_running_loop().run_in_executor(clients, partial(call, *args, **options))
+
+    v1, v1_folder = tiny(1, checkpoints / "v00000001")
+    v2, v2_folder = tiny(2, checkpoints / "v00000002")
+    _, outside = tiny(3, tmp_path / "elsewhere")
+    port = free_port()
+    configured = with_overrides(settings, {"policy": {"port": port, "keep_versions": 1},
+                                           "inference": {"mode": "server", "url": f"http://127.0.0.1:{port}/v1",
+                                                         "wait_s": 60}})
+    stop, ready = asyncio.Event(), asyncio.Event()
+    server = asyncio.create_task(serve_policy(configured, stop, ready))
+    await asyncio.wait_for(ready.wait(), 60)
+    versions = PolicyVersions(configured.inference, configured.placement, role="test")
+    items = diagnostic_sample(0, 12)
+    images = [item.image for item in items]
+    conversations = [build_messages(item.question, item.answer_type, item.options) for item in items]
+    greedy = SamplingParams(max_new_tokens=6)
+    try:
+        opening = client_side(versions.open, str(v1_folder), 1, roots=[checkpoints])
+        await asyncio.sleep(1.0)
+        assert not opening.done(), "a version the server has not loaded is waited for"
+        async with AsyncPublisher(configured, producer_name="test") as publisher:
+            await publisher.publish(Checkpoint(policy_version=1, parent_version=0, uri=str(v1_folder)))
+            await publisher.flush()
+        served_v1 = await asyncio.wait_for(opening, 60)
+        one_by_one = [client_side(served_v1.generate, [image], [conversation], greedy)
+                      for image, conversation in zip(images, conversations)]
+        answers, *singles = await asyncio.gather(
+            client_side(served_v1.generate, images, conversations, greedy), *one_by_one)
+        assert answers == [local_answers(v1, greedy, item=item) for item in items]
+        assert [single for (single,) in singles] == answers, "the same answer alone or in a batch"
+        sampler = served_v1.sampler(images, conversations)
+        drawn = await client_side(sampler, SamplingParams(max_new_tokens=4, temperature=1.0, num_samples=3),
+                                        [5, 2])
+        assert [len(samples) for samples in drawn] == [3, 3]
+
+        with pytest.raises(CheckpointOutsideRoots):
+            versions.open(str(outside), 3, roots=[checkpoints])
+        async with AsyncPublisher(configured, producer_name="test") as publisher:
+            await publisher.publish(Checkpoint(policy_version=2, parent_version=1, uri=str(v2_folder)))
+            await publisher.flush()
+        served_v2 = await client_side(versions.open, str(v2_folder), 2, roots=[checkpoints])
+        assert await client_side(served_v2.generate, images[:2], conversations[:2], greedy) == [
+            local_answers(v2, greedy, item=item) for item in items[:2]]
+        with pytest.raises(VersionNotServed, match=r"policy version 1 is no longer served .*loaded: 2"):
+            await client_side(served_v1.generate, images[:1], conversations[:1], greedy)
+        impatient = ServedPolicy(configured.inference.model_copy(update={"wait_s": 1.0}), role="test")
+        with pytest.raises(VersionNotServed, match="policy version 7 was not served .* within 1s"):
+            await client_side(impatient.wait_served, 7)
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 30)
+        versions.close()
+
+    async with LocalServer(LocalVLM(v1, ServerConfig(model_name="another-model"))) as other:
+        wrong = ServedPolicy(configured.inference.model_copy(update={"url": other.url}), role="test")
+        with pytest.raises(WrongVersion, match="asked dpe-policy@v1, the reply names another-model"):
+            await client_side(wrong.generate, 1, images[:1], conversations[:1], greedy)
+    clients.shutdown()

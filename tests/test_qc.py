@@ -28,11 +28,11 @@ from consumers.qc.checks import (
     SchemaCheck,
     schema_problem,
 )
-from consumers.qc import difficulty
 from consumers.qc.dedup import DedupKey, NearDuplicateIndex
 from consumers.qc.difficulty import PolicyHolder, PolicyPassRate, decided, next_stage
 from consumers.qc.settings import DifficultySettings
 from consumers.roles import AnswererQuestion, ItemContext, TaskPlan
+from dpe import inference
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher
 from dpe.config import with_overrides
@@ -201,11 +201,11 @@ async def test_a_checkpoint_loaded_while_the_base_policy_loads_is_kept(tiny_poli
     checkpoint_loaded = threading.Event()
 
     def load(folder: str, **options: Any) -> Any:
-        if "roots" not in options:  # the base policy: its load ends after the checkpoint's
+        if options.get("roots") is None:  # the base policy: its load ends after the checkpoint's
             checkpoint_loaded.wait(30)
         return load_checkpoint(folder, **options)
 
-    monkeypatch.setattr(difficulty, "load_checkpoint", load)
+    monkeypatch.setattr(inference, "load_checkpoint", load)
     starting = asyncio.create_task(holder.start())
     await asyncio.sleep(0)
     await holder.use(Checkpoint(policy_version=3, uri=tiny_policy_folder))

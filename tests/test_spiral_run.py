@@ -77,7 +77,8 @@ def launch(tmp_path: Path, how: list[str], log_name: str = "run.log", max_versio
     (process, its log). `max_versions` is the trainer's staleness bound; `fast_path` puts the agents, ingest and
     auditor on `FAST_PATH`."""
     config = tmp_path / "dpe.yaml"
-    sections = {section: {"metrics_port": 0} for section in ("stream", "evaluator", "auditor", "agents", "ingest")}
+    sections = {section: {"metrics_port": 0}
+                for section in ("stream", "evaluator", "auditor", "agents", "ingest", "policy")}
     sections["evaluator"] |= QUICK_EVAL
     if fast_path:
         for section in ("agents", "ingest", "auditor"):
@@ -295,21 +296,44 @@ def test_dpe_experiment_starts_every_arm_from_the_given_base_model_and_writes_it
         assert not (folder / arm / "seed0" / "bus").exists(), "an experiment's run saves no bus"
 
 
-def test_dpe_run_lora_trains_adapters_that_every_service_loads_merged(tmp_path):
-    """`dpe run --lora 8`: the trainer writes adapter-only checkpoints, and the evaluator, the difficulty band and the
-    auditor load each one onto its base, so every round is graded and the next one filtered by the new version."""
+def two_graded_rounds(tmp_path: Path, *how: str) -> tuple[Path, Path]:
+    """`dpe run --rounds 2 --round-samples 24` with the options `how` on a quickly warmed base, which must complete
+    with every version graded: (the run's folder, the base model's)."""
     base_model = warm_up(WarmupConfig(steps=60), show_progress=False).folder
-    proc, log = launch(tmp_path, ["--lora", "8", "--rounds", "2", "--round-samples", "24",
-                                  "--base-model", str(base_model), "--run-id", "r"])
+    proc, log = launch(tmp_path, [*how, "--rounds", "2", "--round-samples", "24", "--base-model", str(base_model),
+                                  "--run-id", "r"])
     assert proc.wait(540) == 0, log.read_text(errors="replace")[-3000:]
     run = tmp_path / "runs" / "r"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] is True
     assert [record["policy_version"] for record in summary["rounds"]] == [0, 1, 2]
     assert all(record["heldout_items"] > 0 for record in summary["rounds"]), "every version was graded"
+    return run, base_model
+
+
+def test_dpe_run_lora_trains_adapters_that_every_service_loads_merged(tmp_path):
+    """`dpe run --lora 8`: the trainer writes adapter-only checkpoints, and the evaluator, the difficulty band and the
+    auditor load each one onto its base, so every round is graded and the next one filtered by the new version."""
+    run, base_model = two_graded_rounds(tmp_path, "--lora", "8")
     checkpoints = sorted((run / "home" / "checkpoints").glob("v*"))
     assert {"v00000001", "v00000002"} <= {folder.name for folder in checkpoints}, "(a round may end as the run stops)"
     for folder in checkpoints:
         assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_model)
         assert not (folder / "model.safetensors").exists(), "adapter-only checkpoints"
-    assert "cannot load policy" not in (run / "logs" / "agents.log").read_text(), "the band loaded every version"
+    assert "cannot open policy" not in (run / "logs" / "agents.log").read_text(), "the band loaded every version"
+
+
+@pytest.mark.parametrize("lora", [None, 8], ids=["full", "lora"])
+def test_dpe_run_inference_server_grades_every_version_through_one_policy_server(tmp_path, lora):
+    """`dpe run --inference server` (and with `--lora 8`): the run starts `dpe serve policy`, which loads each
+    version (an adapter merged onto its base); the evaluator, the difficulty band and the auditor load none and ask
+    it for `dpe-policy@vN`, so every round is graded by the version it names."""
+    run, _ = two_graded_rounds(tmp_path, "--inference", "server", *(["--lora", str(lora)] if lora else []))
+    logs = {name: (run / "logs" / f"{name}.log").read_text() for name in ("policy", "evaluator", "agents", "auditor")}
+    assert all(f"serving policy v{version} " in logs["policy"] for version in (0, 1, 2)), logs["policy"][-2000:]
+    for version in (0, 1, 2):
+        assert f"policy v{version}: answered by the policy server" in logs["evaluator"], logs["evaluator"][-2000:]
+    assert "policy v0: answered by the policy server" in logs["agents"], "the band asked the server"
+    assert "answered by the policy server" in logs["auditor"], "the auditor's target is served"
+    if lora:
+        assert not (run / "home" / "checkpoints" / "v00000001" / "model.safetensors").exists(), "adapter-only"

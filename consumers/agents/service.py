@@ -81,6 +81,7 @@ from dpe.bus.follower import Follower, now_ms
 from dpe.endpoint.client import EndpointClient
 from dpe.events import AcceptedSample, Checkpoint, Diagnosis, Event, QuotaPlan, UnlabeledItem
 from dpe.imaging import PillowEditor
+from dpe.inference import PolicyVersions
 from dpe.policy.checkpoints import REFUSALS, allowed_roots, loadable_folder
 from monitoring.metrics import AGENT_ITEMS, AGENT_OUT_OF_REACH, AGENT_SAMPLES, QUOTA_PLAN_STARTED, QUOTA_REMAINING
 
@@ -163,7 +164,8 @@ class AgentWorker:
         self.store = BlobStore(settings.blob.url, settings.blob.limits)
         qc = settings.agents.qc
         self.index = NearDuplicateIndex(qc.image_distance, qc.colour_distance, qc.text_similarity)
-        self.holder = PolicyHolder(qc.difficulty.base_policy, allowed_roots(settings), settings.placement)
+        self.holder = PolicyHolder(qc.difficulty.base_policy, allowed_roots(settings),
+                                   PolicyVersions(settings.inference, settings.placement, role="band"))
         self.lock = asyncio.Lock()
         self.inflight: set[asyncio.Task] = set()
         self.revoking = False

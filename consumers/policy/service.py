@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from dpe.bus.aio import AsyncPublisher
 from dpe.bus.follower import Follower
+from dpe.config import model_version
 from dpe.endpoint.server import LocalServer, LocalVLM, ServerConfig, UnknownModel
 from dpe.events import Checkpoint
 from dpe.policy.checkpoints import REFUSALS, allowed_roots, load_checkpoint
@@ -56,11 +57,14 @@ class VersionedModels:
 
     def lookup(self, name: str) -> tuple[str, LocalVLM]:
         """``model_name``: the newest version; ``model_name@vN``: version N; anything else is unknown."""
-        base, _, version = name.partition("@v")
-        if base != self.settings.model_name or (version and not version.isdigit()):
+        try:
+            base, version = model_version(name)
+        except ValueError:
+            base = ""
+        if base != self.settings.model_name:
             raise UnknownModel(f"model {name!r} is not served here: ask for {self.settings.model_name} (the newest "
                                f"version) or {self.settings.model_name}@vN (version N)")
-        wanted = int(version) if version else self.newest
+        wanted = self.newest if version is None else version
         if wanted not in self.loaded:
             shown = ", ".join(map(str, sorted(self.loaded))) or "none yet"
             raise UnknownModel(f"policy version {'newest' if wanted is None else wanted} is not loaded here "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from dpe.config import CoreSettings
+from dpe.config import CoreSettings, versioned_model
 from dpe.section import Section
 
 
@@ -44,7 +44,7 @@ class PolicyServerSettings(Section):
 
     def versioned(self, version: int) -> str:
         """The model name that asks for policy version `version` itself."""
-        return f"{self.model_name}@v{version}"
+        return versioned_model(self.model_name, version)
 
 
 class PolicyServerConfig(CoreSettings):

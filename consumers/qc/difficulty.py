@@ -1,10 +1,11 @@
 """The difficulty band: how often the current policy solves a sample out of k sampled answers.
 
 `PolicyHolder` keeps the policy to measure against: the newest checkpoint announced on the
-checkpoints topic (loaded from its folder in a thread, swapped in when ready; given checkpoint
-roots, one outside them is refused unloaded), or a configured base policy before the first
-checkpoint. `PolicyPassRate` batches concurrent samples, encodes their prompts once
-(`dpe.policy.generation.encode_prompts`) and rolls out answers at the configured temperature in
+checkpoints topic (opened in a thread and swapped in when ready: loaded from its folder, or under
+``inference.mode: server`` once the policy server serves it; given checkpoint roots, one outside
+them is refused unloaded), or a configured base policy before the first checkpoint.
+`PolicyPassRate` batches concurrent samples, prepares their prompts once (`PolicyVersion.sampler`:
+a local copy encodes them once) and rolls out answers at the configured temperature in
 stages (`next_stage`), grading them with `dpe.grading.grade`, the same grading as training rewards:
 a sample stops as soon as its verdict is certain (`decided`), so the reference band (3-7 of 9)
 spends about 7.2 rollouts per sample instead of 9 and never changes a verdict.
@@ -29,15 +30,15 @@ from PIL import Image
 
 from consumers.qc.settings import DifficultySettings
 from dpe.batching import MicroBatcher
-from dpe.config import PlacementSettings
+from dpe.endpoint.client import EndpointFailure
+from dpe.endpoint.served import VersionNotServed, WrongVersion
 from dpe.events import Checkpoint, SampleBody
 from dpe.grading import grade
-from dpe.policy.checkpoints import load_checkpoint
 from dpe.policy.prompts import build_messages
 from monitoring.metrics import AGENT_BAND_ROLLOUTS, AGENT_POLICY_VERSION
 
 if TYPE_CHECKING:
-    from dpe.policy.model import Policy
+    from dpe.inference import PolicyVersion, PolicyVersions
 
 log = logging.getLogger(__name__)
 
@@ -46,56 +47,49 @@ class PolicyUnavailable(RuntimeError):
     """No checkpoint has been announced and no base policy is configured."""
 
 
-@dataclass(frozen=True)
-class VersionedPolicy:
-    policy: "Policy"
-    version: int
-
-
 class PolicyHolder:
     """The newest policy: the latest checkpoint's, or the base policy (version 0) before any.
 
-    Announced checkpoints load only from inside `roots` (`dpe.policy.checkpoints.allowed_roots` of the
-    settings); the base policy is the operator's own folder.
+    Announced checkpoints open only from inside `roots` (`dpe.policy.checkpoints.allowed_roots` of the
+    settings); the base policy is the operator's own folder. `versions` opens them (local copies by default).
     """
 
-    def __init__(self, base_policy: str | None, roots: Sequence[Path],
-                 placement: PlacementSettings = PlacementSettings()):
+    def __init__(self, base_policy: str | None, roots: Sequence[Path], versions: "PolicyVersions | None" = None):
+        from dpe.inference import PolicyVersions
+
         self.base_policy = base_policy
         self.roots = roots
-        self.placement = placement
-        self.current: VersionedPolicy | None = None
+        self.versions = versions or PolicyVersions(role="band")
+        self.current: PolicyVersion | None = None
 
     async def start(self) -> None:
         """Check the placement (one this machine cannot honour stops the agents now, not at the first checkpoint),
-        then load the base policy, if one is configured and nothing newer is loaded, before or while it loads (a
-        resumed run's newest checkpoint may be announced meanwhile: the base never replaces it)."""
-        from dpe.policy.placement import resolve_placement
-
-        resolve_placement(self.placement)
+        then open the base policy as version 0, if one is configured and nothing newer is open, before or while it
+        opens (a resumed run's newest checkpoint may be announced meanwhile: the base never replaces it)."""
+        self.versions.check()
         if self.base_policy and self.current is None:
-            base = await asyncio.to_thread(load_checkpoint, self.base_policy, placement=self.placement)
+            base = await asyncio.to_thread(self.versions.open, self.base_policy, 0)
             if self.current is None:
-                self._swap(VersionedPolicy(base, 0))
+                self._swap(base)
 
     async def use(self, checkpoint: Checkpoint) -> None:
-        """Load a checkpoint's policy if it is newer than the current one (a failed load keeps the old one)."""
+        """Open a checkpoint's policy if it is newer than the current one (a failed open keeps the old one)."""
         if self.current is not None and checkpoint.policy_version <= self.current.version:
             return
         try:
-            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots,
-                                           placement=self.placement)
+            policy = await asyncio.to_thread(self.versions.open, checkpoint.uri, checkpoint.policy_version,
+                                             roots=self.roots)
         except Exception as exc:  # noqa: BLE001 - a bad (or refused) checkpoint must not stop the agents
-            log.error("cannot load policy v%s from %s: %s", checkpoint.policy_version, checkpoint.uri, exc)
+            log.error("cannot open policy v%s from %s: %s", checkpoint.policy_version, checkpoint.uri, exc)
             return
         if self.current is None or checkpoint.policy_version > self.current.version:
-            self._swap(VersionedPolicy(policy, checkpoint.policy_version))
+            self._swap(policy)
 
-    def _swap(self, versioned: VersionedPolicy) -> None:
-        self.current = versioned
-        AGENT_POLICY_VERSION.set(versioned.version)
+    def _swap(self, policy: "PolicyVersion") -> None:
+        self.current = policy
+        AGENT_POLICY_VERSION.set(policy.version)
 
-    def get(self) -> VersionedPolicy:
+    def get(self) -> "PolicyVersion":
         if self.current is None:
             raise PolicyUnavailable("no checkpoint announced yet and no base policy configured")
         return self.current
@@ -113,7 +107,7 @@ class PassRate:
 
 @dataclass(frozen=True)
 class _Rollout:
-    versioned: VersionedPolicy
+    policy: "PolicyVersion"
     image: Image.Image
     body: SampleBody
 
@@ -129,36 +123,40 @@ class PolicyPassRate:
                                                                                window_s=0.01)
 
     async def measure(self, image: Image.Image, body: SampleBody) -> PassRate:
-        """The current policy's pass rate on a sample; raises `PolicyUnavailable`."""
-        versioned = self.holder.get()
-        correct, rollouts = await self._batcher.submit(_Rollout(versioned, image, body))
-        return PassRate(correct, rollouts, versioned.version)
+        """The current policy's pass rate on a sample; raises `PolicyUnavailable` (also when the policy server
+        gives no answers)."""
+        policy = self.holder.get()
+        try:
+            correct, rollouts = await self._batcher.submit(_Rollout(policy, image, body))
+        except (EndpointFailure, VersionNotServed, WrongVersion) as exc:
+            raise PolicyUnavailable(f"the policy server: {exc}") from exc
+        return PassRate(correct, rollouts, policy.version)
 
     async def close(self) -> None:
         await self._batcher.close()
 
     def _solve(self, rollouts: list[_Rollout]) -> list[tuple[int, int]]:
         counts: dict[int, tuple[int, int]] = {}
-        for versioned in {id(r.versioned): r.versioned for r in rollouts}.values():
-            group = [(i, r) for i, r in enumerate(rollouts) if r.versioned is versioned]
-            solved = self._solve_group(versioned.policy, [r for _, r in group])
+        for policy in {id(r.policy): r.policy for r in rollouts}.values():
+            group = [(i, r) for i, r in enumerate(rollouts) if r.policy is policy]
+            solved = self._solve_group(policy, [r for _, r in group])
             counts.update((i, count) for (i, _), count in zip(group, solved))
         return [counts[i] for i in range(len(rollouts))]
 
-    def _solve_group(self, policy: "Policy", rollouts: list[_Rollout]) -> list[tuple[int, int]]:
-        """(correct answers, rollouts) per sample, all measured by one policy: the prompts are encoded once, then
-        sampled in stages until every sample's verdict is certain (`next_stage`), so a sample stops as soon as it
-        is certainly above, below or inside the band."""
-        from dpe.policy.generation import SamplingParams, encode_prompts, sample
+    def _solve_group(self, policy: "PolicyVersion", rollouts: list[_Rollout]) -> list[tuple[int, int]]:
+        """(correct answers, rollouts) per sample, all measured by one policy version: the prompts are prepared
+        once, then sampled in stages until every sample's verdict is certain (`next_stage`), so a sample stops as
+        soon as it is certainly above, below or inside the band."""
+        from dpe.policy.generation import SamplingParams
 
         conversations = [build_messages(r.body.question, r.body.answer_type, r.body.options) for r in rollouts]
-        prompts = encode_prompts(policy, [r.image.convert("RGB") for r in rollouts], conversations)
+        sampler = policy.sampler([r.image.convert("RGB") for r in rollouts], conversations)
         correct, done = [0] * len(rollouts), [0] * len(rollouts)
         while stage := next_stage(correct, done, self.settings):
             live = [i for i in range(len(rollouts)) if not decided(correct[i], done[i], self.settings)]
             params = SamplingParams(max_new_tokens=self.settings.max_new_tokens,
                                     temperature=self.settings.temperature, num_samples=stage)
-            for i, samples in zip(live, sample(policy, prompts, params, rows=live)):
+            for i, samples in zip(live, sampler(params, live)):
                 correct[i] += sum(grade(text, rollouts[i].body.key).correct for text in samples)
                 done[i] += stage
             AGENT_BAND_ROLLOUTS.inc(stage * len(live))

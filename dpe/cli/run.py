@@ -63,11 +63,14 @@ LORA = click.option(
               help="The synthetic world's stream too (default: only when no folder is given).")
 @click.option("--difficulty/--no-difficulty", default=SpiralOptions.difficulty, show_default=True,
               help="Keep only samples the current policy solves 3-7 times of 9 (the difficulty band).")
+@click.option("--inference", type=click.Choice(["local", "server"]), default=None,
+              help="server: start `dpe serve policy` and have the evaluator, the difficulty band and the auditor ask "
+              "it for each version's answers; local: each loads its own copy (default: inference.mode).")
 @pass_state
 def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round_samples: int,
         round_timeout_s: float, base_model: Path | None, lora: int | None, runs_dir: Path, run_id: str | None,
         live: bool, timeout_s: float, bus_memory_mb: float, resume_id: str | None, images: Path | None,
-        watch: Path | None, synthetic: bool | None, difficulty: bool) -> None:
+        watch: Path | None, synthetic: bool | None, difficulty: bool, inference: str | None) -> None:
     """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds.
 
     Ctrl-C and SIGTERM (``docker stop``, systemd) both stop every service, save the run for --resume
@@ -83,7 +86,7 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
                                 round_timeout_s=round_timeout_s, base_model=base_model, lora=lora, runs_dir=runs_dir,
                                 bus_memory_mb=bus_memory_mb, **session,
                                 images=images and images.resolve(), watch=watch and watch.resolve(), synthetic=synthetic,
-                                difficulty=difficulty,
+                                difficulty=difficulty, inference=inference,
                                 **({"run_id": run_id} if run_id else {}))
     result = run_spiral(state.settings_as(Settings), options, console)
     console.print(rounds_table(result.rounds, title=f"run {options.run_id}"))

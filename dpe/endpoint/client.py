@@ -67,10 +67,12 @@ class EndpointFailure(Exception):
     'timeout: judge: gave up after 2 requests (APITimeoutError)'
     """
 
-    def __init__(self, reason: EndpointReason, detail: str = "") -> None:
+    def __init__(self, reason: EndpointReason, detail: str = "", status: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.status = status
+        """The HTTP status of the last answer, if there was one."""
 
 
 def image_data_url(image: Image.Image) -> str:
@@ -152,9 +154,14 @@ def _response_format(role: str, model: type[BaseModel]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": f"{role}_reply", "schema": model.model_json_schema()}}
 
 
-def _reply_text(role: str, response: ChatCompletion) -> str:
-    """The text of a completion ('' when it has none), counted as an ``ok`` request."""
+def _answered(role: str, response: ChatCompletion) -> ChatCompletion:
+    """`response`, counted as an ``ok`` request."""
     LLM_REQUESTS.labels(role, "ok").inc()
+    return response
+
+
+def _reply_text(response: ChatCompletion) -> str:
+    """The text of a completion ('' when it has none)."""
     return (response.choices[0].message.content or "") if response.choices else ""
 
 
@@ -191,6 +198,17 @@ class EndpointClient:
         await self._async_openai.close()
         self._openai.close()
 
+    def close_sync(self) -> None:
+        """Close the connections of the synchronous calls (a caller that never used the async ones)."""
+        self._openai.close()
+
+    def model_names(self) -> list[str]:
+        """The models the endpoint lists (``GET /v1/models``), asked once; `EndpointFailure` when that fails."""
+        try:
+            return [model.id for model in self._openai.models.list()]
+        except _TRANSPORT_ERRORS as error:
+            raise EndpointFailure(failure_reason(error), f"listing models: {_described(error)}") from None
+
     async def chat(self, role: str, messages: Messages, response_format: dict[str, Any] | None = None) -> str:
         """The reply text of one completion, retried as the policy says; `EndpointFailure` when it gives up."""
         request = self._request(messages, response_format)
@@ -201,19 +219,23 @@ class EndpointClient:
             except _TRANSPORT_ERRORS as error:
                 await asyncio.sleep(self._retry_delay_s(role, attempt, error))
             else:
-                return _reply_text(role, response)
+                return _reply_text(_answered(role, response))
 
     def chat_sync(self, role: str, messages: Messages) -> str:
         """`chat` for synchronous callers (threads): the same requests, retries and failures."""
-        request = self._request(messages, None)
+        return _reply_text(self.completion_sync(role, messages))
+
+    def completion_sync(self, role: str, messages: Messages, **overrides: Any) -> ChatCompletion:
+        """The whole completion of one request from a thread, with the request's fields in `overrides` (``model``,
+        ``n``, ``temperature``, ``seed``...) over the settings'; retried as the policy says, `EndpointFailure` when
+        it gives up."""
+        request = self._request(messages, None) | overrides
         for attempt in itertools.count():
             try:
                 with self._thread_slots:
-                    response = self._openai.chat.completions.create(**request)
+                    return _answered(role, self._openai.chat.completions.create(**request))
             except _TRANSPORT_ERRORS as error:
                 time.sleep(self._retry_delay_s(role, attempt, error))
-            else:
-                return _reply_text(role, response)
 
     async def structured(self, role: str, messages: Messages, model: type[M]) -> M:
         """A reply validated as `model`, asked again after invalid output; `EndpointFailure` when it gives up."""
@@ -238,11 +260,12 @@ class EndpointClient:
         """Count the failed request `attempt` (0 first); the wait before the next, or `EndpointFailure` if none."""
         reason = failure_reason(error)
         LLM_REQUESTS.labels(role, reason).inc()
+        status = error.status_code if isinstance(error, openai.APIStatusError) else None
         if reason == "request_refused":
-            raise EndpointFailure(reason, f"{role}: {_described(error)}") from None
+            raise EndpointFailure(reason, f"{role}: {_described(error)}", status) from None
         if attempt >= self.settings.max_retries:
             detail = f"{role}: gave up after {attempt + 1} requests ({_described(error)})"
-            raise EndpointFailure(reason, detail) from None
+            raise EndpointFailure(reason, detail, status) from None
         hinted = _retry_after_s(error)
         if hinted is not None:
             return min(hinted, self.settings.backoff_max_s)

@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import copy
 import io
 import itertools
 import time
@@ -131,6 +132,9 @@ class LocalVLM:
         self.policy = policy
         self.config = config or ServerConfig()
         self.limits = ImageLimits(max_bytes=self.config.max_image_bytes)
+        self._counting = copy.deepcopy(policy.tokenizer)
+        """The tokenizer that measures prompts as requests arrive: a fast tokenizer's padding is state that each call
+        sets, so measuring with the one a batch is being encoded with (in the batcher's thread) can unpad it."""
         self._batcher: MicroBatcher[_Job, str] = MicroBatcher(self._generate, self.config.batch_size,
                                                              self.config.batch_window_s)
 
@@ -155,7 +159,7 @@ class LocalVLM:
         if request.n > 1 and request.temperature == 0:
             raise BadRequest("greedy decoding (temperature 0) gives one completion; set a temperature for n > 1")
         prompt = render_prompt(self.policy.processor, conversation)
-        if len(self.policy.tokenizer(prompt).input_ids) > self.config.max_prompt_tokens:
+        if len(self._counting(prompt).input_ids) > self.config.max_prompt_tokens:
             raise BadRequest(f"the prompt is longer than {self.config.max_prompt_tokens} tokens")
         wanted = request.max_completion_tokens or request.max_tokens or self.config.max_new_tokens
         return _Job(images[0], conversation, request.temperature, min(wanted, self.config.max_new_tokens),

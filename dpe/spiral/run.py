@@ -33,12 +33,13 @@ import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.live import Live
 
+from dpe.broker import free_port
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.config import child_env, with_overrides, write_config
@@ -86,6 +87,10 @@ class SpiralOptions:
     """A local model folder to start from instead of the warmed tiny model."""
     lora: int | None = None
     """Train a LoRA adapter of this rank instead of every weight (None: as the settings say, ``trainer.lora``)."""
+    inference: Literal["local", "server"] | None = None
+    """``server``: the run starts a policy server (`dpe serve policy`) and the evaluator, the difficulty band and the
+    auditor ask it for each version's answers; ``local``: each loads its own copy (None: as ``inference.mode``
+    says, with the server it names)."""
     bus_memory_mb: float | None = 1024.0
     """The embedded broker is rolled (its state carried over to a fresh one) past this resident memory."""
     bus_max_tail: int = 20_000
@@ -119,8 +124,8 @@ class SpiralOptions:
 
 
 RESUMED_OPTIONS = ("rounds", "round_samples", "round_timeout_s", "strategy", "ingest_rate", "images", "watch",
-                   "synthetic", "auditor", "difficulty", "stall_after_s", "base_model", "lora", "bus_memory_mb",
-                   "bus_max_tail")
+                   "synthetic", "auditor", "difficulty", "stall_after_s", "base_model", "lora", "inference",
+                   "bus_memory_mb", "bus_max_tail")
 """What a resumed run keeps of the run it goes on with (the rest says how this session shows and ends)."""
 
 
@@ -143,7 +148,8 @@ INGEST_BACKLOG = 2000
 def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, base_model: Path) -> Settings:
     """The settings every service of this run reads: the user's, plus the run's bus, folders, model and rounds.
 
-    The base model's folder joins the checkpoint roots: version 0 is announced from there.
+    The base model's folder joins the checkpoint roots: version 0 is announced from there. With ``--inference
+    server`` the run's policy server listens on a loopback port free at the time, and every service asks it.
 
     A round is one policy version: its plan is made once the evaluator has graded the version's
     round suite, and the trainer closes it when the plan's `round_samples` samples have arrived (or
@@ -167,6 +173,13 @@ def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, bas
     }
     if options.lora is not None:
         overrides["trainer"]["lora"] = {"rank": options.lora}
+    if options.inference == "server":
+        port = free_port()
+        overrides["policy"] = {"host": "127.0.0.1", "port": port}
+        overrides["inference"] = {"mode": "server", "url": f"http://127.0.0.1:{port}/v1",
+                                  "model": settings.policy.model_name}
+    elif options.inference == "local":
+        overrides["inference"] = {"mode": "local"}
     return with_overrides(settings, overrides)
 
 
@@ -179,6 +192,7 @@ BACKGROUND_NICENESS = 10
 def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]:
     """The services of the spiral, each run as ``python -m dpe ...``."""
     specs = [
+        *([ServiceSpec("policy", ["serve", "policy"])] if options.inference == "server" else []),
         ServiceSpec("weakness", ["serve", "weakness"]),
         ServiceSpec("evaluator", ["serve", "evaluator"]),
         ServiceSpec("agents", ["serve", "agents", "--base-policy", str(base_model),

@@ -35,8 +35,8 @@ from PIL import Image
 from dpe.config import PlacementSettings
 from dpe.endpoint.client import EndpointClient, EndpointFailure, image_part
 from dpe.policy.checkpoints import load_checkpoint
-from dpe.policy.generation import SamplingParams, generate
-from dpe.policy.model import Policy
+from dpe.inference import LocalVersion, PolicyVersion
+from dpe.policy.generation import SamplingParams
 from dpe.policy.prompts import build_messages, format_question
 from dpe.perception import NotPerceived
 from dpe.perception.toolchain import TOOLCHAINS
@@ -66,9 +66,9 @@ class ProbeAnswerer(Protocol):
 
 
 class PolicyAnswerer:
-    """A local policy (the target, or a checkpoint reference): greedy, batched."""
+    """A policy version (the target, loaded here or served; or a checkpoint reference): greedy, batched."""
 
-    def __init__(self, name: str, policy: Policy, max_new_tokens: int = 24, batch_size: int = 32) -> None:
+    def __init__(self, name: str, policy: PolicyVersion, max_new_tokens: int = 24, batch_size: int = 32) -> None:
         self.name = name
         self.policy = policy
         self.params = SamplingParams(max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -76,7 +76,7 @@ class PolicyAnswerer:
     def answer(self, asked: Sequence[tuple[View, Probe]]) -> list[str | None]:
         conversations = [build_messages(probe.question, probe.answer_type, probe.options) for _, probe in asked]
         images = [view.image.convert("RGB") for view, _ in asked]
-        return [samples[0] for samples in generate(self.policy, images, conversations, self.params)]
+        return [samples[0] for samples in self.policy.generate(images, conversations, self.params)]
 
 
 class OracleAnswerer:
@@ -153,5 +153,6 @@ def reference_answerer(reference: Reference, max_new_tokens: int,
     if isinstance(reference, OracleReference):
         return OracleAnswerer(reference.name)
     if isinstance(reference, CheckpointReference):
-        return PolicyAnswerer(reference.name, load_checkpoint(reference.uri, placement=placement), max_new_tokens)
+        reference_policy = LocalVersion(load_checkpoint(reference.uri, placement=placement), version=0)
+        return PolicyAnswerer(reference.name, reference_policy, max_new_tokens)
     return EndpointAnswerer(reference.name, EndpointClient(reference.endpoint))

@@ -39,15 +39,16 @@ from PIL import Image
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
-from dpe.config import PlacementSettings
+from dpe.endpoint.client import EndpointFailure
+from dpe.endpoint.served import VersionNotServed
 from dpe.events import BlobRef, Checkpoint, Divergence, UnlabeledItem
 from dpe.grading import extract_answer
 from dpe.imaging import ImageEditor, PillowEditor
+from dpe.inference import PolicyVersions
 from dpe.perception import NotPerceived
 from dpe.perception.toolchain import TOOLCHAINS
 from dpe.world import Scene
-from dpe.policy.checkpoints import REFUSALS, allowed_roots, load_checkpoint
-from dpe.policy.placement import resolve_placement
+from dpe.policy.checkpoints import REFUSALS, allowed_roots
 from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_ITEMS, AUDIT_PROBES
 from producers.auditor.backends import OracleAnswerer, PolicyAnswerer, ProbeAnswerer, View, reference_answerer
 from producers.auditor.consensus import consensus, target_differs
@@ -198,24 +199,23 @@ class Target:
 class TargetTracker:
     """Keeps the newest checkpoint inside `roots` as the target; `ready` is set once there is one."""
 
-    def __init__(self, max_new_tokens: int, roots: Sequence[Path],
-                 placement: PlacementSettings = PlacementSettings()) -> None:
+    def __init__(self, max_new_tokens: int, roots: Sequence[Path], versions: PolicyVersions | None = None) -> None:
         self.max_new_tokens = max_new_tokens
         self.roots = tuple(roots)
-        self.placement = placement
-        resolve_placement(placement)  # a placement this machine cannot honour stops the service now
+        self.versions = versions or PolicyVersions(role="target")
+        self.versions.check()  # a placement this machine cannot honour stops the service now
         self.current: Target | None = None
         self.ready = asyncio.Event()
 
     async def on_checkpoint(self, delivery: Delivery) -> None:
-        """Handler of the checkpoints topic: load a newer checkpoint (a bad one is logged and skipped; one
-        refused unread, outside the roots or with pickled weights only, raises one of `REFUSALS`)."""
+        """Handler of the checkpoints topic: open a newer checkpoint (loaded here or served; a bad one is logged and
+        skipped; one refused unread, outside the roots or with pickled weights only, raises one of `REFUSALS`)."""
         checkpoint: Checkpoint = delivery.event
         if self.current is not None and checkpoint.policy_version <= self.current.policy_version:
             return
         try:
-            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots,
-                                             placement=self.placement)
+            policy = await asyncio.to_thread(self.versions.open, checkpoint.uri, checkpoint.policy_version,
+                                             roots=self.roots)
         except REFUSALS:
             raise
         except Exception as error:  # noqa: BLE001 - a bad checkpoint must not stop auditing with the current one
@@ -241,7 +241,10 @@ def unlabeled_handler(
             return
         target = tracker.current
         assert target is not None, "items are consumed only once there is a target"
-        verdicts = await asyncio.to_thread(auditor.audit, item, target.answerer, target.policy_version)
+        try:
+            verdicts = await asyncio.to_thread(auditor.audit, item, target.answerer, target.policy_version)
+        except (EndpointFailure, VersionNotServed) as failure:
+            raise TransientError(f"the policy server gave no answers: {failure}") from failure
         AUDIT_ITEMS.labels("audited").inc()
         try:
             await asyncio.gather(*[await publisher.publish(verdict) for verdict in verdicts])
@@ -278,7 +281,8 @@ async def _until_ready(tracker: TargetTracker, stop: asyncio.Event) -> None:
 async def serve_auditor(settings: AuditorConfig, stop: asyncio.Event, auditor: Auditor | None = None) -> None:
     """Follow checkpoints (the target) and unlabeled items (what to audit) until `stop` is set."""
     auditor = auditor or await asyncio.to_thread(Auditor.from_settings, settings)
-    tracker = TargetTracker(settings.auditor.max_new_tokens, allowed_roots(settings), settings.placement)
+    tracker = TargetTracker(settings.auditor.max_new_tokens, allowed_roots(settings),
+                            PolicyVersions(settings.inference, settings.placement, role="target"))
     async with AsyncPublisher(settings, producer_name=SERVICE) as publisher, AsyncSubscriber(
         settings, [Checkpoint], group_id=None, service=SERVICE, publisher=publisher, subscribe=False, read_only=True
     ) as checkpoints, AsyncSubscriber(

@@ -20,6 +20,7 @@ from rich.table import Table
 from dpe.bus.aio import AsyncPublisher
 from dpe.command import CliState, pass_state
 from dpe.events import EvalOutcome
+from dpe.inference import PolicyVersions
 from dpe.lifecycle import run_until_stopped, start_service
 from dpe.policy.checkpoints import allowed_roots, latest_checkpoint
 from dpe.policy.threads import cap_torch_threads
@@ -72,7 +73,8 @@ def eval_command(state: CliState, uri: str | None, policy_version: int | None, s
         if latest is None:
             raise click.ClickException("no checkpoint on the bus yet; pass --checkpoint and --policy-version")
         uri, policy_version, roots = latest.uri, latest.policy_version, allowed_roots(settings)
-    runner = Evaluator(settings.evaluator, settings.blob.limits, placement=settings.placement)
+    runner = Evaluator(settings.evaluator, settings.blob.limits,
+                       versions=PolicyVersions(settings.inference, settings.placement, SERVICE))
     unknown = sorted(set(suites) - set(runner.suite_names))
     if unknown:
         raise click.BadParameter(f"unknown suites {unknown}; configured: {runner.suite_names}", param_hint="--suite")

@@ -10,7 +10,8 @@ Example:
     >>> from producers.evaluator.settings import SyntheticSuites
     >>> from producers.evaluator.items import heldout_items
     >>> items = heldout_items(SyntheticSuites(heldout_items=2, capabilities=("color", "counting")))
-    >>> outcomes = evaluate_items(build_tiny_policy(TinyVLMConfig(corpus_items=5)), items, policy_version=0)
+    >>> from dpe.inference import LocalVersion
+    >>> outcomes = evaluate_items(LocalVersion(build_tiny_policy(TinyVLMConfig(corpus_items=5)), 0), items)
     >>> [(o.outcome_id, o.correct, o.error_type) for o in outcomes]  # doctest: +NORMALIZE_WHITESPACE
     [('0/heldout/diagnostic/color/d1/797860', False, 'format'),
      ('0/heldout/diagnostic/counting/d1/703142', False, 'format')]
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 
 from dpe.events import EvalOutcome
 from dpe.grading import Grade, grade
-from dpe.policy.generation import SamplingParams, generate
-from dpe.policy.model import Policy
+from dpe.inference import PolicyVersion
+from dpe.policy.generation import SamplingParams
 from dpe.policy.prompts import build_messages
 from producers.evaluator.items import EvalItem
 from producers.evaluator.judge import Case, Judge
@@ -38,9 +39,10 @@ _MAX_SHORT = 2000
 
 
 def answer_items(
-    policy: Policy, items: Sequence[EvalItem], *, max_new_tokens: int = 24, batch_size: int = 32
+    policy: PolicyVersion, items: Sequence[EvalItem], *, max_new_tokens: int = 24, batch_size: int = 32
 ) -> list[str]:
-    """The policy's greedy answer to each item, `batch_size` prompts per generate call.
+    """The policy version's greedy answer to each item, `batch_size` prompts per generate call (loaded here, or
+    asked of the policy server).
 
     Images are decoded one batch at a time, so a large benchmark never sits decoded in memory.
     """
@@ -50,7 +52,7 @@ def answer_items(
         batch = items[start : start + batch_size]
         conversations = [build_messages(item.question, item.answer_type, item.options) for item in batch]
         images = [item.load_image() for item in batch]
-        outputs += [samples[0] for samples in generate(policy, images, conversations, params)]
+        outputs += [samples[0] for samples in policy.generate(images, conversations, params)]
     return outputs
 
 
@@ -100,18 +102,17 @@ def outcomes_for(
 
 
 def evaluate_items(
-    policy: Policy,
+    policy: PolicyVersion,
     items: Sequence[EvalItem],
     *,
-    policy_version: int,
     skills: Mapping[str, Skill] = DEFAULT_SKILLS,
     judge: Judge | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 32,
 ) -> list[EvalOutcome]:
-    """Answer, grade and attribute every item: `answer_items` then `outcomes_for`."""
+    """Answer, grade and attribute every item for `policy.version`: `answer_items` then `outcomes_for`."""
     outputs = answer_items(policy, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return outcomes_for(items, outputs, policy_version=policy_version, skills=skills, judge=judge)
+    return outcomes_for(items, outputs, policy_version=policy.version, skills=skills, judge=judge)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ version, for reporting only), a fresh synthetic sample for v, and every configur
 (all rows, or a fresh sample of them per version). Outcomes go to the eval-outcomes topic keyed by
 capability; re-evaluating a checkpoint (a redelivery after a crash, `dpe eval`) reproduces the same
 outcome ids, which consumers overwrite. A checkpoint that cannot be evaluated (missing folder,
-unreadable weights, a folder outside the checkpoint roots, never loaded) is dead-lettered with the
-reason, and the service keeps going.
+unreadable weights, a folder outside the checkpoint roots, never loaded, or under ``inference.mode: server``
+never served within ``inference.wait_s``) is dead-lettered with the reason, and the service keeps going; a policy
+server that cannot be reached is a transient failure, retried.
 
 Example:
     >>> stop = asyncio.Event()
@@ -27,11 +28,10 @@ from aiokafka.errors import KafkaError
 from dpe.blobstore import BlobStore, ImageLimits
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
-from dpe.config import PlacementSettings
-from dpe.endpoint.client import EndpointClient
+from dpe.endpoint.client import EndpointClient, EndpointFailure
 from dpe.events import Checkpoint, Diagnosis, EvalOutcome
-from dpe.policy.checkpoints import allowed_roots, load_checkpoint
-from dpe.policy.placement import resolve_placement
+from dpe.inference import PolicyVersions
+from dpe.policy.checkpoints import allowed_roots
 from monitoring.metrics import BENCHMARK_ROWS_SKIPPED, EVAL_ACCURACY, EVAL_ITEMS, EVAL_POLICY_VERSION, EVAL_SECONDS
 from producers.evaluator.diagnosis import diagnose
 from producers.evaluator.items import EvalItem, heldout_items, round_items
@@ -63,11 +63,11 @@ class Evaluator:
     the images of the failed items a `Diagnosis` quotes are put in it."""
 
     def __init__(self, settings: EvaluatorSettings, limits: ImageLimits, store: BlobStore | None = None,
-                 placement: PlacementSettings = PlacementSettings()) -> None:
+                 versions: PolicyVersions | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.placement = placement
-        resolve_placement(placement)  # a placement this machine cannot honour stops the service now
+        self.versions = versions or PolicyVersions(role=SERVICE)
+        self.versions.check()  # a placement this machine cannot honour stops the service now
         self.judge = Judge(EndpointClient(settings.judge)) if settings.judge is not None else None
         self.heldout = heldout_items(settings.synthetic) if settings.synthetic is not None else []
         self.benchmarks = [(suite, self._load(suite, limits)) for suite in settings.benchmarks]
@@ -97,14 +97,13 @@ class Evaluator:
 
     def evaluate(self, uri: str, policy_version: int, suites: Collection[str] | None = None, *,
                  roots: Sequence[Path] | None = None) -> list[EvalOutcome]:
-        """Load the checkpoint at `uri` (refused outside `roots`, see `load_checkpoint`) and evaluate it
-        (blocking; CPU-bound)."""
+        """Open the checkpoint at `uri` (refused outside `roots`, see `load_checkpoint`; loaded here or served, see
+        `PolicyVersions`) and evaluate it (blocking)."""
         started = time.perf_counter()
-        policy = load_checkpoint(uri, roots=roots, placement=self.placement)
+        policy = self.versions.open(uri, policy_version, roots=roots)
         outcomes = evaluate_items(
             policy,
             self.items_for(policy_version, suites),
-            policy_version=policy_version,
             skills=self.settings.skills,
             judge=self.judge,
             max_new_tokens=self.settings.max_new_tokens,
@@ -168,7 +167,11 @@ def checkpoint_handler(
 
     async def on_checkpoint(delivery: Delivery) -> None:
         checkpoint: Checkpoint = delivery.event
-        outcomes = await asyncio.to_thread(evaluator.evaluate, checkpoint.uri, checkpoint.policy_version, roots=roots)
+        try:
+            outcomes = await asyncio.to_thread(evaluator.evaluate, checkpoint.uri, checkpoint.policy_version,
+                                               roots=roots)
+        except EndpointFailure as failure:
+            raise TransientError(f"the policy server gave no answers: {failure}") from failure
         await publish_events(publisher, outcomes)
         await publish_events(publisher, [await asyncio.to_thread(evaluator.diagnose, checkpoint.policy_version,
                                                                    outcomes)])
@@ -180,7 +183,8 @@ def checkpoint_handler(
 async def serve_evaluator(settings: EvaluatorConfig, stop: asyncio.Event, evaluator: Evaluator | None = None) -> None:
     """Follow the checkpoints topic until `stop` is set; commits after each checkpoint's outcomes are acknowledged."""
     evaluator = evaluator or Evaluator(settings.evaluator, settings.blob.limits,
-                                       BlobStore(settings.blob.url, settings.blob.limits), settings.placement)
+                                       BlobStore(settings.blob.url, settings.blob.limits),
+                                       PolicyVersions(settings.inference, settings.placement, SERVICE))
     async with AsyncPublisher(settings, producer_name=SERVICE) as publisher, AsyncSubscriber(
         settings, [Checkpoint], group_id=settings.evaluator.group_id, service=SERVICE, publisher=publisher
     ) as subscriber:
