@@ -224,3 +224,130 @@ async def test_served_versions_answer_batches_like_local_copies_and_never_under_
         with pytest.raises(WrongVersion, match="asked dpe-policy@v1, the reply names another-model"):
             await client_side(wrong.generate, 1, images[:1], conversations[:1], greedy)
     clients.shutdown()
+
+
+class StandInVllm:
+    """A stand-in for vLLM's OpenAI-compatible server with runtime LoRA updates (vLLM needs a GPU; this machine has
+    none): the endpoints the vLLM engine drives, answering as vLLM documents them. It loads no weights."""
+
+    def __init__(self, base: Path, served_as: str = "dpe-policy@v0"):
+        self.base, self.served_as = base, served_as
+        self.adapters: dict[str, str] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def app(self):
+        from aiohttp import web
+
+        async def models(request):
+            listed = [{"id": self.served_as, "root": str(self.base), "parent": None}]
+            listed += [{"id": name, "root": path, "parent": self.served_as} for name, path in self.adapters.items()]
+            return web.json_response({"object": "list", "data": listed})
+
+        async def load(request):
+            body = await request.json()
+            self.calls.append(("load", body["lora_name"]))
+            if not (Path(body["lora_path"]) / "adapter_config.json").is_file():
+                return web.Response(status=400, text=f"no adapter at {body['lora_path']}")
+            self.adapters[body["lora_name"]] = body["lora_path"]
+            return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+
+        async def unload(request):
+            body = await request.json()
+            self.calls.append(("unload", body["lora_name"]))
+            if self.adapters.pop(body["lora_name"], None) is None:
+                return web.Response(status=404, text="not loaded")
+            return web.Response(text="unloaded")
+
+        async def chat(request):
+            model = (await request.json())["model"]
+            if model != self.served_as and model not in self.adapters:
+                return web.json_response({"error": {"message": f"The model `{model}` does not exist."}}, status=404)
+            return web.json_response({"id": "x", "object": "chat.completion", "created": 0, "model": model,
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": "\\boxed{A}"}}]})
+
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/v1/load_lora_adapter", load)
+        app.router.add_post("/v1/unload_lora_adapter", unload)
+        app.router.add_post("/v1/chat/completions", chat)
+        return app
+
+
+def adapter_checkpoint(base: Path, folder: Path) -> Path:
+    """A real peft LoRA adapter of the policy saved at `base`, saved in `folder` (naming `base`)."""
+    from peft import LoraConfig, get_peft_model
+
+    from dpe.policy.model import load_policy
+
+    model = get_peft_model(load_policy(base).model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.timeout(300)
+async def test_the_vllm_engine_hot_loads_each_versions_adapter_under_its_name(settings, tmp_path, caplog):
+    """`policy.engine: vllm`: version 0 is vLLM's base; each newer adapter checkpoint is loaded into vLLM as
+    `dpe-policy@vN` and the versions beyond `keep_versions` unloaded; a full checkpoint past version 0, an adapter of
+    another base and one outside the roots are refused; the callers' `ServedPolicy` gets each version by name."""
+    from aiohttp import web
+
+    from dpe.endpoint.served import ServedPolicy
+
+    checkpoints = settings.home / "checkpoints"
+    _, base = tiny(0, checkpoints / "base")
+    _, other_base = tiny(5, checkpoints / "other-base")
+    adapters = {version: adapter_checkpoint(base, checkpoints / f"v{version:08d}") for version in (1, 2, 3)}
+    _, full = tiny(4, checkpoints / "v00000004")
+    foreign = adapter_checkpoint(other_base, checkpoints / "v00000005")
+    outside = adapter_checkpoint(base, tmp_path / "elsewhere")
+    vllm = StandInVllm(base)
+    runner = web.AppRunner(vllm.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    configured = with_overrides(settings, {
+        "policy": {"engine": "vllm", "vllm_url": f"http://127.0.0.1:{port}", "keep_versions": 2},
+        "inference": {"mode": "server", "url": f"http://127.0.0.1:{port}/v1", "wait_s": 30}})
+    refused_before = metric("dpe_policy_server_loads_total", outcome="refused")
+    stop, ready = asyncio.Event(), asyncio.Event()
+    server = asyncio.create_task(serve_policy(configured, stop, ready))
+    served = ServedPolicy(configured.inference, role="test")
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+
+        async def announce(version: int, folder: Path) -> None:
+            async with AsyncPublisher(configured, producer_name="test") as publisher:
+                await publisher.publish(Checkpoint(policy_version=version, parent_version=max(version - 1, 0),
+                                                   uri=str(folder)))
+                await publisher.flush()
+
+        await announce(0, base)
+        for version in (1, 2, 3):
+            await announce(version, adapters[version])
+            await asyncio.to_thread(served.wait_served, version)
+        assert vllm.calls == [("load", "dpe-policy@v1"), ("load", "dpe-policy@v2"), ("load", "dpe-policy@v3"),
+                              ("unload", "dpe-policy@v1")]
+        assert vllm.adapters == {f"dpe-policy@v{v}": str(adapters[v]) for v in (2, 3)}
+        assert await asyncio.to_thread(served.served_versions) == [0, 2, 3]
+        greedy = SamplingParams(max_new_tokens=4)
+        assert await asyncio.to_thread(served.generate, 3, [ITEM.image], [build_messages(
+            ITEM.question, ITEM.answer_type, ITEM.options)], greedy) == [["\\boxed{A}"]]
+
+        for version, folder in ((4, full), (5, foreign), (6, outside)):
+            await announce(version, folder)
+        deadline = time.monotonic() + 30
+        while metric("dpe_policy_server_loads_total", outcome="refused") - refused_before < 3:
+            assert time.monotonic() < deadline, "the three checkpoints vLLM cannot serve were not refused"
+            await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(served.served_versions) == [0, 2, 3], "nothing loaded past the refusals"
+        refusals = {record.getMessage().split(":", 1)[0]: record.getMessage() for record in caplog.records
+                    if record.getMessage().startswith("refusing checkpoint")}
+        assert "v4 is a full checkpoint: vLLM hot-loads LoRA adapters only" in refusals["refusing checkpoint v4"]
+        assert f"adapter was trained on {other_base}; vLLM serves {base}" in refusals["refusing checkpoint v5"]
+        assert "outside the checkpoint roots" in refusals["refusing checkpoint v6"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 30)
+        served.close()
+        await runner.cleanup()

@@ -6,7 +6,8 @@ the current one keeps answering, and keeps the newest `keep_versions`. A request
 the newest version, one for ``model_name@vN`` by version N, and every answer's ``model`` names the version that made
 it, so an outcome is never attributed to another version. A version that is not loaded (not yet, or no longer) is
 HTTP 404 (``model_not_found``) naming the loaded ones. Requests that arrive together are generated as one batch,
-``n`` completions each.
+``n`` completions each. With ``policy.engine: vllm`` a vLLM server answers instead, and this service hot-loads each
+version's LoRA adapter into it under the same names (`consumers.policy.vllm`).
 
 Example:
     >>> table = VersionedModels(PolicyServerSettings())
@@ -22,10 +23,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
 from dpe.bus.aio import AsyncPublisher
 from dpe.bus.follower import Follower
-from dpe.config import model_version
+from dpe.config import PlacementSettings, model_version
 from dpe.endpoint.server import LocalServer, LocalVLM, ServerConfig, UnknownModel
 from dpe.events import Checkpoint
 from dpe.policy.checkpoints import REFUSALS, allowed_roots, load_checkpoint
@@ -33,6 +36,7 @@ from dpe.policy.model import Policy
 from dpe.policy.placement import resolve_placement
 from monitoring.metrics import POLICY_SERVER_LOAD_SECONDS, POLICY_SERVER_LOADS, POLICY_SERVER_VERSION
 from consumers.policy.settings import PolicyServerConfig, PolicyServerSettings
+from consumers.policy.vllm import NotHotLoadable, VllmAdapters
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +102,50 @@ async def _retire(vlm: LocalVLM) -> None:
         await vlm.close()
 
 
-class CheckpointLoader:
-    """Loads each newer announced checkpoint into the table (one at a time; the current version keeps answering)."""
+class LocalEngine:
+    """The ``local`` engine: each version is loaded in this process, where ``placement`` says, into the table the
+    HTTP server answers from."""
 
-    def __init__(self, settings: PolicyServerConfig, models: VersionedModels):
-        self.settings = settings
+    def __init__(self, models: VersionedModels, placement: PlacementSettings):
         self.models = models
+        self.placement = placement
+
+    @property
+    def newest(self) -> int | None:
+        return self.models.newest
+
+    async def load(self, version: int, uri: str, roots: Sequence[Path] | None) -> None:
+        self.models.add(version, await asyncio.to_thread(load_checkpoint, uri, roots=roots, placement=self.placement))
+
+
+class Engine(Protocol):
+    """What serves the loaded versions: `LocalEngine`, or `consumers.policy.vllm.VllmAdapters`."""
+
+    @property
+    def newest(self) -> int | None:
+        """The newest version served (None: none yet)."""
+
+    async def load(self, version: int, uri: str, roots: Sequence[Path] | None) -> None:
+        """Serve the checkpoint at `uri` as `version` (refused outside `roots`, when given)."""
+
+
+NOT_LOADABLE = (*REFUSALS, NotHotLoadable)
+"""Checkpoints refused for what they are, not for a failure while loading them."""
+
+
+class CheckpointLoader:
+    """Loads each newer announced checkpoint into the engine (one at a time; the current version keeps answering)."""
+
+    def __init__(self, settings: PolicyServerConfig, engine: Engine):
+        self.settings = settings
+        self.engine = engine
         self.roots = allowed_roots(settings)
 
-    async def load(self, version: int, uri: str, *, roots: Sequence | None) -> None:
-        """Load `uri` as `version` and serve it (raises what `load_checkpoint` raises)."""
+    async def load(self, version: int, uri: str, *, roots: Sequence[Path] | None) -> None:
+        """Load `uri` as `version` and serve it (raises what the engine raises)."""
         started = time.perf_counter()
-        policy = await asyncio.to_thread(load_checkpoint, uri, roots=roots, placement=self.settings.placement)
+        await self.engine.load(version, uri, roots)
         POLICY_SERVER_LOAD_SECONDS.observe(time.perf_counter() - started)
-        self.models.add(version, policy)
         POLICY_SERVER_LOADS.labels("loaded").inc()
         POLICY_SERVER_VERSION.set(version)
         log.info("serving policy v%d (%s), loaded in %.1fs", version, uri, time.perf_counter() - started)
@@ -120,13 +154,13 @@ class CheckpointLoader:
         """Handler of the followed checkpoints: the newest one that loads, if newer than what is served (a refused
         or broken checkpoint is logged and the next newest tried; the evaluator, which owns the topic, dead-letters
         it)."""
-        served = self.models.newest
+        served = self.engine.newest
         newer = [checkpoint for checkpoint in batch if served is None or checkpoint.policy_version > served]
         for checkpoint in sorted(newer, key=lambda checkpoint: checkpoint.policy_version, reverse=True):
             try:
                 await self.load(checkpoint.policy_version, checkpoint.uri, roots=self.roots)
                 return
-            except REFUSALS as refused:
+            except NOT_LOADABLE as refused:
                 POLICY_SERVER_LOADS.labels("refused").inc()
                 log.error("refusing checkpoint v%d: %s", checkpoint.policy_version, refused)
             except Exception as error:  # noqa: BLE001 - a bad checkpoint must not stop serving the current version
@@ -135,19 +169,33 @@ class CheckpointLoader:
 
 
 async def serve_policy(settings: PolicyServerConfig, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set: version 0 from ``policy.base_policy`` (if set), then each announced checkpoint."""
+    """Serve until `stop` is set: version 0 from ``policy.base_policy`` (if set), then each announced checkpoint;
+    with the vLLM engine, load each checkpoint's adapter into vLLM, which serves them."""
+    if settings.policy.engine == "vllm":
+        adapters = VllmAdapters(settings.policy)
+        try:
+            await _follow(settings, CheckpointLoader(settings, adapters), stop, ready)
+        finally:
+            await adapters.close()
+        return
     resolve_placement(settings.placement)
     models = VersionedModels(settings.policy)
-    loader = CheckpointLoader(settings, models)
+    loader = CheckpointLoader(settings, LocalEngine(models, settings.placement))
     if settings.policy.base_policy:
         await loader.load(0, settings.policy.base_policy, roots=None)
+    async with LocalServer(models, settings.policy.host, settings.policy.port, models.config) as server:
+        log.info("policy server at %s", server.url)
+        await _follow(settings, loader, stop, ready)
+
+
+async def _follow(settings: PolicyServerConfig, loader: CheckpointLoader, stop: asyncio.Event,
+                  ready: asyncio.Event | None) -> None:
+    """Hand every announced checkpoint to `loader` until `stop` is set (`ready` is set once following)."""
     async with AsyncPublisher(settings, producer_name=SERVICE) as publisher:
         follower = await Follower(settings, publisher, {Checkpoint: loader.on_checkpoints}, service=SERVICE).start()
         try:
-            async with LocalServer(models, settings.policy.host, settings.policy.port, models.config) as server:
-                log.info("policy server at %s", server.url)
-                if ready is not None:
-                    ready.set()
-                await follower.run(stop)
+            if ready is not None:
+                ready.set()
+            await follower.run(stop)
         finally:
             await follower.stop()

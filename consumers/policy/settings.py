@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from dpe.config import CoreSettings, versioned_model
@@ -26,6 +28,10 @@ class PolicyServerSettings(Section):
     """The newest `keep_versions` policy versions served over HTTP: ``model_name`` answers with the newest,
     ``model_name@vN`` with version N while it is loaded, and every answer names the version that made it."""
 
+    engine: Literal["local", "vllm"] = Field(
+        "local", description="local: this process loads each version and answers; vllm: a running vLLM server "
+        "answers and this process hot-loads each version's LoRA adapter into it (consumers.policy.vllm).")
+    vllm_url: str = Field("http://127.0.0.1:8000", description="The vLLM server the vllm engine drives (its root).")
     host: str = Field("127.0.0.1", description="Listen address: loopback unless told (0.0.0.0 in a container).")
     port: int = Field(8100, ge=0, le=65535, description="0: any free port (tests).")
     model_name: str = Field("dpe-policy", pattern=r"^[A-Za-z0-9_.-]+$")
