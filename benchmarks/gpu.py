@@ -10,8 +10,8 @@ such a checkpoint, G=8, 8 prompts a step, completions of at most `--completion` 
 - TRL: `GRPOTrainer.train()` used directly on the same batch, for the step-time ratio;
 - vLLM: rollout throughput (generated tokens per second, G samples per prompt) of the same checkpoint, when vLLM
   is installed;
-- reload: seconds to load a newly written checkpoint onto the placement (``cuda``, bf16), which is what a policy
-  server does per checkpoint until the served-inference path measures its own.
+- reload: seconds the policy server (`dpe serve policy`, local engine) takes to move to a newly announced
+  checkpoint: its load onto the placement (``cuda``, bf16) and the swap.
 
 Anchor: EasyR1 reports about 1,200 tokens/s per H100 for Qwen2.5-VL-3B GRPO.
 
@@ -87,23 +87,34 @@ def vllm_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def reload_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Seconds to load a newly written checkpoint onto the placement, median of three (after a first load)."""
+    """Seconds the policy server takes to move to a newly announced checkpoint (`CheckpointLoader.load`: load onto
+    the placement and serve), median of three after a first load."""
+    import asyncio
+
     import torch
 
+    from consumers.policy.service import CheckpointLoader, LocalEngine, VersionedModels
+    from consumers.policy.settings import PolicyServerConfig
     from dpe.config import PlacementSettings
-    from dpe.policy.model import load_policy
 
-    placement = PlacementSettings(device=args.device, dtype="bfloat16")
-    load_policy(args.folder, placement)
-    seconds = []
-    for _ in range(3):
-        started = time.perf_counter()
-        policy = load_policy(args.folder, placement)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-        del policy
-    return {"reload_s": statistics.median(seconds)}
+    settings = PolicyServerConfig(placement=PlacementSettings(device=args.device, dtype="bfloat16"))
+
+    async def reloads() -> list[float]:
+        models = VersionedModels(settings.policy)
+        loader = CheckpointLoader(settings, LocalEngine(models, settings.placement))
+        seconds = []
+        try:
+            for version in range(4):
+                started = time.perf_counter()
+                await loader.load(version, str(args.folder), roots=None)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - started)
+        finally:
+            await models.close()
+        return seconds[1:]
+
+    return {"reload_s": statistics.median(asyncio.run(reloads()))}
 
 
 def samples(args: argparse.Namespace) -> list:
