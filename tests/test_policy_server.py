@@ -351,3 +351,28 @@ async def test_the_vllm_engine_hot_loads_each_versions_adapter_under_its_name(se
         await asyncio.wait_for(server, 30)
         served.close()
         await runner.cleanup()
+
+
+async def test_a_restarted_policy_server_serves_the_newest_versions_it_keeps(settings):
+    """After a restart (a crash, a bus roll) the server reads every announced checkpoint at once: it serves the
+    newest `keep_versions`, so a caller still grading the version before the newest finds it."""
+    checkpoints = settings.home / "checkpoints"
+    async with AsyncPublisher(settings, producer_name="test") as publisher:
+        for version in (1, 2, 3):
+            _, folder = tiny(version, checkpoints / f"v{version:08d}")
+            await publisher.publish(Checkpoint(policy_version=version, parent_version=version - 1, uri=str(folder)))
+        await publisher.flush()
+    configured = with_overrides(settings, {"policy": {"port": free_port(), "keep_versions": 2}})
+    stop, ready = asyncio.Event(), asyncio.Event()
+    server = asyncio.create_task(serve_policy(configured, stop, ready))
+    client = openai.AsyncOpenAI(base_url=configured.policy.url, api_key="unused", max_retries=0)
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        await until_served(client, "dpe-policy@v2")
+        assert [entry.id for entry in (await client.models.list()).data] == [
+            "dpe-policy", "dpe-policy@v2", "dpe-policy@v3"]
+        assert metric("dpe_policy_server_version") == 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 30)
+        await client.close()

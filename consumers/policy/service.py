@@ -147,19 +147,23 @@ class CheckpointLoader:
         await self.engine.load(version, uri, roots)
         POLICY_SERVER_LOAD_SECONDS.observe(time.perf_counter() - started)
         POLICY_SERVER_LOADS.labels("loaded").inc()
-        POLICY_SERVER_VERSION.set(version)
+        POLICY_SERVER_VERSION.set(self.engine.newest)
         log.info("serving policy v%d (%s), loaded in %.1fs", version, uri, time.perf_counter() - started)
 
     async def on_checkpoints(self, batch: Sequence[Checkpoint]) -> None:
-        """Handler of the followed checkpoints: the newest one that loads, if newer than what is served (a refused
-        or broken checkpoint is logged and the next newest tried; the evaluator, which owns the topic, dead-letters
-        it)."""
+        """Handler of the followed checkpoints: the newest `keep_versions` that load, of those newer than what is
+        served, newest first (after a restart the versions just before the newest are served too, for a caller
+        that has not graded them yet). A refused or broken checkpoint is logged and the next newest tried; the
+        evaluator, which owns the topic, dead-letters it."""
         served = self.engine.newest
         newer = [checkpoint for checkpoint in batch if served is None or checkpoint.policy_version > served]
+        loaded = 0
         for checkpoint in sorted(newer, key=lambda checkpoint: checkpoint.policy_version, reverse=True):
+            if loaded == self.settings.policy.keep_versions:
+                return
             try:
                 await self.load(checkpoint.policy_version, checkpoint.uri, roots=self.roots)
-                return
+                loaded += 1
             except NOT_LOADABLE as refused:
                 POLICY_SERVER_LOADS.labels("refused").inc()
                 log.error("refusing checkpoint v%d: %s", checkpoint.policy_version, refused)

@@ -67,11 +67,11 @@ class VllmAdapters:
                 raise NotHotLoadable(f"v{version}'s adapter was trained on {base}; vLLM serves {served_root}")
             name = self.settings.versioned(version)
             await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
-            self.adapters.append(version)
+            self.adapters = sorted([*self.adapters, version])
             for old in self.adapters[:-self.settings.keep_versions]:
                 await self._post("/v1/unload_lora_adapter", {"lora_name": self.settings.versioned(old)})
                 self.adapters.remove(old)
-        self.newest = version
+        self.newest = max(version, self.newest or 0)
 
     async def close(self) -> None:
         await self.http.aclose()
