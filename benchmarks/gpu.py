@@ -147,13 +147,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU here: run with --dry-run to check the wiring on the CPU")
-    folder = model_folder(args.architecture, args.text_layers, args.vision_layers)
     started = time.perf_counter()
-    ours = {side: run_worker("benchmarks.lora", side, args, folder) for side in ("full", "lora")}
-    theirs = run_worker("benchmarks.gpu", "trl", args, folder)
-    reload = run_worker("benchmarks.gpu", "reload", args, folder)
     skipped = vllm_unavailable(args)
-    rollouts = run_worker("benchmarks.gpu", "vllm", args, folder) if skipped is None else {}
+    with model_folder(args.architecture, args.text_layers, args.vision_layers) as folder:
+        ours = {side: run_worker("benchmarks.lora", side, args, folder) for side in ("full", "lora")}
+        theirs = run_worker("benchmarks.gpu", "trl", args, folder)
+        reload = run_worker("benchmarks.gpu", "reload", args, folder)
+        rollouts = run_worker("benchmarks.gpu", "vllm", args, folder) if skipped is None else {}
     return {
         "device": args.device, "dry_run": args.dry_run, "architecture": args.architecture,
         "trainer_step_s": ours["full"]["step_s"], "trainer_tokens_per_s_per_gpu": ours["full"]["tokens_per_s"],

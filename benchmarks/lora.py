@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +38,15 @@ SIDES = ("full", "lora")
 FIRST_INDEX = 40_000
 
 
-def model_folder(architecture: str, text_layers: int | None, vision_layers: int | None) -> Path:
-    """The random-weight checkpoint every side starts from (built once per benchmark run)."""
+@contextmanager
+def model_folder(architecture: str, text_layers: int | None, vision_layers: int | None) -> Iterator[Path]:
+    """The random-weight checkpoint every side starts from (built once per benchmark run, removed after it)."""
     from dpe.policy.architectures import build_published_policy
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-lora-")) / architecture
-    build_published_policy(architecture, text_layers=text_layers, vision_layers=vision_layers, seed=0).save(folder)
-    return folder
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as scratch:
+        folder = Path(scratch) / architecture
+        build_published_policy(architecture, text_layers=text_layers, vision_layers=vision_layers, seed=0).save(folder)
+        yield folder
 
 
 def trainer_settings(args: argparse.Namespace, base_model: Path, side: str) -> Any:
@@ -67,13 +71,19 @@ def peak_memory_mb(device: str) -> float:
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """One side: `--rounds` rounds of the engine, then one checkpoint."""
-    from dpe.world import make_item
+    """One side: `--rounds` rounds of the engine, then one checkpoint (its scratch folder removed after)."""
     from trainer.engine import GRPOEngine
-    from trainer.samples import TrainingSample
 
     settings = trainer_settings(args, Path(args.folder), args.worker)
-    engine = GRPOEngine(Path(args.folder), settings, Path(tempfile.mkdtemp(prefix="bench-lora-out-")))
+    with tempfile.TemporaryDirectory(prefix="bench-lora-out-") as scratch:
+        return train_and_save(GRPOEngine(Path(args.folder), settings, Path(scratch)), args, Path(scratch))
+
+
+def train_and_save(engine: Any, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """`--rounds` rounds of `engine`, then one checkpoint written under `scratch`: the side's measurements."""
+    from dpe.world import make_item
+    from trainer.samples import TrainingSample
+
     trainable = sum(p.numel() for p in engine.policy.model.parameters() if p.requires_grad)
     items = [make_item("color", 1, FIRST_INDEX + index) for index in range(args.rounds * args.round_samples)]
     samples = [TrainingSample(sample_id=f"b{i}", capability=item.capability, image=item.image, question=item.question,
@@ -84,7 +94,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         stats = engine.train_round(samples[round_index * args.round_samples:(round_index + 1) * args.round_samples])
         if round_index:
             steps += stats.steps
-    checkpoint = Path(tempfile.mkdtemp(prefix="bench-lora-ckpt-"))
+    checkpoint = scratch / "checkpoint"
+    checkpoint.mkdir()
     started = time.perf_counter()
     engine.save(checkpoint)
     weights = sum(path.stat().st_size for path in checkpoint.glob("*.safetensors"))
@@ -137,7 +148,13 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    folder = model_folder(args.architecture, args.text_layers, args.vision_layers)
+    with model_folder(args.architecture, args.text_layers, args.vision_layers) as folder:
+        rows = measure(args, folder)
+    print_rows(args, rows)
+
+
+def measure(args: argparse.Namespace, folder: Path) -> dict[str, list[float]]:
+    """Every repeat of both sides on `folder`, as table rows."""
     rows: dict[str, list[float]] = {f"{label}, {side}": [] for label, _ in METRICS.values() for side in SIDES}
     rows |= {"peak memory ratio lora/full": [], "step time ratio lora/full": []}
     for repeat in range(args.repeats):
@@ -152,6 +169,11 @@ def main() -> None:
         rows["step time ratio lora/full"].append(lora["step_s"] / full["step_s"])
         print(f"repeat {repeat + 1}/{args.repeats}: peak {results['full']['peak_memory_mb']:.0f} MB full, "
               f"{results['lora']['peak_memory_mb']:.0f} MB lora", file=sys.stderr)
+    return rows
+
+
+def print_rows(args: argparse.Namespace, rows: dict[str, list[float]]) -> None:
+    """The table (stderr) and the JSON line (stdout's last)."""
     units = {f"{label}, {side}": unit for label, unit in METRICS.values() for side in SIDES}
     units |= {"peak memory ratio lora/full": "x", "step time ratio lora/full": "x"}
     setup = (f"{args.architecture} at {args.text_layers}+{args.vision_layers} layers, rank {args.rank}, "

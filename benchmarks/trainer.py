@@ -70,7 +70,13 @@ def peak_rss_mb() -> float:
 
 
 async def ours(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
-    """Publish the samples, then run the trainer service for `args.rounds` rounds."""
+    """Publish the samples, then run the trainer service for `args.rounds` rounds (its folders removed after)."""
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as scratch:
+        return await run_ours(args, base_model, Path(scratch))
+
+
+async def run_ours(args: argparse.Namespace, base_model: Path, home: Path) -> dict[str, Any]:
+    """`ours` with the trainer's home (checkpoints, blobs) in `home`."""
     from dpe.blobstore import BlobStore
     from dpe.bus.admin import ensure_topics
     from dpe.bus.aio import AsyncPublisher
@@ -78,7 +84,6 @@ async def ours(args: argparse.Namespace, base_model: Path) -> dict[str, Any]:
     from dpe.settings import Settings
     from trainer.service import run_trainer
 
-    home = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     settings = Settings.load(overrides={
         "home": str(home),
         "kafka": {"bootstrap_servers": args.bootstrap, "topic_prefix": f"bench{uuid.uuid4().hex[:8]}."},
@@ -142,13 +147,14 @@ def train_with_trl(settings: Any, base_model: Path, rows: list[dict[str, Any]], 
 
     prepare_process(settings)
     policy = load_policy(base_model, MASTER_WEIGHTS)
-    config = grpo_config(settings, Path(tempfile.mkdtemp(prefix="bench-trl-")), suppressed_token_ids(policy.tokenizer),
-                         world_size=1)
-    config.max_steps = max_steps
     timer = StepTimer()
-    trainer = GRPOTrainer(model=policy.model, reward_funcs=list(REWARD_FUNCS), args=config,
-                          train_dataset=Dataset.from_list(rows), processing_class=policy.processor, callbacks=[timer])
-    trainer.train()
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as scratch:
+        config = grpo_config(settings, Path(scratch), suppressed_token_ids(policy.tokenizer), world_size=1)
+        config.max_steps = max_steps
+        trainer = GRPOTrainer(model=policy.model, reward_funcs=list(REWARD_FUNCS), args=config,
+                              train_dataset=Dataset.from_list(rows), processing_class=policy.processor,
+                              callbacks=[timer])
+        trainer.train()
     return {"step_seconds": timer.seconds, "step_tokens": timer.tokens, "peak_rss_mb": peak_rss_mb()}
 
 
