@@ -326,7 +326,8 @@ def test_dpe_run_inference_server_grades_every_version_through_one_policy_server
     assert "answered by the policy server" in logs["auditor"], "the auditor's target is served"
     if lora:
         checkpoints = sorted((run / "home" / "checkpoints").glob("v*"))
-        assert {"v00000001", "v00000002"} <= {folder.name for folder in checkpoints}, "(a round may end as the run stops)"
+        names = {folder.name for folder in checkpoints}
+        assert {"v00000001", "v00000002"} <= names, "(a round may end as the run stops)"
         for folder in checkpoints:
             adapter = json.loads((folder / "adapter_config.json").read_text())
             assert adapter["base_model_name_or_path"] == str(base_model)
