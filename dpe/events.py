@@ -25,6 +25,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 AnswerType = Literal["choice", "number", "yes_no", "text"]
 """How an answer is graded: a choice letter, a number with tolerance, yes/no, or exact text."""
 
+SampleOrigin = Literal["agents", "audit"]
+"""Where a sample came from: the agents' crew writing about an unlabeled item, or the auditor's rectification (the
+references' consensus on a probe the target failed)."""
+
 ErrorType = Literal["visual_recognition", "calculation", "reasoning", "misunderstanding", "format", "other"]
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -192,6 +196,13 @@ class Divergence(Event):
     consensus_answer: str = Field(max_length=2000)
     consensus_strength: float = Field(ge=0.0, le=1.0, description="Share of references agreeing on the consensus.")
     diverged: bool = Field(True, description="The target's answer differed from the consensus (False: it matched).")
+    consensus_agreeing: Count | None = Field(default=None, description="References that gave the consensus answer.")
+    failure_type: str | None = Field(default=None, max_length=200, description="The named failure type of a "
+                                     "divergence (`producers.auditor.failures`): capability/kind/edit/pattern.")
+    answer_type: AnswerType | None = Field(default=None, description="How the probe's answers are graded (absent in "
+                                           "events written before rectification: those are never trained on).")
+    options: list[str] | None = Field(default=None, description="The probe's choice texts, A, B, C... in order.")
+    tolerance: float = Field(default=0.0, ge=0.0, description="Absolute tolerance of the probe's number answers.")
 
     @property
     def divergence_id(self) -> str:
@@ -199,6 +210,20 @@ class Divergence(Event):
 
     def key(self) -> str:
         return self.capability
+
+
+class AuditLead(Event):
+    """A divergence the references agreed on strongly enough to train on, routed to the agents by its image: they
+    turn it into a sample (the consensus answer as the label) through the same QC chain and quota plan as their own.
+
+    Keyed like `UnlabeledItem` (by the audited image's id, on as many partitions), so a lead falls in the same quota
+    slice, and the same agent worker, as an unlabeled item of that id would.
+    """
+
+    divergence: Divergence
+
+    def key(self) -> str:
+        return self.divergence.item_id
 
 
 class FailedItem(BaseModel):
@@ -228,6 +253,31 @@ class CapabilityDiagnosis(BaseModel):
     error_mix: dict[ErrorType, float] = Field(description="Share of the wrong answers per error type (sums to 1).")
     failures: list[FailedItem] = Field(max_length=8)
     analysis: str = Field(max_length=1000)
+    failure_types: dict[str, Count] = Field(default_factory=dict, description="Divergences per failure type the "
+                                            "auditor found on this version (beside the evaluator's error types).")
+
+
+class FailureType(BaseModel):
+    """One named failure type the auditor found: how many divergences, and a few of them as exemplars (image, question,
+    the references' consensus as ``expected``, the target's answer as ``given``)."""
+
+    model_config = CONTRACT
+
+    capability: str = Field(min_length=1, max_length=100)
+    count: Count
+    exemplars: list[FailedItem] = Field(max_length=3)
+
+
+class FailureTypes(Event):
+    """The auditor's tally of one policy version's divergences by failure type (AuditDM's failure taxonomy), counts
+    and exemplars; republished as it grows, the newest per version is the tally."""
+
+    policy_version: PolicyVersion
+    audited_probes: Count = Field(description="Probes the references agreed on, diverged or not.")
+    types: dict[str, FailureType] = Field(description="Failure type name -> its count and exemplars.")
+
+    def key(self) -> str:
+        return f"v{self.policy_version}"
 
 
 class Diagnosis(Event):
@@ -381,6 +431,9 @@ class AcceptedSample(Event):
     qc: list[QCVerdict]
     policy_version: PolicyVersion = Field(description="Policy the difficulty band was measured against.")
     pass_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    origin: SampleOrigin = Field(default="agents", description="Who wrote it: the agents from an unlabeled item, or "
+                                 "the auditor (a divergence's consensus answer, `divergence_id`).")
+    divergence_id: str | None = Field(default=None, max_length=500, description="The audit verdict it came from.")
 
     def key(self) -> str:
         return self.sample_id
@@ -398,6 +451,8 @@ class RejectedSample(Event):
     qc: list[QCVerdict]
     reason_code: str = Field(max_length=100, description="The first failed check's reason.")
     policy_version: PolicyVersion | None = None
+    origin: SampleOrigin = "agents"
+    divergence_id: str | None = Field(default=None, max_length=500)
 
     def key(self) -> str:
         return self.candidate_id
@@ -464,6 +519,8 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     EvalOutcome,
     Diagnosis,
     Divergence,
+    AuditLead,
+    FailureTypes,
     WeaknessSnapshot,
     QuotaPlan,
     AcceptedSample,

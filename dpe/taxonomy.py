@@ -16,3 +16,7 @@ DPE_IMAGE_TYPES: tuple[str, ...] = (
 """The reference DPE pipeline's 12 image-type categories, usable as capabilities for real benchmarks."""
 
 KNOWN_CAPABILITIES: tuple[str, ...] = CAPABILITIES + DPE_IMAGE_TYPES
+
+
+class UnknownCapability(ValueError):
+    """An event or item names capabilities this deployment does not know (dead-lettered with the names)."""

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 
 from dpe.events import (
     AcceptedSample,
+    AuditLead,
     Checkpoint,
     DeadLetter,
     Diagnosis,
     Divergence,
     EvalOutcome,
     Event,
+    FailureTypes,
     QuotaPlan,
     RejectedSample,
     UnlabeledItem,
@@ -66,6 +68,16 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(
             "audit.divergences", Divergence, 4, "capability",
             "by capability, co-partitioned with eval.outcomes",
+        ),
+        TopicSpec(
+            "audit.leads", AuditLead, 4, "divergence.item_id",
+            "by audited image id, co-partitioned with unlabeled: the agent worker that owns an unlabeled partition "
+            "owns the same leads partition (range assignment), so a lead falls in that worker's quota slice",
+        ),
+        TopicSpec(
+            "audit.failure_types", FailureTypes, 1, "policy version",
+            "single partition; compacted per policy version: the newest tally of each version stays",
+            {"cleanup.policy": "compact,delete"},
         ),
         TopicSpec(
             "weakness", WeaknessSnapshot, 1, "'weakness'",

@@ -96,7 +96,13 @@ AGENT_SAMPLES = Counter(
     "dpe_agent_samples_total", "Candidate samples by capability and outcome (accepted/rejected).",
     ["capability", "outcome"],
 )
+AUDIT_FAILURE_TYPES = Counter(
+    "dpe_audit_failure_types_total", "Divergences by named failure type (capability/kind/edit/pattern).",
+    ["failure_type"],
+)
 AGENT_ITEMS = Counter("dpe_agent_items_total", "Unlabeled items handled by the agent crew, by outcome.", ["outcome"])
+AGENT_LEADS = Counter("dpe_agent_leads_total", "Audit leads (rectification) handled by the agent crew, by outcome: "
+                      "accepted, rejected (by QC), skipped (no room under the plan).", ["outcome"])
 AGENT_ROLE_SECONDS = Histogram(
     "dpe_agent_role_seconds", "Time of one agent role call, by role and backend kind.", ["role", "backend"],
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),

@@ -218,8 +218,14 @@ async def test_two_workers_share_the_partitions_and_do_not_overshoot(fast_path):
 
 
 async def _both_assigned(one: AgentWorker, two: AgentWorker) -> bool:
+    """Both workers own partitions, none twice, all 4 of each topic; each owns the same unlabeled and lead
+    partitions (co-partitioned, so a lead falls in a quota slice its worker owns)."""
     a, b = one.items.consumer.assignment(), two.items.consumer.assignment()
-    return bool(a) and bool(b) and not (a & b) and len(a | b) == 4
+    if not a or not b or a & b or len(a | b) != 8:
+        return False
+    unlabeled, leads = one.items.topics
+    return all({tp.partition for tp in owned if tp.topic == unlabeled} == {tp.partition for tp in owned
+                                                                           if tp.topic == leads} for owned in (a, b))
 
 
 def spawn_worker(settings, log: Path) -> subprocess.Popen:

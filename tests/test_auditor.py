@@ -1,4 +1,5 @@
-"""The divergence auditor: real broker and tiny target model; references are the oracle and a stub endpoint."""
+"""The divergence auditor: real broker and tiny target model; references are the oracle and a stub endpoint; the leads
+it publishes for rectification."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dpe.blobstore import BlobStore, ImageLimits
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.endpoint.client import EndpointClient
 from dpe.endpoint.settings import EndpointSettings
-from dpe.events import BlobRef, Checkpoint, DeadLetter, Divergence, UnlabeledItem
+from dpe.events import AuditLead, BlobRef, Checkpoint, DeadLetter, Divergence, FailureTypes, UnlabeledItem
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.model import build_tiny_policy
 from dpe.world import generate_scene, image_sha256, render_scene, write_question
@@ -110,6 +111,10 @@ async def test_divergences_where_references_agree_and_the_target_does_not(settin
             await pub.publish_and_wait(good)
             async with AsyncSubscriber(settings, [Divergence], group_id="t", service="t", publisher=pub) as sub:
                 found = [d.event for d in await drain(sub, len(truth), timeout_s=120)]
+            async with AsyncSubscriber(settings, [AuditLead], group_id="l", service="t", publisher=pub) as sub:
+                leads = [d.event for d in await drain(sub, sum(d.diverged for d in found))]
+            async with AsyncSubscriber(settings, [FailureTypes], group_id="f", service="t", publisher=pub) as sub:
+                [tally] = [d.event for d in await drain(sub, 1)]
             async with AsyncSubscriber(settings, [DeadLetter], group_id="d", service="t", publisher=pub) as dead:
                 letters = [d.event for d in await drain(dead, 4)]
     finally:
@@ -130,6 +135,15 @@ async def test_divergences_where_references_agree_and_the_target_does_not(settin
         assert set(divergence.reference_answers) == {"oracle", "big-vlm"}
         assert divergence.capability in ("counting", "color", "spatial", "existence")
     assert all(d.target_answer != d.consensus_answer for d in found if d.diverged)
+    diverged = sorted(d.divergence_id for d in found if d.diverged)
+    assert sorted(lead.divergence.divergence_id for lead in leads) == diverged
+    assert all(lead.divergence.consensus_agreeing == 2 and lead.divergence.answer_type for lead in leads), \
+        "a lead carries what grades its answer: both references agreed on it"
+    named = Counter(d.failure_type for d in found if d.diverged)
+    assert None not in named and {name: kind.count for name, kind in tally.types.items()} == named
+    assert tally.policy_version == 1 and tally.audited_probes == len(found)
+    assert all(0 < len(kind.exemplars) <= 3 and all(e.reason == name for e in kind.exemplars)
+               for name, kind in tally.types.items())
     counterfactual = [d for d in found if d.counterfactual_of is not None]
     assert counterfactual and all(d.counterfactual_of == good.item_id and d.edit for d in counterfactual)
     assert all(store.exists(d.image) and d.image != good.image for d in counterfactual)
@@ -186,7 +200,44 @@ def test_generic_probes_for_images_without_scene_metadata(tmp_path):
     assert [(d.capability, d.target_answer, d.consensus_answer, d.reference_answers) for d in found if d.diverged] == [
         ("counting", "2", "1", {"big-vlm": "1"})], "the oracle abstains without a scene"
     assert len([d for d in found if not d.diverged]) == 2, "the text and colour probes: the target agrees"
+    assert Auditor(audit_settings(), store, references).leads(found) == [], "one reference's word is no label"
+    lenient = Auditor(audit_settings(leads={"min_agreeing": 1}), store, references)
+    assert [lead.divergence.capability for lead in lenient.leads(found)] == ["counting"]
     assert Auditor(audit_settings(edits_per_item=0, min_agreeing=2), store, references).audit(item, target, 0) == []
+
+
+class EditBlind:
+    """A stand-in target that reads only the item's own image: on a counterfactual it repeats its (right) answer to
+    the original question of the same capability."""
+
+    name = "edit-blind"
+
+    def answer(self, asked):
+        oracle = OracleAnswerer().answer(asked)
+        originals = {probe.capability: given for (view, probe), given in zip(asked, oracle)
+                     if view.counterfactual_of is None}
+        return [given if view.counterfactual_of is None else originals.get(probe.capability)
+                for (view, probe), given in zip(asked, oracle)]
+
+
+def test_a_target_that_ignores_the_edit_is_named_so_and_tallied_with_exemplars(tmp_path):
+    store = BlobStore(str(tmp_path / "blobs"), ImageLimits())
+    auditor = Auditor(audit_settings(probes_per_item=4, edits_per_item=3), store, [OracleAnswerer()])
+    items = [scene_item(store, seed=seed) for seed in range(12)]
+    verdicts = [verdict for item in items for verdict in auditor.audit(item, EditBlind(), policy_version=1)]
+    diverged = [verdict for verdict in verdicts if verdict.diverged]
+    assert diverged and all(verdict.counterfactual_of is not None for verdict in diverged), "right on the originals"
+    assert all(verdict.failure_type.endswith("/ignores_edit") for verdict in diverged), \
+        sorted({verdict.failure_type for verdict in diverged})
+    assert {verdict.failure_type.split("/")[2] for verdict in diverged} <= {"mirror", "remove"}
+    tally = auditor.tally
+    tally.add(verdicts)
+    published = tally.event(producer="auditor")
+    assert published.audited_probes == len(verdicts) and not tally.changed
+    assert {name: kind.count for name, kind in published.types.items()} == Counter(v.failure_type for v in diverged)
+    assert max(len(kind.exemplars) for kind in published.types.values()) == 3
+    tally.add([verdicts[0].model_copy(update={"policy_version": 2})])
+    assert tally.event(producer="auditor").audited_probes == 1, "a new target version starts a new tally"
 
 
 def test_rate_limit_audits_a_stable_share():

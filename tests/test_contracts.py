@@ -15,6 +15,7 @@ from dpe.events import (
     EVENT_MODELS,
     AcceptedSample,
     AgentStep,
+    AuditLead,
     BlobRef,
     CapabilityDiagnosis,
     CapabilityWeakness,
@@ -25,6 +26,8 @@ from dpe.events import (
     EvalOutcome,
     Event,
     FailedItem,
+    FailureType,
+    FailureTypes,
     OffsetRange,
     QCVerdict,
     QuotaPlan,
@@ -63,6 +66,7 @@ def test_keys_follow_the_documented_partitioning():
     assert outcome().outcome_id == "2/synthetic/x1"
     assert UnlabeledItem(item_id="abc", image=BLOB, source="synthetic:1").key() == "abc"
     assert Checkpoint(policy_version=1, uri="/c").key() == "policy"
+    assert example(AuditLead).key() == "abc/cf/mirror", "a lead is keyed like the unlabeled image it is about"
 
 
 def test_future_and_too_old_schema_versions_are_refused_clearly():
@@ -163,13 +167,22 @@ EXAMPLES: list[Event] = [
     Divergence(policy_version=2, item_id="abc", probe_id="p1", capability="counting", question="How many?",
                image=BLOB, target_answer="3", reference_answers={"r1": "4"}, consensus_answer="4",
                consensus_strength=1.0),
+    AuditLead(divergence=Divergence(
+        policy_version=2, item_id="abc/cf/mirror", probe_id="p1", capability="counting", question="How many?",
+        image=BLOB, counterfactual_of="abc", edit="mirror", target_answer="3", reference_answers={"r1": "4", "r2": "4"},
+        consensus_answer="4", consensus_strength=1.0, consensus_agreeing=2, answer_type="number",
+        failure_type="counting/all/mirror/too_low")),
+    FailureTypes(policy_version=2, audited_probes=9, types={"counting/all/mirror/too_low": FailureType(
+        capability="counting", count=1, exemplars=[FailedItem(item_id="abc/cf/mirror", suite="audit", image=BLOB,
+                                                                question="How many?", expected="4", given="3")])}),
     WeaknessSnapshot(seq=3, policy_version=2, events_total=10, capabilities={
         "counting": CapabilityWeakness(error_rate=0.5, effective_n=4.0, ci_low=0.1, ci_high=0.9, events=4)}),
     QuotaPlan(round=1, strategy="uniform", budget=3, quotas={"a": 2}, weights={"a": 1.0}, snapshot_id="s",
               policy_version=2),
     AcceptedSample(sample_id="s1", capability="color", body=BODY, source_item_id="abc", plan_id="p",
                    agents=[AgentStep(role="writer", backend="programmatic", tools=["crop"])],
-                   qc=[QCVerdict(check="answerable", passed=True, reason_code="ok", score=0.9)], policy_version=2),
+                   qc=[QCVerdict(check="answerable", passed=True, reason_code="ok", score=0.9)], policy_version=2,
+                   origin="audit", divergence_id="2/abc/cf/mirror/p1"),
     RejectedSample(candidate_id="c1", capability="color", source_item_id="abc", plan_id="p",
                    qc=[QCVerdict(check="answerable", passed=False, reason_code="unanswerable")],
                    reason_code="unanswerable"),

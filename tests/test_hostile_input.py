@@ -56,6 +56,7 @@ from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.config import with_overrides
 from dpe.events import (
     AcceptedSample,
+    AuditLead,
     BlobRef,
     CapabilityDiagnosis,
     CapabilityWeakness,
@@ -65,6 +66,9 @@ from dpe.events import (
     Divergence,
     EvalOutcome,
     Event,
+    FailedItem,
+    FailureType,
+    FailureTypes,
     QuotaPlan,
     RejectedSample,
     SampleBody,
@@ -96,8 +100,10 @@ pytestmark = pytest.mark.timeout(300)
 
 E = TypeVar("E", bound=Event)
 
-MAX_RSS_GROWTH = 96 << 20
-"""Most a service's resident memory may grow over the hostile batch (6 MB records included)."""
+MAX_RSS_GROWTH = 128 << 20
+"""Most a service's resident memory may grow over the hostile batch (6 MB records included). The agents read two
+topics in one group (unlabeled items and audit leads), so one fetch may bring two 6 MB records at once: 71-102 MiB
+measured for them (29-41 MiB with one topic), at most 31 MiB for the others."""
 SETTLE_S = 90.0
 """Longest wait for a service to handle the valid records behind the batch and file its dead letters."""
 
@@ -149,6 +155,10 @@ class Shape:
 SHAPES: dict[type[Event], Shape] = {
     EvalOutcome: Shape(("score",), ("policy_version",), (("capability",), "astrology")),
     Divergence: Shape(("consensus_strength",), ("policy_version",), (("capability",), "astrology")),
+    AuditLead: Shape(("divergence", "consensus_strength"), ("divergence", "policy_version"),
+                     (("divergence", "capability"), "astrology")),
+    FailureTypes: Shape(("audited_probes",), ("policy_version",),
+                        (("types", "counting/all/mirror/too_high", "capability"), "astrology")),
     PartialWeakness: Shape(("reports", "spatial", "weakness", "trend"), ("seq",)),
     UnlabeledItem: Shape(("image", "width"), ("image", "size_bytes"), (("metadata", "capabilities"), ["astrology"])),
     QuotaPlan: Shape(("weights", "counting"), ("budget",), (("quotas",), {"astrology": 1})),
@@ -202,6 +212,8 @@ DOORS: tuple[Door, ...] = (
     Door("auditor", UnlabeledItem, Fate.DEAD, "auditor", {"unknown_capability": dead("UnknownCapability")}),
     Door("auditor", Checkpoint, Fate.SKIPPED, "auditor", REFUSED_CHECKPOINTS),
     Door("agents", UnlabeledItem, Fate.DEAD, "agents", {"unknown_capability": HANDLED}),
+    Door("agents", AuditLead, Fate.DEAD, "agents", {"unknown_capability": dead("UnknownCapability")}),
+    Door("agents", FailureTypes, Fate.DEAD, "agents", {"unknown_capability": HANDLED}),
     Door("agents", QuotaPlan, Fate.DEAD, "agents", {"unknown_capability": HANDLED}),
     Door("agents", Diagnosis, Fate.DEAD, "agents", {"unknown_capability": HANDLED}),
     Door("agents", AcceptedSample, Fate.LOGGED, "agents", {"unknown_capability": HANDLED}),
@@ -547,6 +559,29 @@ def accepted_sample(ref: BlobRef, name: str, plan_id: str) -> AcceptedSample:
                           plan_id=plan_id, agents=[], qc=[], policy_version=0)
 
 
+def lead(ref: BlobRef, name: str) -> AuditLead:
+    """An audit lead about a stored image: a counting probe two references agreed on (QC judges whether it is right)."""
+    return AuditLead(divergence=Divergence(
+        policy_version=1, item_id=f"view-{name}", probe_id=f"p-{name}", capability="counting",
+        question="How many shapes are in the image?", image=ref, target_answer="7",
+        reference_answers={"regions": "2", "contours": "2"}, consensus_answer="2", consensus_strength=1.0,
+        consensus_agreeing=2, answer_type="number"))
+
+
+def failure_types(policy_version: int) -> FailureTypes:
+    """The auditor's tally of one counting failure type on `policy_version`."""
+    found = FailedItem(item_id="view/cf/mirror", suite="audit", question="How many shapes are in the image?",
+                       expected="2", given="3", reason="counting/all/mirror/too_high")
+    return FailureTypes(policy_version=policy_version, audited_probes=5, types={
+        "counting/all/mirror/too_high": FailureType(capability="counting", count=1, exemplars=[found])})
+
+
+def rectified(tail: Tail, made: AuditLead) -> Callable[[], bool]:
+    """Whether the agents made a sample, accepted or rejected, from the lead `made`."""
+    wanted = made.divergence.divergence_id
+    return lambda: any(s.divergence_id == wanted for s in tail.of(AcceptedSample) + tail.of(RejectedSample))
+
+
 async def ingest_scene(settings: Settings, tail: Tail, index: int) -> UnlabeledItem:
     """Synthetic scene `index` (seed 11), ingested as `dpe ingest --synthetic` does, as the tail reads it back."""
     outcomes: list[Outcome] = []
@@ -580,7 +615,9 @@ async def run_agents(request: pytest.FixtureRequest) -> Run:
             raw_producer(settings) as send:
         warm_item = await ingest_scene(settings, tail, 0)
         samples = [accepted_sample(warm_item.image, name, plans[0].plan_id) for name in ("warm", "hostile", "behind")]
-        for event in (plans[0], diagnosis(1), samples[0], Checkpoint(policy_version=1, uri=str(folders.inside))):
+        leads = [lead(warm_item.image, name) for name in ("warm", "hostile", "behind")]
+        for event in (plans[0], diagnosis(1), samples[0], Checkpoint(policy_version=1, uri=str(folders.inside)),
+                      leads[0], failure_types(1)):
             await send_event(send, settings, event)
         stop, ready = asyncio.Event(), asyncio.Event()
         worker = AgentWorker(settings)
@@ -588,20 +625,24 @@ async def run_agents(request: pytest.FixtureRequest) -> Run:
         try:
             await asyncio.wait_for(ready.wait(), 60)
             await tail.until(sampled(tail, warm_item))
+            await tail.until(rectified(tail, leads[0]))
             before = rss()
             sent = {}
             for base, refused in ((warm_item.model_copy(update={"item_id": "e" * 64}), {}), (plans[0], {}),
-                                  (diagnosis(2), {}), (samples[1], {}),
+                                  (diagnosis(2), {}), (samples[1], {}), (leads[1], {}), (failure_types(2), {}),
                                   (Checkpoint(policy_version=6, uri=str(folders.inside)), folders.refused(7))):
                 sent |= await send_hostile(send, settings, base, refused)
-            for event in (plans[1], diagnosis(5), samples[2], Checkpoint(policy_version=5, uri=str(folders.inside))):
+            for event in (plans[1], diagnosis(5), samples[2], Checkpoint(policy_version=5, uri=str(folders.inside)),
+                          leads[2], failure_types(5)):
                 await send_event(send, settings, event)
             behind_item = await ingest_scene(settings, tail, 1)
             followed = {UnlabeledItem: sampled(tail, behind_item),
                         QuotaPlan: lambda: worker.ledger.plan.plan_id == plans[1].plan_id,
                         Diagnosis: lambda: worker.diagnoses.newest == 5,
                         AcceptedSample: lambda: worker.ledger.plan_of(samples[2].sample_id) == plans[0].plan_id,
-                        Checkpoint: lambda: worker.latest_version == 5}
+                        Checkpoint: lambda: worker.latest_version == 5,
+                        AuditLead: rectified(tail, leads[2]),
+                        FailureTypes: lambda: worker.diagnoses.newest_failure_types == 5}
             handled = {model: await tail.until(done) for model, done in followed.items()}
             complete = lettered(sent, "agents")
             await tail.until(lambda: complete(tail.of(DeadLetter)))

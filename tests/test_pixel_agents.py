@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from benchmarks.teacher import edited_truth, grade_samples
 from consumers.agents.crew import Crew, Passed
+from consumers.agents.diagnoses import with_failure_types
 from consumers.agents.pixels import PixelWriter
 from consumers.agents.service import build_checks, build_roles
 from consumers.agents.settings import AgentsConfig
@@ -24,7 +25,7 @@ from consumers.qc.checks import QCChain
 from consumers.qc.dedup import NearDuplicateIndex
 from consumers.roles import AgentFailure, ItemContext, TaskPlan
 from dpe.blobstore import BlobStore
-from dpe.events import AcceptedSample, CapabilityDiagnosis, FailedItem, UnlabeledItem
+from dpe.events import AcceptedSample, CapabilityDiagnosis, FailedItem, FailureType, FailureTypes, UnlabeledItem
 from dpe.imaging import Flip, Rotate, apply_edits
 from dpe.perception.toolchain import TOOLCHAINS
 from dpe.taxonomy import DPE_IMAGE_TYPES
@@ -144,9 +145,20 @@ def failing(question: str, expected: str, count: int = 6) -> CapabilityDiagnosis
                                failures=[failed] * count, analysis=f"{count} of 20 wrong")
 
 
+def audited(brief: CapabilityDiagnosis, question: str, consensus: str) -> CapabilityDiagnosis:
+    """`brief` with the auditor's tally of one counting failure type whose exemplars all asked `question`."""
+    found = FailedItem(item_id="view/cf/mirror", suite="audit", question=question, expected=consensus, given="9",
+                       reason="counting/color/mirror/too_high")
+    tally = FailureTypes(policy_version=1, audited_probes=40, types={
+        "counting/color/mirror/too_high": FailureType(capability="counting", count=6, exemplars=[found] * 3)})
+    return with_failure_types({"counting": brief}, tally)["counting"]
+
+
 async def test_what_the_crew_asks_follows_the_diagnosis_and_changes_when_the_failures_change(pixel_crew):
     """The planner reads the diagnosis: failures on colour-filtered counts give mostly colour-filtered count
-    questions, failures on plain counts mostly plain ones; no diagnosis leaves the writer's own mix."""
+    questions, failures on plain counts mostly plain ones; no diagnosis leaves the writer's own mix. The auditor's
+    failure types join the brief (`with_failure_types`): with no evaluator failure, its colour-count exemplars aim
+    the crew at colour counts too."""
     crew, store = pixel_crew
     shapes = [index for index in range(200) if unlabeled_scene(index, 9).kind == "shapes"][:36]
     items = [stored_item(store, index, 9, {}) for index in shapes]
@@ -166,7 +178,10 @@ async def test_what_the_crew_asks_follows_the_diagnosis_and_changes_when_the_fai
     on_colours = await asked(failing("How many red shapes are in the image?", "2"))
     on_totals = await asked(failing("How many shapes are in the image?", "5"))
     own = await asked(None)
+    on_audit = await asked(audited(failing("How many shapes are in the image?", "5", count=0),
+                                   "How many red shapes are in the image?", "2"))
     assert on_colours.most_common(1)[0][0] == "color" and on_colours["color"] >= 0.6 * sum(on_colours.values())
+    assert on_audit["color"] >= 0.6 * sum(on_audit.values()), "the auditor's failure types aim the crew too"
     assert on_totals.most_common(1)[0][0] == "all" and on_totals["all"] >= 0.6 * sum(on_totals.values())
     assert max(own.values()) < 0.6 * sum(own.values()), own
 

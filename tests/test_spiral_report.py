@@ -18,6 +18,8 @@ from dpe.events import (
     Checkpoint,
     EvalOutcome,
     Event,
+    FailureType,
+    FailureTypes,
     QCVerdict,
     QuotaPlan,
     RejectedSample,
@@ -68,7 +70,15 @@ def timeline() -> list[Event]:
         heldout(1, "a", "counting", True), heldout(1, "b", "counting", True), heldout(1, "e", "counting", False),
         heldout(1, "c", "color", True), heldout(1, "c", "color", True),
         snapshot(1, {"counting": 0.4, "color": 0.1}), plan(1, {"counting": 5, "color": 3}),
+        tally(1, {"counting/all/original/too_high": 2}),
+        tally(1, {"counting/all/original/too_high": 3, "color/any/mirror/ignores_edit": 1}),
     ]
+
+
+def tally(policy_version: int, counts: dict[str, int]) -> FailureTypes:
+    """The auditor's failure-type tally of a version (no exemplars)."""
+    return FailureTypes(policy_version=policy_version, audited_probes=20, types={
+        name: FailureType(capability=name.split("/")[0], count=count, exemplars=[]) for name, count in counts.items()})
 
 
 def folded() -> SpiralState:
@@ -94,6 +104,11 @@ def test_rounds_link_versions_to_their_plan_weakness_and_training():
     assert rounds[1].weakness["counting"] == 0.4 and rounds[1].heldout_items == 4
     assert rounds[1].heldout_items_by_capability == {"color": 1, "counting": 3}
     assert rounds[1].samples_trained_by_capability == {"color": 1, "counting": 1}
+    assert rounds[0].failure_types == {}, "the base: nothing audited"
+    assert rounds[1].failure_types == {"color/any/mirror/ignores_edit": 1, "counting/all/original/too_high": 3}, \
+        "the newest tally of a version is its tally"
+    resumed = SpiralState.from_json(json.loads(json.dumps(folded().to_json())))
+    assert resumed.rounds()[1].failure_types == rounds[1].failure_types
 
 
 def test_trained_samples_are_counted_by_capability_whichever_event_comes_first_and_survive_a_resume():
@@ -139,7 +154,7 @@ def test_report_writes_summary_and_plots(tmp_path):
     assert summary["run_id"] == "r1" and [r["policy_version"] for r in summary["rounds"]] == [0, 1]
     assert summary["rounds"][1]["heldout_accuracy"]["counting"] == 2 / 3
     page = report_path.read_text()
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4, "weakness, quotas, held-out accuracy, failure types"
     assert "<td>0.67</td>" in page
 
 

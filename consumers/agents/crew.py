@@ -6,6 +6,10 @@ and answer), then the quality-control chain (validator and independent answerer 
 Every role's contribution is an `AgentStep`; a role that fails ends the attempt as a rejection
 whose reason is ``<role>_<failure>`` (e.g. ``writer_not_applicable``, ``planner_invalid_output``).
 
+A lead from the auditor (`Crew.rectify`, AuditDM's rectification) skips the planner, editor and writer: the
+probe the target failed is the question, the references' consensus the answer (the ``writer`` step names the
+auditor), and it goes through the same duplicate guard and QC chain; its sample's ``origin`` is ``audit``.
+
 Attempts are deterministic for programmatic roles: the same (item, capability, attempt) gives the
 same sample and so the same `sample_id` (a hash of image, question and answer), which is how a
 redo after a crash is recognised (`Known`) instead of counted twice.
@@ -35,11 +39,13 @@ from dpe.blobstore import BlobError, BlobStore, ImageRejected
 from dpe.events import (
     AcceptedSample,
     AgentStep,
+    AuditLead,
     BlobRef,
     CapabilityDiagnosis,
     QCVerdict,
     RejectedSample,
     SampleBody,
+    SampleOrigin,
     UnlabeledItem,
 )
 from dpe.imaging import Compose, ImageEditor, describe
@@ -167,29 +173,61 @@ class Crew:
             steps.append(AgentStep(role="writer", backend=roles.writer.backend, detail=f"attempt {attempt}"))
         except AgentFailure as failure:
             verdict = _refusal(role, f"{role}_{failure.reason_code}", failure.detail)
-            return self._failed(candidate_id, ctx, capability, plan_id, steps, [verdict], None)
-        body = _body(ref, draft)
-        sample_id = sample_id_for(body)
+            return self._failed(Lineage(candidate_id, ctx, capability, plan_id), steps, [verdict], None)
+        candidate = Candidate(ctx=ctx, capability=capability, plan=plan, image=image, draft=draft,
+                              body=_body(ref, draft), steps=steps)
+        return await self._checked(Lineage(candidate_id, ctx, capability, plan_id), candidate)
+
+    async def rectify(self, lead: AuditLead, plan_id: str) -> Outcome:
+        """A candidate from an audit lead (AuditDM's rectification): the probe the target failed, with the
+        references' consensus as its answer, through the same duplicate guard and QC chain as the crew's own.
+
+        The lead's image is read from the blob store (hash-checked; its errors raise). Its text is data: a question
+        the QC chain's validator and answerer cannot read from the pixels is refused like any other.
+        """
+        divergence = lead.divergence
+        item = UnlabeledItem(item_id=divergence.item_id, image=divergence.image, source=f"audit:{divergence.item_id}")
+        image = (await asyncio.to_thread(self.store.open_image, divergence.image)).convert("RGB")
+        ctx = ItemContext(item=item, image=image, scene=None)
+        lineage = Lineage(candidate_id_for(plan_id, divergence.divergence_id, divergence.capability, 0), ctx,
+                          divergence.capability, plan_id, divergence.divergence_id)
+        agreeing = ", ".join(sorted(divergence.reference_answers))
+        steps = [AgentStep(role="writer", backend="auditor", detail=(
+            f"consensus {divergence.consensus_answer!r} ({divergence.consensus_strength:.2f} of {agreeing}); "
+            f"policy v{divergence.policy_version} answered {divergence.target_answer!r}")[:2000])]
+        try:
+            if divergence.answer_type is None:
+                raise ValueError("its divergence names no answer type (written before rectification)")
+            draft = Draft(question=divergence.question, answer=divergence.consensus_answer,
+                          answer_type=divergence.answer_type, options=divergence.options,
+                          tolerance=divergence.tolerance)
+        except ValueError as error:  # pydantic's ValidationError included
+            verdict = _refusal("writer", "writer_invalid_output", f"the lead is no sample: {error}")
+            return self._failed(lineage, steps, [verdict], None)
+        candidate = Candidate(ctx=ctx, capability=divergence.capability, plan=TaskPlan(focus=divergence.capability),
+                              image=image, draft=draft, body=_body(divergence.image, draft), steps=steps)
+        return await self._checked(lineage, candidate)
+
+    async def _checked(self, lineage: Lineage, candidate: Candidate) -> Outcome:
+        """A drafted candidate through the duplicate guard and the QC chain: accepted, refused or already known."""
+        sample_id = sample_id_for(candidate.body)
         first_plan = self.accepted_plan(sample_id)
-        if first_plan == plan_id:
+        if first_plan == lineage.plan_id:
             return Known(sample_id)
         if first_plan is not None:
             detail = f"accepted before as {sample_id} under plan {first_plan}"
             verdict = _refusal("duplicate", "duplicate_sample", detail)
-            return self._failed(candidate_id, ctx, capability, plan_id, steps, [verdict], body)
-        candidate = Candidate(ctx=ctx, capability=capability, plan=plan, image=image, draft=draft, body=body,
-                              steps=steps)
+            return self._failed(lineage, candidate.steps, [verdict], candidate.body)
         verdicts = await self.qc.run(candidate)
         if all(verdict.passed for verdict in verdicts):
             accepted = AcceptedSample(
-                producer="agents", sample_id=sample_id, capability=capability, body=body,
-                source_item_id=ctx.item.item_id, plan_id=plan_id, agents=candidate.steps, qc=verdicts,
+                producer="agents", sample_id=sample_id, capability=lineage.capability, body=candidate.body,
+                source_item_id=lineage.ctx.item.item_id, plan_id=lineage.plan_id, agents=candidate.steps, qc=verdicts,
                 policy_version=self.policy_version() if candidate.policy_version is None else candidate.policy_version,
-                pass_rate=candidate.pass_rate,
+                pass_rate=candidate.pass_rate, origin=lineage.origin, divergence_id=lineage.divergence_id,
             )
             return Passed(accepted, candidate.key())
-        return self._failed(candidate_id, ctx, capability, plan_id, candidate.steps, verdicts, body,
-                            candidate.policy_version)
+        return self._failed(lineage, candidate.steps, verdicts, candidate.body, candidate.policy_version)
 
     async def _edit(self, ctx: ItemContext, plan: TaskPlan, steps: list[AgentStep]) -> tuple[Image.Image, BlobRef]:
         """Apply the plan's edits (retrieving related images for compositions) and store the result."""
@@ -219,14 +257,32 @@ class Crew:
         image.save(buffer, format="PNG")
         return self.store.put_image(buffer.getvalue())
 
-    def _failed(self, candidate_id: str, ctx: ItemContext, capability: str, plan_id: str, steps: list[AgentStep],
-                verdicts: list[QCVerdict], body: SampleBody | None, policy_version: int | None = None) -> Failed:
+    @staticmethod
+    def _failed(lineage: Lineage, steps: list[AgentStep], verdicts: list[QCVerdict], body: SampleBody | None,
+                policy_version: int | None = None) -> Failed:
         failed = next(verdict for verdict in verdicts if not verdict.passed)
         return Failed(RejectedSample(
-            producer="agents", candidate_id=candidate_id, capability=capability, body=body,
-            source_item_id=ctx.item.item_id, plan_id=plan_id, agents=steps, qc=verdicts,
-            reason_code=failed.reason_code, policy_version=policy_version,
+            producer="agents", candidate_id=lineage.candidate_id, capability=lineage.capability, body=body,
+            source_item_id=lineage.ctx.item.item_id, plan_id=lineage.plan_id, agents=steps, qc=verdicts,
+            reason_code=failed.reason_code, policy_version=policy_version, origin=lineage.origin,
+            divergence_id=lineage.divergence_id,
         ))
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a candidate comes from: its attempt's id, the item (or audited image), capability, plan, and for a
+    rectification the audit verdict it came from."""
+
+    candidate_id: str
+    ctx: ItemContext
+    capability: str
+    plan_id: str
+    divergence_id: str | None = None
+
+    @property
+    def origin(self) -> SampleOrigin:
+        return "agents" if self.divergence_id is None else "audit"
 
 
 def _answer_key(item: UnlabeledItem) -> Scene | None:

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from consumers.agents.crew import Crew, Failed, Known, Passed, Roles
+from consumers.agents.crew import Crew, Known, Outcome, Passed, Roles
 from consumers.agents.diagnoses import Diagnoses
 from consumers.agents.ledger import QuotaLedger, Reservation, item_slice
 from consumers.agents.llm import LLMAnswerer, LLMPlanner, LLMValidator, LLMWriter
@@ -79,11 +79,28 @@ from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.bus.delivery import Delivery
 from dpe.bus.follower import Follower, now_ms
 from dpe.endpoint.client import EndpointClient
-from dpe.events import AcceptedSample, Checkpoint, Diagnosis, Event, QuotaPlan, UnlabeledItem
+from dpe.events import (
+    AcceptedSample,
+    AuditLead,
+    Checkpoint,
+    Diagnosis,
+    Event,
+    FailureTypes,
+    QuotaPlan,
+    UnlabeledItem,
+)
 from dpe.imaging import PillowEditor
 from dpe.inference import PolicyVersions
 from dpe.policy.checkpoints import REFUSALS, allowed_roots, loadable_folder
-from monitoring.metrics import AGENT_ITEMS, AGENT_OUT_OF_REACH, AGENT_SAMPLES, QUOTA_PLAN_STARTED, QUOTA_REMAINING
+from dpe.taxonomy import UnknownCapability
+from monitoring.metrics import (
+    AGENT_ITEMS,
+    AGENT_LEADS,
+    AGENT_OUT_OF_REACH,
+    AGENT_SAMPLES,
+    QUOTA_PLAN_STARTED,
+    QUOTA_REMAINING,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +170,7 @@ class _Rebalance(ConsumerRebalanceListener):
         worker = self.worker
         await worker.follower.synced(now_ms())
         worker.revoking = False
-        log.info("agents: own unlabeled partitions %s", sorted(tp.partition for tp in assigned))
+        log.info("agents: own unlabeled and lead partitions %s", sorted({tp.partition for tp in assigned}))
 
 
 class AgentWorker:
@@ -201,11 +218,12 @@ class AgentWorker:
         async with perceiving(processes), AsyncPublisher(settings, producer_name="agents") as publisher:
             self.publisher = publisher
             self.follower = Follower(settings, publisher, {QuotaPlan: self._on_plans, Diagnosis: self._on_diagnoses,
+                                                           FailureTypes: self._on_failure_types,
                                                            AcceptedSample: self._on_accepted,
                                                            Checkpoint: self._on_checkpoints},
-                                     service="agents", dead_letters=[QuotaPlan, Diagnosis])
-            self.items = AsyncSubscriber(settings, [UnlabeledItem], group_id=settings.agents.group_id, service="agents",
-                                         publisher=publisher, subscribe=False)
+                                     service="agents", dead_letters=[QuotaPlan, Diagnosis, FailureTypes])
+            self.items = AsyncSubscriber(settings, [UnlabeledItem, AuditLead], group_id=settings.agents.group_id,
+                                         service="agents", publisher=publisher, subscribe=False, co_partitioned=True)
             await self.items.start()
             self.ledger = QuotaLedger(await self._partition_count())
             await self.follower.start()
@@ -238,8 +256,15 @@ class AgentWorker:
                         await client.close()
 
     async def _partition_count(self) -> int:
+        """The unlabeled topic's partitions: the quota slices. The leads topic must have as many (co-partitioned)."""
+        counts = [await self._partitions_of(topic) for topic in self.items.topics]
+        if len(set(counts)) > 1:
+            raise RuntimeError(f"topics {self.items.topics} have {counts} partitions; audit leads must be "
+                               "co-partitioned with unlabeled items (recreate them with as many partitions)")
+        return counts[0]
+
+    async def _partitions_of(self, topic: str) -> int:
         consumer = self.items.consumer
-        topic = self.items.topics[0]
         for _ in range(100):
             await consumer.topics()
             found = consumer.partitions_for_topic(topic)
@@ -264,6 +289,9 @@ class AgentWorker:
 
     async def _on_diagnoses(self, diagnoses: Sequence[Event]) -> None:
         self.diagnoses.add(diagnoses)
+
+    async def _on_failure_types(self, tallies: Sequence[Event]) -> None:
+        self.diagnoses.add_failure_types(tallies)
 
     async def _on_accepted(self, samples: Sequence[Event]) -> None:
         for sample in samples:
@@ -333,8 +361,9 @@ class AgentWorker:
             if not deliveries:
                 continue
             async with self.lock:
-                if self.revoking:
+                if self.revoking:  # a handover is under way: wait for it instead of fetching the same records again
                     self._rewind(deliveries, done=set())
+                    await asyncio.sleep(0.2)
                     continue
                 done = await self._handle_batch(deliveries)
                 await self.publisher.flush()
@@ -349,8 +378,8 @@ class AgentWorker:
         if assigned - full:
             consumer.resume(*(assigned - full))
 
-    async def _handle_batch(self, deliveries: list[Delivery]) -> set[tuple[int, int]]:
-        """Handle a batch concurrently; (partition, offset) of those finished (not cancelled by a revocation)."""
+    async def _handle_batch(self, deliveries: list[Delivery]) -> set[tuple[str, int, int]]:
+        """Handle a batch concurrently; (topic, partition, offset) of those finished (not cancelled by a revocation)."""
         tasks = {asyncio.create_task(self._guarded(delivery)): delivery for delivery in deliveries}
         self.inflight = set(tasks)
         if self.revoking:
@@ -360,28 +389,26 @@ class AgentWorker:
             await asyncio.wait(tasks)
         finally:
             self.inflight = set()
-        return {(delivery.partition, delivery.offset) for task, delivery in tasks.items() if not task.cancelled()}
+        return {_position(delivery) for task, delivery in tasks.items() if not task.cancelled()}
 
-    async def _commit(self, deliveries: list[Delivery], done: set[tuple[int, int]]) -> None:
+    async def _commit(self, deliveries: list[Delivery], done: set[tuple[str, int, int]]) -> None:
         """Commit each partition up to its first unfinished item (finished ones all: the position)."""
         consumer = self.items.consumer
         try:
             offsets = {}
             for tp in {TopicPartition(d.topic, d.partition) for d in deliveries}:
-                pending = [d.offset for d in deliveries
-                           if d.partition == tp.partition and (d.partition, d.offset) not in done]
+                pending = [d.offset for d in deliveries if (d.topic, d.partition) == tp and _position(d) not in done]
                 offsets[tp] = min(pending) if pending else await consumer.position(tp)
             self._rewind(deliveries, done)
             await consumer.commit(offsets)
         except KafkaError as exc:
             log.warning("agents: commit failed (%s); unfinished items will be redone", exc)
 
-    def _rewind(self, deliveries: list[Delivery], done: set[tuple[int, int]]) -> None:
-        """Seek back to the first unfinished item of each partition (they are fetched again)."""
+    def _rewind(self, deliveries: list[Delivery], done: set[tuple[str, int, int]]) -> None:
+        """Seek back to the first unfinished record of each partition (they are fetched again)."""
         consumer = self.items.consumer
-        for partition in {d.partition for d in deliveries}:
-            pending = [d.offset for d in deliveries if d.partition == partition and (partition, d.offset) not in done]
-            tp = TopicPartition(deliveries[0].topic, partition)
+        for tp in {TopicPartition(d.topic, d.partition) for d in deliveries}:
+            pending = [d.offset for d in deliveries if (d.topic, d.partition) == tp and _position(d) not in done]
             try:
                 if pending and tp in consumer.assignment():
                     consumer.seek(tp, min(pending))
@@ -391,26 +418,60 @@ class AgentWorker:
     async def _guarded(self, delivery: Delivery) -> None:
         async with self._slots:
             try:
-                await self._handle_item(delivery)
+                if isinstance(delivery.event, AuditLead):
+                    await self._handle_lead(delivery)
+                else:
+                    await self._handle_item(delivery)
             except asyncio.CancelledError:
                 raise
             except BlobError as exc:
                 AGENT_ITEMS.labels("dead_lettered").inc()
                 await self.items.dead_letter(delivery, exc, "load")
             except Exception as exc:  # noqa: BLE001 - one bad item must not stop the worker
-                log.exception("agents: item %s failed", delivery.event.item_id)
+                log.exception("agents: %s at %s failed", type(delivery.event).__name__, _position(delivery))
                 AGENT_ITEMS.labels("dead_lettered").inc()
                 await self.items.dead_letter(delivery, exc, "handle")
+
+    async def _misrouted(self, delivery: Delivery, item_id: str) -> bool:
+        """Dead-letter a record that arrived on another partition than Kafka's default partitioner gives `item_id`
+        (its quota slice would be another worker's); whether it was."""
+        keyed_to = item_slice(item_id, self.ledger.partitions)
+        if keyed_to == delivery.partition:
+            return False
+        AGENT_ITEMS.labels("dead_lettered").inc()
+        await self.items.dead_letter(delivery, MisroutedItem(
+            f"{type(delivery.event).__name__} {item_id} is keyed to partition {keyed_to} by Kafka's default "
+            f"partitioner but arrived on {delivery.partition}; publish it keyed by its item id with the default "
+            "(murmur2) partitioner"), "route")
+        return True
+
+    async def _handle_lead(self, delivery: Delivery) -> None:
+        """An audit lead: one rectification candidate for its capability, if its slice has room under the plan."""
+        divergence = delivery.event.divergence
+        if await self._misrouted(delivery, divergence.item_id):
+            return
+        if divergence.capability not in self.settings.capabilities:
+            AGENT_ITEMS.labels("dead_lettered").inc()
+            await self.items.dead_letter(delivery, UnknownCapability(
+                f"lead for unknown capability {divergence.capability[:100]!r}; known: "
+                f"{list(self.settings.capabilities)}"), "validate")
+            return
+        wanted = frozenset({divergence.capability})
+        while (reservation := self.ledger.reserve(delivery.partition, wanted)) is None:
+            if not self.ledger.blocked(delivery.partition, wanted):
+                AGENT_LEADS.labels("skipped").inc()
+                return
+            await self.ledger.changed()
+        try:
+            outcome = await self.crew.rectify(delivery.event, reservation.plan_id)
+            AGENT_LEADS.labels("accepted" if await self._settle(outcome) else "rejected").inc()
+        finally:
+            self.ledger.release(reservation)
 
     async def _handle_item(self, delivery: Delivery) -> None:
         item: UnlabeledItem = delivery.event
         slice_ = delivery.partition
-        keyed_to = item_slice(item.item_id, self.ledger.partitions)
-        if keyed_to != slice_:
-            AGENT_ITEMS.labels("dead_lettered").inc()
-            await self.items.dead_letter(delivery, MisroutedItem(
-                f"item {item.item_id} is keyed to partition {keyed_to} by Kafka's default partitioner but arrived "
-                f"on {slice_}; publish UnlabeledItems keyed by item_id with the default (murmur2) partitioner"), "route")
+        if await self._misrouted(delivery, item.item_id):
             return
         plan = self.ledger.plan
         ctx = await self.crew.context(item, self.diagnoses.for_version(plan.policy_version) if plan else None)
@@ -440,24 +501,30 @@ class AgentWorker:
         one (`BAND_VERDICTS`)."""
         for attempt in range(self.settings.agents.attempts_per_item):
             outcome = await self.crew.attempt(ctx, reservation.capability, reservation.plan_id, attempt)
-            if isinstance(outcome, Known):
+            if await self._settle(outcome):
                 return True
-            if isinstance(outcome, Passed):
-                sample = outcome.sample
-                await asyncio.shield(self.publisher.publish(sample))
-                self.ledger.record(sample.plan_id, sample.capability, sample.source_item_id, sample.sample_id)
-                self.index.add(sample.sample_id, outcome.key)
-                AGENT_SAMPLES.labels(sample.capability, "accepted").inc()
-                self._judge_reach(sample.capability, sample.policy_version, kept=True)
-                self._report_remaining()
-                return True
-            assert isinstance(outcome, Failed)
-            await self.publisher.publish(outcome.sample)
-            AGENT_SAMPLES.labels(outcome.sample.capability, "rejected").inc()
             if outcome.sample.reason_code in BAND_VERDICTS:
-                self._judge_reach(outcome.sample.capability, outcome.sample.policy_version, kept=False)
                 break
         return False
+
+    async def _settle(self, outcome: Outcome) -> bool:
+        """Publish an attempt's outcome and count it (ledger, near-duplicate index, reach); whether it filled its
+        slot (accepted now, or before: `Known`)."""
+        if isinstance(outcome, Known):
+            return True
+        sample = outcome.sample
+        kept = isinstance(outcome, Passed)
+        if kept:
+            await asyncio.shield(self.publisher.publish(sample))
+            self.ledger.record(sample.plan_id, sample.capability, sample.source_item_id, sample.sample_id)
+            self.index.add(sample.sample_id, outcome.key)
+            self._report_remaining()
+        else:
+            await self.publisher.publish(sample)
+        AGENT_SAMPLES.labels(sample.capability, "accepted" if kept else "rejected").inc()
+        if kept or sample.reason_code in BAND_VERDICTS:
+            self._judge_reach(sample.capability, sample.policy_version, kept=kept)
+        return kept
 
     def _judge_reach(self, capability: str, version: int | None, kept: bool) -> None:
         """With the difficulty band on, count its verdict and pass the capabilities out of reach to the ledger."""
@@ -475,3 +542,8 @@ class AgentWorker:
             for name in self.ledger.out_of_reach | out_of_reach:
                 AGENT_OUT_OF_REACH.labels(name).set(name in out_of_reach)
         self.ledger.set_out_of_reach(out_of_reach)
+
+
+def _position(delivery: Delivery) -> tuple[str, int, int]:
+    """Where a record is: topic, partition, offset."""
+    return delivery.topic, delivery.partition, delivery.offset

@@ -22,6 +22,8 @@ import time
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from dpe.broker import resolve_bootstrap
 from dpe.bus.codec import encode, headers_for
@@ -97,7 +99,10 @@ class AsyncSubscriber:
         auto_offset_reset: str = "earliest",
         subscribe: bool = True,
         read_only: bool = False,
+        co_partitioned: bool = False,
     ):
+        """`co_partitioned`: the topics are keyed alike on as many partitions, and a group member must own the same
+        partition numbers of each (Kafka's range assignment; the default round robin would split them)."""
         self.settings = settings
         self.subscribe = subscribe
         self.read_only = read_only
@@ -113,6 +118,7 @@ class AsyncSubscriber:
             **aiokafka_options(settings.kafka, bootstrap or resolve_bootstrap(settings)),
             **tuning,
             group_id=group_id,
+            partition_assignment_strategy=(RangePartitionAssignor if co_partitioned else RoundRobinPartitionAssignor,),
         )
 
     async def start(self) -> "AsyncSubscriber":

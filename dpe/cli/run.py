@@ -14,7 +14,7 @@ from rich.console import Console
 from dpe.command import CliState, pass_state
 from dpe.lifecycle import sigterm_interrupts
 from dpe.settings import Settings
-from dpe.spiral.experiment.runner import ExperimentOptions, run_experiment
+from dpe.spiral.experiment.runner import NO_RECTIFICATION, ExperimentOptions, run_experiment
 from dpe.spiral.experiment.statistics import RunRow
 from dpe.spiral.experiment.tables import accuracy_markdown, accuracy_table, comparison_table, markdown_table
 from dpe.spiral.run import SpiralOptions, run_spiral
@@ -97,8 +97,11 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
 
 
 @click.command()
-@click.option("--arm", "arms", multiple=True, type=click.Choice(sorted(STRATEGIES)),
-              default=ExperimentOptions.arms, show_default=True, help="Quota strategies to compare (repeat).")
+@click.option("--arm", "arms", multiple=True,
+              type=click.Choice(sorted(STRATEGIES) + [name + NO_RECTIFICATION for name in sorted(STRATEGIES)]),
+              default=ExperimentOptions.arms, show_default=True,
+              help=f"Quota strategies to compare (repeat); a strategy with {NO_RECTIFICATION} has the auditor's leads "
+                   "off.")
 @click.option("--seed", "seeds", multiple=True, type=int, default=ExperimentOptions.seeds, show_default=True,
               help="Seeds of the unlabeled stream and the trainer (repeat).")
 @click.option("--rounds", type=click.IntRange(min=1), default=ExperimentOptions.rounds, show_default=True)

@@ -50,9 +50,11 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "producers.ingest.cli:ingest", False, (), ("unlabeled",)),
     Stage("evaluator", "producers.evaluator.cli:evaluator", True, ("checkpoints",), ("eval_outcomes", "diagnosis")),
-    Stage("auditor", "producers.auditor.cli:auditor", True, ("unlabeled", "checkpoints"), ("audit_divergences",)),
+    Stage("auditor", "producers.auditor.cli:auditor", True, ("unlabeled", "checkpoints"),
+          ("audit_divergences", "audit_leads", "audit_failure_types")),
     Stage("weakness", "streams.cli:weakness", True, ("eval_outcomes", "audit_divergences"), ("weakness", "quotas")),
-    Stage("agents", "consumers.agents.cli:agents", True, ("quotas", "diagnosis", "unlabeled", "checkpoints"),
+    Stage("agents", "consumers.agents.cli:agents", True,
+          ("quotas", "diagnosis", "audit_failure_types", "unlabeled", "audit_leads", "checkpoints"),
           ("samples_accepted", "samples_rejected")),
     Stage("trainer", "trainer.cli:trainer", True, ("samples_accepted", "checkpoints"), ("checkpoints",)),
     Stage("policy", "consumers.policy.cli:policy", True, ("checkpoints",), ()),

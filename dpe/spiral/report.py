@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -53,6 +54,30 @@ def _figure_png(title: str, rounds: Sequence[RoundRecord], attribute: str, ylabe
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+TOP_FAILURE_TYPES = 8
+"""Failure types drawn by name in the report (the rest as ``other``)."""
+
+
+def top_failure_types(rounds: Sequence[RoundRecord], top: int = TOP_FAILURE_TYPES) -> list[RoundRecord]:
+    """The rounds with only the `top` failure types over the run by name, the others summed as ``other``.
+
+    >>> record = RoundRecord(1, {}, 0, {}, {}, {}, None, 0, {}, {}, failure_types={"a": 3, "b": 1, "c": 2})
+    >>> top_failure_types([record], top=2)[0].failure_types
+    {'a': 3, 'c': 2, 'other': 1}
+    """
+    totals: dict[str, int] = {}
+    for record in rounds:
+        for name, count in record.failure_types.items():
+            totals[name] = totals.get(name, 0) + count
+    named = set(sorted(totals, key=lambda name: (-totals[name], name))[:top])
+    folded = []
+    for record in rounds:
+        kept = {name: count for name, count in record.failure_types.items() if name in named}
+        other = sum(count for name, count in record.failure_types.items() if name not in named)
+        folded.append(dataclasses.replace(record, failure_types=kept | ({"other": other} if other else {})))
+    return folded
+
+
 def _table(rounds: Sequence[RoundRecord]) -> str:
     capabilities = sorted({cap for r in rounds for cap in r.heldout_accuracy})
     head = "".join(f"<th>{html.escape(c)}</th>" for c in capabilities)
@@ -75,6 +100,8 @@ def write_report(folder: Path, rounds: Sequence[RoundRecord], meta: dict[str, An
         _figure_png("Weakness (decayed error rate) per capability", rounds, "weakness", "error rate"),
         _figure_png("Quota plan made from each version's diagnosis", rounds, "quota_plan", "samples", bars=True),
         _figure_png("Held-out accuracy per capability", rounds, "heldout_accuracy", "accuracy"),
+        _figure_png("Failure types the auditor found (divergences)", top_failure_types(rounds), "failure_types",
+                    "divergences", bars=True),
     ]
     images = "".join(f'<img alt="plot" src="data:image/png;base64,{png}">' for png in figures)
     meta_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"

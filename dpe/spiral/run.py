@@ -43,7 +43,15 @@ from dpe.broker import free_port
 from dpe.bus.admin import ensure_topics
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
 from dpe.config import child_env, with_overrides, write_config
-from dpe.events import AcceptedSample, Checkpoint, EvalOutcome, QuotaPlan, RejectedSample, WeaknessSnapshot
+from dpe.events import (
+    AcceptedSample,
+    Checkpoint,
+    EvalOutcome,
+    FailureTypes,
+    QuotaPlan,
+    RejectedSample,
+    WeaknessSnapshot,
+)
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
 from dpe.settings import Settings
@@ -53,7 +61,7 @@ from dpe.spiral.state import RoundRecord, SpiralState
 from dpe.spiral.view import RoundLog, StallLog, render_view
 from dpe.supervisor import ServiceSpec, Supervisor
 
-OBSERVED = [EvalOutcome, AcceptedSample, RejectedSample, Checkpoint, WeaknessSnapshot, QuotaPlan]
+OBSERVED = [EvalOutcome, AcceptedSample, RejectedSample, Checkpoint, WeaknessSnapshot, QuotaPlan, FailureTypes]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from dpe.events import (
     Checkpoint,
     EvalOutcome,
     Event,
+    FailureTypes,
     QuotaPlan,
     RejectedSample,
     WeaknessSnapshot,
@@ -65,6 +66,8 @@ class RoundRecord:
     samples_trained: int
     samples_trained_by_capability: dict[str, int]
     trainer_metrics: dict[str, float]
+    failure_types: dict[str, int] = field(default_factory=dict)
+    """Divergences per failure type the auditor found on this version."""
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -87,6 +90,8 @@ class SpiralState:
     trained_by_capability: dict[int, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
     snapshots: dict[int, WeaknessSnapshot] = field(default_factory=dict)
     plans: dict[int, QuotaPlan] = field(default_factory=dict)
+    failure_types: dict[int, dict[str, int]] = field(default_factory=dict)
+    """Per version, the auditor's newest tally: failure type -> divergences."""
     accepted: int = 0
     accepted_by_capability: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -125,6 +130,8 @@ class SpiralState:
             _keep_newest(self.snapshots, event)
         elif isinstance(event, QuotaPlan):
             _keep_newest(self.plans, event)
+        elif isinstance(event, FailureTypes):
+            self.failure_types[event.policy_version] = {name: kind.count for name, kind in event.types.items()}
 
     def _apply_checkpoint(self, event: Checkpoint) -> None:
         if event.policy_version not in self.checkpoints and event.policy_version >= self.policy_version:
@@ -174,6 +181,7 @@ class SpiralState:
             "trained": self.trained, "trained_by_capability": self.trained_by_capability, "accepted": self.accepted,
             "snapshots": [event.model_dump(mode="json") for event in self.snapshots.values()],
             "plans": [event.model_dump(mode="json") for event in self.plans.values()],
+            "failure_types": self.failure_types,
             "accepted_by_capability": self.accepted_by_capability, "rejected_by_reason": self.rejected_by_reason,
             "heldout": self._heldout_folded,
             "accepted_ids": self._accepted_ids.ids(), "rejected_ids": self._rejected_ids.ids(),
@@ -191,6 +199,7 @@ class SpiralState:
         state.trained_by_capability.update({int(v): counts for v, counts in by_capability.items()})
         state.snapshots = {e.policy_version: e for e in map(WeaknessSnapshot.model_validate, data["snapshots"])}
         state.plans = {e.policy_version: e for e in map(QuotaPlan.model_validate, data["plans"])}
+        state.failure_types = {int(v): counts for v, counts in data.get("failure_types", {}).items()}
         state.accepted_by_capability.update(data["accepted_by_capability"])
         state.rejected_by_reason.update(data["rejected_by_reason"])
         state._heldout_folded = {int(v): counts for v, counts in data["heldout"].items()}
@@ -271,5 +280,6 @@ class SpiralState:
                 samples_trained=self.trained.get(version, 0),
                 samples_trained_by_capability=dict(sorted(self.trained_by_capability.get(version, {}).items())),
                 trainer_metrics=dict(checkpoint.metrics) if checkpoint else {},
+                failure_types=dict(sorted(self.failure_types.get(version, {}).items())),
             ))
         return records

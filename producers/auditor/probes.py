@@ -24,12 +24,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from dpe.events import AnswerKey, AnswerType
+from dpe.taxonomy import UnknownCapability
 from dpe.world import QuestionNotPossible, Scene, scene_capabilities, write_question
 from producers.auditor.settings import GenericProbe
-
-
-class UnknownCapability(ValueError):
-    """An item asks for capabilities this deployment does not know."""
 
 
 class InvalidMetadata(ValueError):

@@ -6,7 +6,10 @@ every reference model the same probe questions, about the item's image and about
 edits of it. Each probe where the references reach a consensus that the target's answer does not
 match becomes a Divergence event: the answers, the consensus and its strength, the capability, and
 the edit. Divergences are evidence that needs no label; the weakness stream reads them beside the
-eval outcomes.
+eval outcomes. Those on which the references agree strongly (`auditor.leads`) are also published as
+`AuditLead`s: the agents turn them into training samples through their QC chain (rectification).
+Each divergence is named by its failure type (`producers.auditor.failures`), and the tally of the
+target version's failure types, with exemplars, is published as `FailureTypes` as it grows.
 
 Probes are written from what the probe writer's toolchain sees in the pixels (`probe_writer`); the
 items' metadata is read only for capability hints, and for the scene only where an oracle reference
@@ -29,6 +32,7 @@ import asyncio
 import hashlib
 import io
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +45,7 @@ from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
 from dpe.endpoint.client import EndpointFailure
 from dpe.endpoint.served import VersionNotServed
-from dpe.events import BlobRef, Checkpoint, Divergence, UnlabeledItem
+from dpe.events import AuditLead, BlobRef, Checkpoint, Divergence, FailureTypes, UnlabeledItem
 from dpe.grading import extract_answer
 from dpe.imaging import ImageEditor, PillowEditor
 from dpe.inference import PolicyVersions
@@ -49,10 +53,11 @@ from dpe.perception import NotPerceived
 from dpe.perception.toolchain import TOOLCHAINS
 from dpe.world import Scene
 from dpe.policy.checkpoints import REFUSALS, allowed_roots
-from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_ITEMS, AUDIT_PROBES
+from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_FAILURE_TYPES, AUDIT_ITEMS, AUDIT_PROBES
 from producers.auditor.backends import OracleAnswerer, PolicyAnswerer, ProbeAnswerer, View, reference_answerer
-from producers.auditor.consensus import consensus, target_differs
+from producers.auditor.consensus import canonical, consensus, target_differs
 from producers.auditor.edits import counterfactuals
+from producers.auditor.failures import FailureTally, edit_name, failure_type
 from producers.auditor.probes import Probe, capability_hints, generic_probes, scene_of, scene_probes, world_probe
 from producers.auditor.settings import AuditorConfig, AuditorSettings
 
@@ -83,6 +88,8 @@ class Auditor:
         self.store = store
         self.references = list(references)
         self.editor = editor or PillowEditor()
+        self.tally = FailureTally()
+        self._tallied_at = 0.0
 
     @classmethod
     def from_settings(cls, settings: AuditorConfig) -> "Auditor":
@@ -149,6 +156,7 @@ class Auditor:
         reference_answers = {reference.name: reference.answer(asked) for reference in self.references}
         stored: dict[str, BlobRef] = {}
         verdicts = []
+        originals: dict[str, tuple[str | None, str]] = {}
         for position, (view, probe) in enumerate(asked):
             AUDIT_PROBES.labels(probe.capability).inc()
             answers = {name: given[position] for name, given in reference_answers.items()}
@@ -157,9 +165,17 @@ class Auditor:
                 continue
             if agreed.agreeing < self.settings.min_agreeing:
                 continue
+            given = canonical(target_answers[position], probe)
+            if view.counterfactual_of is None:
+                originals[probe.capability] = (given, agreed.answer)
             diverged = target_differs(target_answers[position] or "", agreed, probe)
+            named = None
             if diverged:
+                before = originals.get(probe.capability) if view.counterfactual_of is not None else None
+                ignores = before is not None and given is not None and before[0] == given and before[1] != agreed.answer
+                named = failure_type(probe, given, agreed.answer, edit_name(view.item_id), ignores)
                 AUDIT_DIVERGENCES.labels(probe.capability).inc()
+                AUDIT_FAILURE_TYPES.labels(named).inc()
             verdicts.append(Divergence(
                 producer=SERVICE,
                 policy_version=policy_version,
@@ -175,8 +191,33 @@ class Auditor:
                 consensus_answer=agreed.answer,
                 consensus_strength=agreed.strength,
                 diverged=diverged,
+                consensus_agreeing=agreed.agreeing,
+                failure_type=named,
+                answer_type=probe.answer_type,
+                options=list(probe.options) if probe.options else None,
+                tolerance=probe.tolerance,
             ))
         return verdicts
+
+    def leads(self, verdicts: Sequence[Divergence]) -> list[AuditLead]:
+        """The divergences worth training on (`auditor.leads`): the target differed from a consensus at least
+        `min_strength` strong, given by at least `min_agreeing` references."""
+        wanted = self.settings.leads
+        if not wanted.enabled:
+            return []
+        return [AuditLead(producer=SERVICE, divergence=verdict) for verdict in verdicts
+                if verdict.diverged and verdict.consensus_strength >= wanted.min_strength
+                and (verdict.consensus_agreeing or 0) >= wanted.min_agreeing]
+
+    def failure_types(self, verdicts: Sequence[Divergence], *, final: bool = False) -> list[FailureTypes]:
+        """Count `verdicts` into the failure tally; the tally to publish, at most every `failure_types_every_s` while
+        it changes (`final`: whenever it changed since it was last published)."""
+        self.tally.add(verdicts)
+        now = time.monotonic()
+        if not self.tally.changed or (not final and now - self._tallied_at < self.settings.failure_types_every_s):
+            return []
+        self._tallied_at = now
+        return [self.tally.event(producer=SERVICE)]
 
     def _stored(self, view: View, stored: dict[str, BlobRef]) -> BlobRef:
         """A counterfactual view's image in the blob store, encoded and written once however many of its
@@ -232,7 +273,7 @@ def unlabeled_handler(
     auditor: Auditor, tracker: TargetTracker, publisher: AsyncPublisher
 ) -> Callable[[Delivery], Awaitable[None]]:
     """Handler of the unlabeled topic: audit the selected share in a worker thread, publish its verdicts
-    (`Divergence` events, diverged or not)."""
+    (`Divergence` events, diverged or not) and the leads among them (`AuditLead`, for the agents)."""
 
     async def on_unlabeled(delivery: Delivery) -> None:
         item: UnlabeledItem = delivery.event
@@ -247,7 +288,8 @@ def unlabeled_handler(
             raise TransientError(f"the policy server gave no answers: {failure}") from failure
         AUDIT_ITEMS.labels("audited").inc()
         try:
-            await asyncio.gather(*[await publisher.publish(verdict) for verdict in verdicts])
+            events = [*verdicts, *auditor.leads(verdicts), *auditor.failure_types(verdicts)]
+            await asyncio.gather(*[await publisher.publish(event) for event in events])
         except KafkaError as error:
             raise TransientError(f"publishing audit verdicts failed: {error}") from error
 
@@ -297,3 +339,8 @@ async def serve_auditor(settings: AuditorConfig, stop: asyncio.Event, auditor: A
         finally:
             stop.set()
             await following
+            try:
+                for tally in auditor.failure_types([], final=True):
+                    await publisher.publish_and_wait(tally)
+            except KafkaError as error:
+                log.warning("the last failure-type tally was not published (%s)", error)

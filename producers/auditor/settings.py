@@ -86,6 +86,15 @@ DEFAULT_GENERIC_PROBES: tuple[GenericProbe, ...] = (
 )
 
 
+class LeadSettings(Section):
+    """Rectification (AuditDM): which divergences go to the agents as training leads (`AuditLead`), the references'
+    consensus as the label. They pass the agents' QC chain and fill the quota plan like the agents' own samples."""
+
+    enabled: bool = True
+    min_strength: float = Field(1.0, gt=0.0, le=1.0, description="Share of answering references that must agree.")
+    min_agreeing: int = Field(2, ge=1, description="References that must give the consensus answer.")
+
+
 class AuditorSettings(Section):
     """The divergence auditor: references, probes, counterfactual edits, consensus and rate limit.
 
@@ -102,6 +111,8 @@ class AuditorSettings(Section):
     edits_per_item: int = Field(2, ge=0, description="Counterfactual edits asked about, per item.")
     min_consensus: float = Field(0.6, gt=0.0, le=1.0, description="Share of references that must agree.")
     min_agreeing: int = Field(1, ge=1, description="References that must give the consensus answer.")
+    leads: LeadSettings = Field(default_factory=LeadSettings)
+    failure_types_every_s: float = Field(5.0, ge=0.0, description="Publish the failure-type tally at most this often.")
     generic_probes: tuple[GenericProbe, ...] = DEFAULT_GENERIC_PROBES
     capabilities: tuple[str, ...] = Field(
         default_factory=world_capabilities,

@@ -37,6 +37,18 @@ from dpe.spiral.run import SpiralOptions, run_spiral
 from dpe.spiral.state import RoundRecord
 
 DEFAULT_ARMS: tuple[str, ...] = ("dpe_step", "static", "proportional", "learning_progress", "uniform")
+NO_RECTIFICATION = "/no-rectification"
+"""An arm's suffix: its strategy with the auditor's leads off, so the agents' own samples fill every quota (AuditDM's
+rectification source off, at the same samples); ``dpe_step`` against ``dpe_step/no-rectification`` measures it."""
+
+
+def arm_strategy(arm: str) -> str:
+    """The quota strategy of an arm.
+
+    >>> arm_strategy("dpe_step"), arm_strategy("uniform/no-rectification")
+    ('dpe_step', 'uniform')
+    """
+    return arm.removesuffix(NO_RECTIFICATION)
 
 
 @dataclass(frozen=True)
@@ -109,8 +121,9 @@ def tidy_rows(arm: str, seed: int, rounds: list[RoundRecord], last_round: int) -
     return rows
 
 
-def arm_settings(settings: Settings, options: ExperimentOptions, seed: int) -> Settings:
-    """`settings` with the seed's unlabeled stream and trainer sampling, and the experiment's held-out suite.
+def arm_settings(settings: Settings, options: ExperimentOptions, seed: int, arm: str = "dpe_step") -> Settings:
+    """`settings` with the seed's unlabeled stream and trainer sampling, the experiment's held-out suite, and the
+    auditor's leads off for a `NO_RECTIFICATION` arm.
 
     A finished run does not wait for Prometheus's last scrape: the experiment's figures come from its
     topics, and the next run starts at once.
@@ -118,23 +131,26 @@ def arm_settings(settings: Settings, options: ExperimentOptions, seed: int) -> S
     >>> configured = arm_settings(Settings.load(), ExperimentOptions(heldout_per_capability=100), seed=3)
     >>> configured.evaluator.synthetic.heldout_items, configured.ingest.synthetic_seed, configured.trainer.grpo.seed
     (700, 3, 3)
-    >>> configured.metrics.last_scrape_s
-    0.0
+    >>> configured.metrics.last_scrape_s, configured.auditor.leads.enabled
+    (0.0, True)
+    >>> arm_settings(Settings.load(), ExperimentOptions(), 3, "dpe_step/no-rectification").auditor.leads.enabled
+    False
     """
     suites = settings.evaluator.synthetic
     return with_overrides(settings, {
         "ingest": {"synthetic_seed": seed}, "trainer": {"grpo": {"seed": seed}}, "metrics": {"last_scrape_s": 0.0},
         "evaluator": {"synthetic": {"heldout_items": options.heldout_per_capability * len(suites.capabilities)}},
+        "auditor": {"leads": {"enabled": not arm.endswith(NO_RECTIFICATION)}},
     })
 
 
 def run_arm(settings: Settings, options: ExperimentOptions, arm: str, seed: int, console: Console) -> RunOutcome:
     """One spiral run of `arm` with `seed`."""
-    spiral = SpiralOptions(rounds=options.rounds, round_samples=options.round_samples, strategy=arm,
+    spiral = SpiralOptions(rounds=options.rounds, round_samples=options.round_samples, strategy=arm_strategy(arm),
                            base_model=options.base_model,
                            runs_dir=options.folder / arm, run_id=f"seed{seed}", live=options.live,
                            timeout_s=options.timeout_s, keep_bus=False)
-    result = run_spiral(arm_settings(settings, options, seed), spiral, console)
+    result = run_spiral(arm_settings(settings, options, seed, arm), spiral, console)
     return RunOutcome(arm=arm, seed=seed, run_dir=result.run_dir, completed=result.completed, seconds=result.seconds,
                       rows=tidy_rows(arm, seed, result.rounds, options.rounds))
 
