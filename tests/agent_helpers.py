@@ -17,11 +17,11 @@ from dpe.settings import Settings
 
 FAST_PATH = {"agents": {"backends": {"planner": "programmatic", "writer": "programmatic", "validator": "programmatic",
                                       "answerer": "programmatic", "retriever": "metadata"}},
-             "ingest": {"answer_key": True}, "auditor": {"references": [{"kind": "oracle"}]}}
+             "ingest": {"answer_key": True}}
 """Settings for the benchmarks' fast path: ingest keeps the synthetic world's answer key on the items, and the
-agents' roles and the auditor's oracle reference read it. Tests of mechanics that do not depend on who writes the samples (the ledger under kill -9,
-signals, resume, the bus roll, the dashboards' short run) use it for speed; the default pixel crew has its own
-tests and runs in the chaos soak."""
+agents' roles read it (the auditor never does: its references read the pixels). Tests of mechanics that do not
+depend on who writes the samples (the ledger under kill -9, signals, resume, the bus roll, the dashboards' short run)
+use it for speed; the default pixel crew has its own tests and runs in the chaos soak."""
 
 QUICK_EVAL = {"synthetic": {"round_items": 28, "heldout_items": 28}}
 """Evaluator settings for `dpe run` in tests: 4 items per capability in each synthetic suite (the default is 20 and

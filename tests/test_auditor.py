@@ -1,5 +1,5 @@
-"""The divergence auditor: real broker and tiny target model; references are the oracle and a stub endpoint; the leads
-it publishes for rectification."""
+"""The divergence auditor: real broker and tiny target model; references are the oracle (a test fixture that reads the
+answer key, `tests/oracle.py`) and a stub endpoint; the leads and failure types it publishes."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from dpe.events import AuditLead, BlobRef, Checkpoint, DeadLetter, Divergence, F
 from dpe.policy.config import TinyVLMConfig
 from dpe.policy.model import build_tiny_policy
 from dpe.world import generate_scene, image_sha256, render_scene, write_question
-from producers.auditor.backends import EndpointAnswerer, OracleAnswerer
+from producers.auditor.backends import EndpointAnswerer
 from producers.auditor.service import Auditor, serve_auditor
 from producers.auditor.settings import AuditorSettings
+from tests.oracle import AnswerKeyAuditor, OracleAnswerer
 from tests.test_bus import drain
 from tests.test_evaluator import chat_reply
 
@@ -91,9 +92,9 @@ async def test_divergences_where_references_agree_and_the_target_does_not(settin
     settings = settings.model_copy(update={"auditor": audit_settings(), "checkpoint_roots": (checkpoint.parent,)})
     store = BlobStore(settings.blob.url, settings.blob.limits)
     good = scene_item(store)
-    truth = truth_of(Auditor(settings.auditor, store, [OracleAnswerer()]), [good])
+    truth = truth_of(AnswerKeyAuditor(settings.auditor, store, [OracleAnswerer()]), [good])
     references = [OracleAnswerer(), reference_endpoint(lambda pixels, question: truth.get((pixels, question)))]
-    auditor = Auditor(settings.auditor, store, references)
+    auditor = AnswerKeyAuditor(settings.auditor, store, references)
     missing_blob = good.model_copy(update={"item_id": "missing", "image": BlobRef(
         sha256="ab" * 32, media_type="image/png", size_bytes=10, width=64, height=64)})
     hostile = scene_item(store, seed=4, capabilities=["astrology"])
@@ -153,16 +154,16 @@ async def test_divergences_where_references_agree_and_the_target_does_not(settin
 def test_agreements_are_verdicts_too_and_a_split_is_none(tmp_path):
     store = BlobStore(str(tmp_path / "blobs"), ImageLimits())
     item = scene_item(store)
-    truth = truth_of(Auditor(audit_settings(), store, [OracleAnswerer()]), [item])
+    truth = truth_of(AnswerKeyAuditor(audit_settings(), store, [OracleAnswerer()]), [item])
     assert truth, "the scene carries probes"
     right = reference_endpoint(lambda pixels, question: truth.get((pixels, question)))
-    agreeing = Auditor(audit_settings(), store, [OracleAnswerer(), right])
+    agreeing = AnswerKeyAuditor(audit_settings(), store, [OracleAnswerer(), right])
     verdicts = agreeing.audit(item, OracleAnswerer("target"), policy_version=1)
     assert len(verdicts) == len(truth) and not any(d.diverged for d in verdicts), "a right target: successes"
     assert all(d.target_answer == d.consensus_answer for d in verdicts)
 
     wrong = reference_endpoint(lambda pixels, question: wrong_answer(truth[(pixels, question)]))
-    split = Auditor(audit_settings(), store, [OracleAnswerer(), wrong])
+    split = AnswerKeyAuditor(audit_settings(), store, [OracleAnswerer(), wrong])
     target = reference_endpoint(lambda pixels, question: "still another answer")
     assert split.audit(item, target, policy_version=1) == [], "a 1-1 split is no consensus"
 
@@ -181,7 +182,8 @@ def test_a_counterfactual_view_is_written_once_however_many_of_its_probes_are_ve
     store = CountingStore(str(tmp_path / "blobs"), ImageLimits())
     item = scene_item(store)
     written_before = store.puts
-    verdicts = Auditor(audit_settings(), store, [OracleAnswerer()]).audit(item, OracleAnswerer("target"), 1)
+    auditor = AnswerKeyAuditor(audit_settings(), store, [OracleAnswerer()])
+    verdicts = auditor.audit(item, OracleAnswerer("target"), 1)
     views = Counter(d.item_id for d in verdicts if d.counterfactual_of is not None)
     assert views and max(views.values()) > 1, "a counterfactual view with several probes"
     assert store.puts - written_before == len(views)
@@ -196,14 +198,15 @@ def test_generic_probes_for_images_without_scene_metadata(tmp_path):
     references = [OracleAnswerer(), reference_endpoint(lambda pixels, question: answers[question])]
     target = reference_endpoint(lambda pixels, question: "2" if "How many" in question else answers[question])
 
-    found = Auditor(audit_settings(edits_per_item=0), store, references).audit(item, target, policy_version=0)
+    found = AnswerKeyAuditor(audit_settings(edits_per_item=0), store, references).audit(item, target, policy_version=0)
     assert [(d.capability, d.target_answer, d.consensus_answer, d.reference_answers) for d in found if d.diverged] == [
         ("counting", "2", "1", {"big-vlm": "1"})], "the oracle abstains without a scene"
     assert len([d for d in found if not d.diverged]) == 2, "the text and colour probes: the target agrees"
-    assert Auditor(audit_settings(), store, references).leads(found) == [], "one reference's word is no label"
-    lenient = Auditor(audit_settings(leads={"min_agreeing": 1}), store, references)
+    assert AnswerKeyAuditor(audit_settings(), store, references).leads(found) == [], "one reference's word is no label"
+    lenient = AnswerKeyAuditor(audit_settings(leads={"min_agreeing": 1}), store, references)
     assert [lead.divergence.capability for lead in lenient.leads(found)] == ["counting"]
-    assert Auditor(audit_settings(edits_per_item=0, min_agreeing=2), store, references).audit(item, target, 0) == []
+    strict = AnswerKeyAuditor(audit_settings(edits_per_item=0, min_agreeing=2), store, references)
+    assert strict.audit(item, target, 0) == []
 
 
 class EditBlind:
@@ -222,7 +225,7 @@ class EditBlind:
 
 def test_a_target_that_ignores_the_edit_is_named_so_and_tallied_with_exemplars(tmp_path):
     store = BlobStore(str(tmp_path / "blobs"), ImageLimits())
-    auditor = Auditor(audit_settings(probes_per_item=4, edits_per_item=3), store, [OracleAnswerer()])
+    auditor = AnswerKeyAuditor(audit_settings(probes_per_item=4, edits_per_item=3), store, [OracleAnswerer()])
     items = [scene_item(store, seed=seed) for seed in range(12)]
     verdicts = [verdict for item in items for verdict in auditor.audit(item, EditBlind(), policy_version=1)]
     diverged = [verdict for verdict in verdicts if verdict.diverged]

@@ -81,14 +81,14 @@ from dpe.policy.model import build_tiny_policy
 from dpe.recent import RecentIds
 from dpe.settings import Settings
 from dpe.topics import topic_for
-from producers.auditor.backends import OracleAnswerer
-from producers.auditor.service import Auditor, serve_auditor
+from producers.auditor.service import serve_auditor
 from producers.evaluator.service import serve_evaluator
 from producers.ingest.paths import Roots
 from producers.ingest.service import PUBLISHED, Ingestor, Outcome
 from producers.ingest.sources import Input, folder_entries, manifest_entries, synthetic_entries
 from streams.contracts import CapabilityReport, PartialWeakness, partial_topic
 from tests.agent_helpers import plan, png, read_all
+from tests.oracle import AnswerKeyAuditor, OracleAnswerer
 from tests.test_auditor import audit_settings, scene_item
 from tests.test_blobstore import bilevel_png
 from tests.test_ingest import noisy
@@ -520,8 +520,9 @@ def audited(tail: Tail, item: UnlabeledItem) -> Callable[[], bool]:
 
 
 async def run_auditor(request: pytest.FixtureRequest) -> Run:
-    """`serve_auditor` in this process with the oracle as its reference: it diverges wherever the random tiny
-    target is wrong. Checkpoints go first, so that the items behind them are audited by the newest target."""
+    """`serve_auditor` in this process with the oracle (a test fixture) as its reference: it diverges wherever the
+    random tiny target is wrong. Checkpoints go first, so that the items behind them are audited by the newest
+    target."""
     settings = request.getfixturevalue("settings")
     auditor = audit_settings(edits_per_item=1, group_id=f"auditor-{settings.kafka.topic_prefix}")
     settings = settings.model_copy(update={"auditor": auditor})
@@ -530,7 +531,8 @@ async def run_auditor(request: pytest.FixtureRequest) -> Run:
     store = BlobStore(settings.blob.url, settings.blob.limits)
     warm_item, hostile_item, behind_item = (scene_item(store, seed=seed) for seed in (3, 6, 5))
     stop = asyncio.Event()
-    service = asyncio.create_task(serve_auditor(settings, stop, Auditor(settings.auditor, store, [OracleAnswerer()])))
+    oracle = AnswerKeyAuditor(settings.auditor, store, [OracleAnswerer()])
+    service = asyncio.create_task(serve_auditor(settings, stop, oracle))
     try:
         async with tailing(settings, [Divergence, DeadLetter]) as tail, raw_producer(settings) as send:
             await send_event(send, settings, Checkpoint(policy_version=1, uri=str(folders.inside)))

@@ -327,7 +327,6 @@ def short_run(tmp_path_factory: pytest.TempPathFactory, broker: EmbeddedBroker) 
     sections["evaluator"] |= evaluator_exercises(workdir) | QUICK_EVAL
     sections["agents"] |= FAST_PATH["agents"]  # the dashboards, not the crew, are under test: the quick crew
     sections["ingest"] |= FAST_PATH["ingest"]
-    sections["auditor"] |= FAST_PATH["auditor"]
     kafka = {"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": f"short{uuid.uuid4().hex[:8]}."}
     metrics = {"last_scrape_s": 3}  # this Prometheus scrapes each second
     config.write_text(yaml.safe_dump(sections | {"kafka": kafka, "metrics": metrics}))

@@ -130,14 +130,18 @@ def test_trained_samples_are_counted_by_capability_whichever_event_comes_first_a
         "accepted before a stop, trained after it, and the other way round"
 
 
-def test_rejections_are_counted_by_reason_once():
+def test_rejections_are_counted_by_reason_once_and_samples_by_origin():
     state = SpiralState()
     rejection = RejectedSample(candidate_id="x", capability="color", source_item_id="i", plan_id="p",
                                qc=[QCVerdict(check="dedup", passed=False, reason_code="near_duplicate")],
                                reason_code="near_duplicate")
     state.apply(rejection)
     state.apply(rejection)
-    assert dict(state.rejected_by_reason) == {"near_duplicate": 1}
+    state.apply(rejection.model_copy(update={"candidate_id": "y", "origin": "audit", "divergence_id": "1/i/p"}))
+    state.apply(accepted("s9", "color").model_copy(update={"origin": "audit", "divergence_id": "1/j/p"}))
+    assert dict(state.rejected_by_reason) == {"near_duplicate": 2}
+    assert state.by_origin == {"accepted": {"audit": 1}, "rejected": {"agents": 1, "audit": 1}}
+    assert SpiralState.from_json(json.loads(json.dumps(state.to_json()))).by_origin == state.by_origin
 
 
 def test_live_view_shows_every_capability_and_the_change_from_base():
@@ -247,7 +251,7 @@ def test_the_supervisor_gives_up_on_a_crash_loop_but_not_on_crashes_far_apart(tm
 SECRETS = {
     "agents": {"llm": {"api_key": "sk-agents-llm"}},
     "auditor": {"references": [
-        {"kind": "oracle"},
+        {"kind": "toolchain", "name": "regions", "toolchain": "regions"},
         {"kind": "endpoint", "name": "big", "endpoint": {"base_url": "http://vllm:8000/v1", "model": "m",
                                                          "api_key": "sk-reference"}},
     ]},

@@ -74,14 +74,14 @@ def no_run_outlives_its_test() -> Iterator[None]:
 def launch(tmp_path: Path, how: list[str], log_name: str = "run.log", max_versions: int = 4,
            fast_path: bool = True, command: str = "run") -> tuple[subprocess.Popen, Path]:
     """`dpe run` (or `dpe experiment`) with the options `how`, without metrics ports and with `QUICK_EVAL`:
-    (process, its log). `max_versions` is the trainer's staleness bound; `fast_path` puts the agents, ingest and
-    auditor on `FAST_PATH`."""
+    (process, its log). `max_versions` is the trainer's staleness bound; `fast_path` puts the agents and ingest
+    on `FAST_PATH`."""
     config = tmp_path / "dpe.yaml"
     sections = {section: {"metrics_port": 0}
                 for section in ("stream", "evaluator", "auditor", "agents", "ingest", "policy")}
     sections["evaluator"] |= QUICK_EVAL
     if fast_path:
-        for section in ("agents", "ingest", "auditor"):
+        for section in ("agents", "ingest"):
             sections[section] |= FAST_PATH[section]
     trainer = {"metrics_port": 0, "staleness": {"max_versions": max_versions}}
     config.write_text(yaml.safe_dump(sections | {"trainer": trainer}))

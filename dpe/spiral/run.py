@@ -385,6 +385,7 @@ def run_spiral(settings: Settings, options: SpiralOptions, console: Console | No
             "strategy": options.strategy or settings.stream.quotas.strategy, "round_samples": options.round_samples,
             "base_model": str(base_model), "bus_epochs": bus.epoch + 1,
             "samples_accepted": state.accepted, "samples_rejected_by_reason": dict(state.rejected_by_reason),
+            "samples_by_origin": state.by_origin,
             "stalls": stalls.seen}
     write_report(options.run_dir, rounds, meta)
     return SpiralResult(options.run_dir, rounds, seconds, outcome == "done")

@@ -95,6 +95,8 @@ class SpiralState:
     accepted: int = 0
     accepted_by_capability: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     rejected_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    by_origin: dict[str, dict[str, int]] = field(default_factory=lambda: {"accepted": {}, "rejected": {}})
+    """Accepted and rejected samples by origin: the agents' crew, or the auditor's leads (rectification)."""
     _heldout: dict[int, dict[str, tuple[str, bool]]] = field(default_factory=lambda: defaultdict(dict))
     _heldout_folded: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     """Versions older than the newest few: capability -> [correct, graded]."""
@@ -119,11 +121,13 @@ class SpiralState:
             if self._accepted_ids.add(event.sample_id):
                 self.accepted += 1
                 self.accepted_by_capability[event.capability] += 1
+                self._count_origin("accepted", event.origin)
                 self._accept_times.append(time.monotonic())
                 self._match(event.sample_id, capability=event.capability)
         elif isinstance(event, RejectedSample):
             if self._rejected_ids.add(event.candidate_id):
                 self.rejected_by_reason[event.reason_code] += 1
+                self._count_origin("rejected", event.origin)
         elif isinstance(event, Checkpoint):
             self._apply_checkpoint(event)
         elif isinstance(event, WeaknessSnapshot):
@@ -132,6 +136,10 @@ class SpiralState:
             _keep_newest(self.plans, event)
         elif isinstance(event, FailureTypes):
             self.failure_types[event.policy_version] = {name: kind.count for name, kind in event.types.items()}
+
+    def _count_origin(self, verdict: str, origin: str) -> None:
+        counts = self.by_origin[verdict]
+        counts[origin] = counts.get(origin, 0) + 1
 
     def _apply_checkpoint(self, event: Checkpoint) -> None:
         if event.policy_version not in self.checkpoints and event.policy_version >= self.policy_version:
@@ -183,6 +191,7 @@ class SpiralState:
             "plans": [event.model_dump(mode="json") for event in self.plans.values()],
             "failure_types": self.failure_types,
             "accepted_by_capability": self.accepted_by_capability, "rejected_by_reason": self.rejected_by_reason,
+            "by_origin": self.by_origin,
             "heldout": self._heldout_folded,
             "accepted_ids": self._accepted_ids.ids(), "rejected_ids": self._rejected_ids.ids(),
             "untrained_capabilities": self._capability_of, "trained_unseen": self._trained_in,
@@ -202,6 +211,7 @@ class SpiralState:
         state.failure_types = {int(v): counts for v, counts in data.get("failure_types", {}).items()}
         state.accepted_by_capability.update(data["accepted_by_capability"])
         state.rejected_by_reason.update(data["rejected_by_reason"])
+        state.by_origin = data.get("by_origin", state.by_origin)
         state._heldout_folded = {int(v): counts for v, counts in data["heldout"].items()}
         state._accepted_ids = RecentIds(SEEN_IDS, data["accepted_ids"])
         state._rejected_ids = RecentIds(SEEN_IDS, data["rejected_ids"])

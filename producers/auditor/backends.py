@@ -1,25 +1,24 @@
 """Who answers the auditor's probes: the target policy and the reference models, behind one interface.
 
 A `ProbeAnswerer` gets (view, probe) pairs and returns one answer text per pair, or None where it
-abstains. Four kinds of reference are pluggable (`AuditorSettings.references`):
+abstains. Three kinds of reference are pluggable (`AuditorSettings.references`):
 
 - ``toolchain`` (the default, twice): a `dpe.perception` toolchain reads the pixels and answers the
   world's questions about what it saw; the two toolchains share no code, so their consensus is
   evidence. They stand in on CPU for strong VLM references behind endpoints;
 - ``checkpoint``: another local checkpoint folder (batched greedy generation);
-- ``endpoint``: a model behind an OpenAI-compatible endpoint (the image goes as a data URL);
-- ``oracle``: for the benchmarks' fast path only, a programmatic answerer that reads the scene metadata
-  (the world's answer key). **The oracle is a stand-in for a strong reference model**: it is right by construction on the
-  questions the world's writer can ask, and abstains on anything else (images without scene
-  metadata, questions it would not have written). With real data, use checkpoint or endpoint
-  references.
+- ``endpoint``: a model behind an OpenAI-compatible endpoint (the image goes as a data URL).
+
+No reference reads the synthetic world's answer key: the oracle that does is a test fixture
+(``tests/oracle.py``), never a configured reference.
 
 Example:
     >>> from dpe.world import generate_scene, render_scene
     >>> from producers.auditor.probes import world_probe
     >>> scene = generate_scene("formula", 1, seed=4)
     >>> probe = world_probe(scene, "arithmetic", seed=0)
-    >>> OracleAnswerer().answer([(View("i", render_scene(scene), scene), probe)]) == [str(scene.formula.value())]
+    >>> ToolchainAnswerer("contours", "contours").answer([(View("i", render_scene(scene)), probe)]) == [
+    ...     str(scene.formula.value())]
     True
 """
 
@@ -40,10 +39,10 @@ from dpe.policy.generation import SamplingParams
 from dpe.policy.prompts import build_messages, format_question
 from dpe.perception import NotPerceived
 from dpe.perception.toolchain import TOOLCHAINS
-from dpe.world import QuestionNotPossible, Scene, write_question
+from dpe.world import Scene
 from dpe.world.answers import NotAnswerable, answer_question
 from producers.auditor.probes import Probe
-from producers.auditor.settings import CheckpointReference, OracleReference, Reference, ToolchainReference
+from producers.auditor.settings import CheckpointReference, Reference, ToolchainReference
 
 
 @dataclass(frozen=True)
@@ -77,27 +76,6 @@ class PolicyAnswerer:
         conversations = [build_messages(probe.question, probe.answer_type, probe.options) for _, probe in asked]
         images = [view.image.convert("RGB") for view, _ in asked]
         return [samples[0] for samples in self.policy.generate(images, conversations, self.params)]
-
-
-class OracleAnswerer:
-    """Answers from scene metadata with the world's question writer (a stand-in for a strong reference model)."""
-
-    def __init__(self, name: str = "oracle") -> None:
-        self.name = name
-
-    @staticmethod
-    def _answer(view: View, probe: Probe) -> str | None:
-        if view.scene is None or probe.seed is None:
-            return None
-        try:
-            question = write_question(view.scene, probe.capability, probe.seed)
-        except QuestionNotPossible:
-            return None
-        same = question.question == probe.question and question.options == probe.options
-        return question.answer if same else None
-
-    def answer(self, asked: Sequence[tuple[View, Probe]]) -> list[str | None]:
-        return [self._answer(view, probe) for view, probe in asked]
 
 
 class ToolchainAnswerer:
@@ -150,8 +128,6 @@ def reference_answerer(reference: Reference, max_new_tokens: int,
     """The answerer a configured reference describes."""
     if isinstance(reference, ToolchainReference):
         return ToolchainAnswerer(reference.name, reference.toolchain)
-    if isinstance(reference, OracleReference):
-        return OracleAnswerer(reference.name)
     if isinstance(reference, CheckpointReference):
         reference_policy = LocalVersion(load_checkpoint(reference.uri, placement=placement), version=0)
         return PolicyAnswerer(reference.name, reference_policy, max_new_tokens)

@@ -1,11 +1,11 @@
-"""Probe questions for an unlabeled item: from its scene metadata, or generic ones.
+"""Probe questions for an unlabeled item: from the scene the probe writer sees in its pixels, or generic ones.
 
-A synthetic scene's metadata (what `UnlabeledItem.metadata` carries for the synthetic world, the
-stand-in for a captioner or detector) lets the world's question writer ask verifiable questions
+The scene a toolchain reads from the image lets the world's question writer ask verifiable questions
 about the capabilities the scene can carry; a probe keeps the capability and the writer's seed so
-the same probe can be re-asked about a counterfactual edit of the scene. Images without scene
-metadata get the configured generic probes. Metadata is untrusted: it is validated, and a
-capability hint (``metadata["capabilities"]``) naming an unknown capability is refused.
+the same probe can be re-asked about a counterfactual edit of the scene. Images the toolchain sees
+nothing in get the configured generic probes. Metadata is untrusted and read only for capability
+hints (``metadata["capabilities"]``): one that is not a list of names, or names an unknown
+capability, is refused.
 
 Example:
     >>> from dpe.world import generate_scene
@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from dpe.events import AnswerKey, AnswerType
 from dpe.taxonomy import UnknownCapability
 from dpe.world import QuestionNotPossible, Scene, scene_capabilities, write_question
@@ -30,7 +28,7 @@ from producers.auditor.settings import GenericProbe
 
 
 class InvalidMetadata(ValueError):
-    """Metadata that claims to describe a scene but is not a valid one."""
+    """Metadata whose capability hints are not a list of names."""
 
 
 @dataclass(frozen=True)
@@ -53,17 +51,6 @@ class Probe:
             AnswerKey(answer='3', answer_type='number', options=None, tolerance=0.5)
         """
         return AnswerKey(answer=answer, answer_type=self.answer_type, options=self.options, tolerance=self.tolerance)
-
-
-def scene_of(metadata: Mapping[str, Any]) -> Scene | None:
-    """The scene the metadata describes; None when it describes none (no ``kind``); InvalidMetadata if broken."""
-    if "kind" not in metadata:
-        return None
-    try:
-        return Scene.model_validate(metadata)
-    except ValidationError as error:
-        raise InvalidMetadata(f"metadata has a 'kind' but is not a valid scene: {error.error_count()} error(s), "
-                              f"first: {error.errors(include_url=False)[0]['msg']}") from None
 
 
 def capability_hints(metadata: Mapping[str, Any], known: Sequence[str]) -> tuple[str, ...] | None:

@@ -12,11 +12,11 @@ Each divergence is named by its failure type (`producers.auditor.failures`), and
 target version's failure types, with exemplars, is published as `FailureTypes` as it grows.
 
 Probes are written from what the probe writer's toolchain sees in the pixels (`probe_writer`); the
-items' metadata is read only for capability hints, and for the scene only where an oracle reference
-is configured (the benchmarks' fast path, which reads the synthetic world's answer key).
+items' metadata is read only for capability hints, never for a scene: no part of the auditor reads
+the synthetic world's answer key (the oracle that does is a test fixture, ``tests/oracle.py``).
 
-Items that cannot be audited (an image missing or corrupt in the blob store, metadata that claims a
-scene but is not one, unknown capabilities) are dead-lettered with the reason; the service keeps
+Items that cannot be audited (an image missing or corrupt in the blob store, capability hints that
+are not a list of names or name unknown capabilities) are dead-lettered with the reason; the service keeps
 going. Until the first checkpoint is announced there is no target, and unlabeled items wait. A
 checkpoint outside the checkpoint roots or with pickled weights only is never loaded: it is
 dead-lettered with the reason and the current target stays.
@@ -54,11 +54,11 @@ from dpe.perception.toolchain import TOOLCHAINS
 from dpe.world import Scene
 from dpe.policy.checkpoints import REFUSALS, allowed_roots
 from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_FAILURE_TYPES, AUDIT_ITEMS, AUDIT_PROBES
-from producers.auditor.backends import OracleAnswerer, PolicyAnswerer, ProbeAnswerer, View, reference_answerer
+from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, View, reference_answerer
 from producers.auditor.consensus import canonical, consensus, target_differs
 from producers.auditor.edits import counterfactuals
 from producers.auditor.failures import FailureTally, edit_name, failure_type
-from producers.auditor.probes import Probe, capability_hints, generic_probes, scene_of, scene_probes, world_probe
+from producers.auditor.probes import Probe, capability_hints, generic_probes, scene_probes, world_probe
 from producers.auditor.settings import AuditorConfig, AuditorSettings
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class Auditor:
         only = capability_hints(item.metadata, self.settings.capabilities)
         count = self.settings.probes_per_item
         image = self.store.open_image(item.image).convert("RGB")
-        scene = scene_of(item.metadata) if self.reads_answer_key else self._perceived(image)
+        scene = self.scene(item, image)
         own = View(item.item_id, image, scene)
         if scene is None:
             probes = generic_probes(self.settings.generic_probes, count=count, only=only)
@@ -129,13 +129,9 @@ class Auditor:
                     asked.append((view, shown))
         return asked
 
-    @property
-    def reads_answer_key(self) -> bool:
-        """Whether probes are written from the items' metadata: only with an oracle reference (the fast path)."""
-        return any(isinstance(reference, OracleAnswerer) for reference in self.references)
-
-    def _perceived(self, image: Image.Image) -> Scene | None:
-        """What the probe writer's toolchain sees in the image (None: it sees nothing, generic probes are asked)."""
+    def scene(self, item: UnlabeledItem, image: Image.Image) -> Scene | None:
+        """The scene probes are written from: what the probe writer's toolchain sees in the item's image (None: it
+        sees nothing, generic probes are asked). Never the item's metadata."""
         try:
             return TOOLCHAINS[self.settings.probe_writer].perceive(image)
         except NotPerceived:

@@ -9,8 +9,8 @@
         - {kind: endpoint, name: qwen-7b, endpoint: {base_url: "http://vllm:8000/v1", model: Qwen2.5-VL-7B-Instruct}}
 
 Example:
-    >>> AuditorSettings(references=[{"kind": "oracle"}, {"kind": "checkpoint", "name": "v0", "uri": "/ckpt/0"}]
-    ...                 ).references[1].uri
+    >>> AuditorSettings(references=[{"kind": "toolchain", "name": "regions", "toolchain": "regions"},
+    ...                              {"kind": "checkpoint", "name": "v0", "uri": "/ckpt/0"}]).references[1].uri
     '/ckpt/0'
     >>> [reference.name for reference in AuditorSettings().references]
     ['regions', 'contours']
@@ -37,14 +37,6 @@ class ToolchainReference(Section):
     toolchain: Literal["regions", "contours"]
 
 
-class OracleReference(Section):
-    """The synthetic world's oracle: answers from scene metadata, the world's answer key. Only for the
-    benchmarks' fast path (ingest publishes the answer key only with `ingest.answer_key`)."""
-
-    kind: Literal["oracle"] = "oracle"
-    name: str = Field("oracle", pattern=ID_PATTERN)
-
-
 class CheckpointReference(Section):
     """Another local checkpoint folder as a reference model."""
 
@@ -61,7 +53,7 @@ class EndpointReference(Section):
     endpoint: EndpointSettings
 
 
-Reference = Annotated[ToolchainReference | OracleReference | CheckpointReference | EndpointReference,
+Reference = Annotated[ToolchainReference | CheckpointReference | EndpointReference,
                       Field(discriminator="kind")]
 
 DEFAULT_REFERENCES: tuple[ToolchainReference, ...] = (
@@ -103,8 +95,7 @@ class AuditorSettings(Section):
 
     references: list[Reference] = Field(default_factory=lambda: list(DEFAULT_REFERENCES), min_length=1)
     probe_writer: Literal["regions", "contours"] = Field(
-        "regions", description="The toolchain whose reading of the pixels the probes are written from (unless an "
-        "oracle reference is configured: then they are written from the answer key, the benchmarks' fast path).",
+        "regions", description="The toolchain whose reading of the pixels the probes are written from.",
     )
     sample_fraction: float = Field(0.25, ge=0.0, le=1.0, description="Share of unlabeled items audited.")
     probes_per_item: int = Field(3, ge=1)
