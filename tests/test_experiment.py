@@ -97,7 +97,8 @@ def test_experiment_json_is_a_tidy_table_that_the_cli_recomputes_the_tables_from
     options = ExperimentOptions(arms=("dpe_step", "uniform"), seeds=tuple(range(5)), rounds=3, runs_dir=tmp_path,
                                 experiment_id="e")
     outcomes = [RunOutcome(arm, seed, Path(f"r/{arm}/seed{seed}"), True, 60.0,
-                           [row for row in rows if (row.arm, row.seed) == (arm, seed)])
+                           [row for row in rows if (row.arm, row.seed) == (arm, seed)],
+                           {"accepted": {"agents": 7, "audit": seed}, "rejected": {"agents": 9}})
                 for arm in options.arms for seed in options.seeds]
     path = write_results(ExperimentResult(options.folder, "dpe_step", outcomes, 612.3), options)
     data = json.loads(path.read_text())
@@ -107,6 +108,7 @@ def test_experiment_json_is_a_tidy_table_that_the_cli_recomputes_the_tables_from
     assert set(data["runs"][0]) == {"arm", "seed", "round", "samples_trained", "heldout_accuracy", "heldout_items"}
     assert [RunRow.from_dict(row) for row in data["runs"]] == rows
     assert (tmp_path / "e" / "experiment.png").read_bytes()[:4] == b"\x89PNG"
+    assert [run["samples_by_origin"]["accepted"]["audit"] for run in data["completed"]] == [0, 1, 2, 3, 4] * 2
 
     printed = CliRunner().invoke(main, ["experiment", "--from", str(path)], catch_exceptions=False).output
     assert "| dpe_step | 5 | 60% | +0.120 | +0.060 (+0.060 – +0.060) |" in printed, printed

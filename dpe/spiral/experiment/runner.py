@@ -83,6 +83,8 @@ class RunOutcome:
     completed: bool
     seconds: float
     rows: list[RunRow]
+    samples_by_origin: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Accepted and rejected samples by origin (the agents, or the auditor's leads), from the run's summary."""
 
 
 @dataclass
@@ -151,8 +153,10 @@ def run_arm(settings: Settings, options: ExperimentOptions, arm: str, seed: int,
                            runs_dir=options.folder / arm, run_id=f"seed{seed}", live=options.live,
                            timeout_s=options.timeout_s, keep_bus=False)
     result = run_spiral(arm_settings(settings, options, seed, arm), spiral, console)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
     return RunOutcome(arm=arm, seed=seed, run_dir=result.run_dir, completed=result.completed, seconds=result.seconds,
-                      rows=tidy_rows(arm, seed, result.rounds, options.rounds))
+                      rows=tidy_rows(arm, seed, result.rounds, options.rounds),
+                      samples_by_origin=summary.get("samples_by_origin", {}))
 
 
 def run_experiment(settings: Settings, options: ExperimentOptions, console: Console | None = None) -> ExperimentResult:
@@ -182,7 +186,8 @@ def write_results(result: ExperimentResult, options: ExperimentOptions) -> Path:
         "base_model": str(options.base_model) if options.base_model else "warmed tiny model",
         "seconds": round(result.seconds, 1),
         "completed": [{"arm": run.arm, "seed": run.seed, "completed": run.completed, "seconds": round(run.seconds, 1),
-                       "run_dir": str(run.run_dir)} for run in result.outcomes],
+                       "run_dir": str(run.run_dir), "samples_by_origin": run.samples_by_origin}
+                      for run in result.outcomes],
         "runs": [row.as_dict() for row in result.rows],
     }
     path = result.folder / "experiment.json"
