@@ -143,7 +143,7 @@ def test_dpe_serve_policy_serves_its_base_until_sigterm(settings, tmp_path):
                 time.sleep(0.2)
         assert [entry["id"] for entry in listed["data"]] == ["dpe-policy", "dpe-policy@v0"]
         server.send_signal(signal.SIGTERM)
-        assert server.wait(30) == 0
+        assert server.wait(30) == 0, server.stdout.read()
     finally:
         if server.poll() is None:
             server.kill()
