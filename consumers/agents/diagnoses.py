@@ -37,6 +37,8 @@ class Diagnoses:
     def __init__(self) -> None:
         self._by_version: dict[int, Diagnosis] = {}
         self._failure_types: dict[int, FailureTypes] = {}
+        self._briefs: dict[int, Mapping[str, CapabilityDiagnosis]] = {}
+        """`for_version`'s answers, merged once per version until a diagnosis or tally arrives (it runs per item)."""
 
     @property
     def newest(self) -> int | None:
@@ -46,6 +48,7 @@ class Diagnoses:
     def add(self, diagnoses: Sequence[Diagnosis]) -> None:
         """Keep these diagnoses (in topic order: a later one for the same version replaces the earlier)."""
         _keep(self._by_version, diagnoses)
+        self._briefs.clear()
 
     @property
     def newest_failure_types(self) -> int | None:
@@ -55,6 +58,7 @@ class Diagnoses:
     def add_failure_types(self, tallies: Sequence[FailureTypes]) -> None:
         """Keep the auditor's failure-type tallies (the newest of each version replaces the earlier)."""
         _keep(self._failure_types, tallies)
+        self._briefs.clear()
 
     def for_version(self, policy_version: int) -> Mapping[str, CapabilityDiagnosis]:
         """Per capability, the diagnosis of `policy_version`, else of the newest version before it (empty: none),
@@ -62,9 +66,11 @@ class Diagnoses:
         known = [version for version in self._by_version if version <= policy_version]
         if not known:
             return {}
-        diagnosis = self._by_version[max(known)]
-        tally = self._failure_types.get(diagnosis.policy_version)
-        return diagnosis.capabilities if tally is None else with_failure_types(diagnosis.capabilities, tally)
+        version = max(known)
+        if version not in self._briefs:
+            briefs, tally = self._by_version[version].capabilities, self._failure_types.get(version)
+            self._briefs[version] = briefs if tally is None else with_failure_types(briefs, tally)
+        return self._briefs[version]
 
 
 def _keep(by_version: dict[int, Versioned], events: Sequence[Versioned]) -> None:

@@ -147,6 +147,8 @@ class SpiralResult:
     rounds: list[RoundRecord]
     seconds: float
     completed: bool
+    samples_by_origin: dict[str, dict[str, int]]
+    """Accepted and rejected samples by origin (`SpiralState.by_origin`)."""
 
 
 INGEST_BACKLOG = 2000
@@ -388,4 +390,4 @@ def run_spiral(settings: Settings, options: SpiralOptions, console: Console | No
             "samples_by_origin": state.by_origin,
             "stalls": stalls.seen}
     write_report(options.run_dir, rounds, meta)
-    return SpiralResult(options.run_dir, rounds, seconds, outcome == "done")
+    return SpiralResult(options.run_dir, rounds, seconds, outcome == "done", state.by_origin)

@@ -84,7 +84,7 @@ class RunOutcome:
     seconds: float
     rows: list[RunRow]
     samples_by_origin: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Accepted and rejected samples by origin (the agents, or the auditor's leads), from the run's summary."""
+    """Accepted and rejected samples by origin (the agents, or the auditor's leads)."""
 
 
 @dataclass
@@ -153,10 +153,9 @@ def run_arm(settings: Settings, options: ExperimentOptions, arm: str, seed: int,
                            runs_dir=options.folder / arm, run_id=f"seed{seed}", live=options.live,
                            timeout_s=options.timeout_s, keep_bus=False)
     result = run_spiral(arm_settings(settings, options, seed, arm), spiral, console)
-    summary = json.loads((result.run_dir / "summary.json").read_text())
     return RunOutcome(arm=arm, seed=seed, run_dir=result.run_dir, completed=result.completed, seconds=result.seconds,
                       rows=tidy_rows(arm, seed, result.rounds, options.rounds),
-                      samples_by_origin=summary.get("samples_by_origin", {}))
+                      samples_by_origin=result.samples_by_origin)
 
 
 def run_experiment(settings: Settings, options: ExperimentOptions, console: Console | None = None) -> ExperimentResult:
