@@ -126,7 +126,8 @@ def train_with_trl(settings: Any, base_model: Path, rows: list[dict[str, Any]], 
 
     from dpe.policy.model import load_policy, suppressed_token_ids
     from trainer.distributed import prepare_process
-    from trainer.engine import MASTER_WEIGHTS, REWARD_FUNCS, grpo_config
+    from trainer.engine import MASTER_WEIGHTS, grpo_config
+    from trainer.rewards import policy_rewards
 
     class StepTimer(TrainerCallback):
         """Each optimiser step's wall time, and the tokens TRL counted during it."""
@@ -149,9 +150,11 @@ def train_with_trl(settings: Any, base_model: Path, rows: list[dict[str, Any]], 
     policy = load_policy(base_model, MASTER_WEIGHTS)
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as scratch:
-        config = grpo_config(settings, Path(scratch), suppressed_token_ids(policy.tokenizer), world_size=1)
+        rewards = policy_rewards(settings.grpo.accuracy_weight, settings.grpo.format_weight)
+        config = grpo_config(settings, Path(scratch), suppressed_token_ids(policy.tokenizer), world_size=1,
+                             reward_weights=[reward.weight for reward in rewards])
         config.max_steps = max_steps
-        trainer = GRPOTrainer(model=policy.model, reward_funcs=list(REWARD_FUNCS), args=config,
+        trainer = GRPOTrainer(model=policy.model, reward_funcs=[reward.func for reward in rewards], args=config,
                               train_dataset=Dataset.from_list(rows), processing_class=policy.processor,
                               callbacks=[timer])
         trainer.train()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.rewards import accuracy_reward, completion_text, format_reward
+from dpe.policy.prompts import completion_text
+from trainer.rewards import accuracy_reward, format_reward
 
 
 def chat(text: str) -> list[dict[str, str]]:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from datasets import Dataset
@@ -40,8 +40,7 @@ from dpe.config import PlacementSettings
 from dpe.policy.model import Policy, load_policy, suppressed_token_ids
 from dpe.policy.processor import load_processor
 from trainer.distributed import deepspeed_config, prepare_process, use_vllm, vllm_available
-from trainer.rewards import accuracy_reward, format_reward
-from trainer.samples import TrainingSample
+from trainer.rewards import WeightedReward, policy_rewards
 from trainer.settings import LoraSettings, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -55,10 +54,15 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MASTER_WEIGHTS = PlacementSettings(device="cpu", dtype="float32")
 """The trainer loads float32 weights on the CPU whatever the policy placement: accelerate and DeepSpeed move them
 to the rank's GPU, and ``grpo.bf16`` trains in mixed precision over them."""
-REWARD_FUNCS = (accuracy_reward, format_reward)
-"""The reward functions, in the order of `GRPOSettings.accuracy_weight, format_weight`."""
 TRL_METRICS = {"reward": "reward_mean", "reward_std": "reward_std", "frac_reward_zero_std": "frac_zero_std", "kl": "kl"}
 """TRL's per-step metric names -> the names in a round's summary."""
+
+
+class Prompted(Protocol):
+    """What a round trains on: anything that is a row of TRL's GRPO dataset (a `TrainingSample`, an auditor's
+    prompt): ``prompt``, ``image`` and the columns its rewards read."""
+
+    def row(self) -> dict[str, Any]: ...
 
 
 class WeightedGRPOTrainer(GRPOTrainer):
@@ -132,7 +136,8 @@ def step_batches(
 
 
 def grpo_config(
-    settings: TrainerSettings, output_dir: Path, suppress_tokens: list[int], *, world_size: int
+    settings: TrainerSettings, output_dir: Path, suppress_tokens: list[int], *, world_size: int,
+    reward_weights: Sequence[float],
 ) -> GRPOConfig:
     """TRL's GRPOConfig from the trainer settings (the DeepSpeed config goes in here, at construction).
 
@@ -159,7 +164,7 @@ def grpo_config(
         epsilon_high=grpo.clip_high,
         loss_type=grpo.loss_type,
         scale_rewards=grpo.scale_rewards,
-        reward_weights=[grpo.accuracy_weight, grpo.format_weight],
+        reward_weights=list(reward_weights),
         max_completion_length=grpo.max_completion_length,
         temperature=grpo.temperature,
         top_p=grpo.top_p,
@@ -182,10 +187,12 @@ class GRPOEngine:
     """The policy, its KL reference, optimiser and (DeepSpeed) engine, trained round after round.
 
     Built from the base model folder (every rank can do that before any coordination);
-    `load_checkpoint` then continues from a checkpoint.
+    `load_checkpoint` then continues from a checkpoint. `rewards` are what GRPO maximises: by default the policy's
+    (`trainer.rewards.policy_rewards` with the settings' weights); another task brings its own.
     """
 
-    def __init__(self, model_folder: Path, settings: TrainerSettings, output_dir: Path):
+    def __init__(self, model_folder: Path, settings: TrainerSettings, output_dir: Path,
+                 rewards: Sequence[WeightedReward] | None = None):
         settings = settings.model_copy(update={"grpo": settings.grpo.resolved(model_folder)})
         log.info("GRPO preset %s for %s", settings.grpo.preset, model_folder)
         prepare_process(settings)
@@ -193,7 +200,9 @@ class GRPOEngine:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         processor = load_processor(model_folder)
         # The config comes first: with ZeRO-3 it makes the model load partitioned.
-        args = grpo_config(settings, output_dir, suppressed_token_ids(processor.tokenizer), world_size=world_size)
+        rewards = rewards or policy_rewards(settings.grpo.accuracy_weight, settings.grpo.format_weight)
+        args = grpo_config(settings, output_dir, suppressed_token_ids(processor.tokenizer), world_size=world_size,
+                           reward_weights=[reward.weight for reward in rewards])
         self.policy: Policy = load_policy(model_folder, MASTER_WEIGHTS)
         if settings.lora.enabled:
             self.policy = Policy(model=with_adapter(self.policy.model, settings.lora), processor=self.policy.processor)
@@ -202,7 +211,7 @@ class GRPOEngine:
         self.policy.processor.tokenizer.padding_side = "left"
         self.trainer = WeightedGRPOTrainer(
             model=self.policy.model,
-            reward_funcs=list(REWARD_FUNCS),
+            reward_funcs=[reward.func for reward in rewards],
             args=args,
             train_dataset=Dataset.from_dict({"prompt": []}),
             processing_class=self.policy.processor,
@@ -242,7 +251,7 @@ class GRPOEngine:
         """Optimiser steps taken since the base model (restored by `load_checkpoint`)."""
         return self.trainer.state.global_step
 
-    def train_round(self, samples: Sequence[TrainingSample]) -> RoundStats:
+    def train_round(self, samples: Sequence[Prompted]) -> RoundStats:
         """One pass of GRPO over `samples` (this rank's share of every step), then re-anchor the KL reference."""
         grpo = self.settings.grpo
         stats = RoundStats(samples=len(samples))

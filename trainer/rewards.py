@@ -17,26 +17,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from dpe.events import AnswerKey, AnswerType
 from dpe.grading import boxed_contents, grade
-
-
-def completion_text(completion: str | list[dict[str, Any]]) -> str:
-    """The text of one completion: a string as is, or the content of its last chat message.
-
-    Example:
-        >>> completion_text([{"role": "assistant", "content": "hi"}]), completion_text("hi")
-        ('hi', 'hi')
-    """
-    if isinstance(completion, str):
-        return completion
-    content = completion[-1]["content"] if completion else ""
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content)
+from dpe.policy.prompts import completion_text
 
 
 def accuracy_reward(
@@ -73,3 +60,26 @@ def format_reward(completions: Sequence[str | list[dict[str, Any]]], **kwargs: A
         [1.0, 0.0, 0.0]
     """
     return [1.0 if any(boxed_contents(completion_text(completion))) else 0.0 for completion in completions]
+
+
+RewardFunc = Callable[..., list[float]]
+"""TRL's reward-function signature: ``prompts``, ``completions`` and the dataset's columns in, one float per
+completion out."""
+
+
+@dataclass(frozen=True)
+class WeightedReward:
+    """A reward function and its weight in the sum GRPO's advantages are computed from."""
+
+    func: RewardFunc
+    weight: float
+
+
+def policy_rewards(accuracy_weight: float, format_weight: float) -> tuple[WeightedReward, ...]:
+    """The policy's rewards: a verifiably correct answer, and the ``\\boxed{}`` format.
+
+    Example:
+        >>> [(reward.func.__name__, reward.weight) for reward in policy_rewards(0.9, 0.1)]
+        [('accuracy_reward', 0.9), ('format_reward', 0.1)]
+    """
+    return WeightedReward(accuracy_reward, accuracy_weight), WeightedReward(format_reward, format_weight)

@@ -71,3 +71,18 @@ def boxed(answer: str) -> str:
 def render_prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
     """The prompt text for generation (chat template with the assistant turn opened)."""
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """The text of one completion: a string as is, or the content of its last chat message.
+
+    Example:
+        >>> completion_text([{"role": "assistant", "content": "hi"}]), completion_text("hi")
+        ('hi', 'hi')
+    """
+    if isinstance(completion, str):
+        return completion
+    content = completion[-1]["content"] if completion else ""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)

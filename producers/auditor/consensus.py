@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from dpe.grading import extract_answer, grade, normalize_text, parse_choice, parse_number, parse_yes_no
 from producers.auditor.probes import Probe
+from producers.auditor.settings import AuditorSettings
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ class Consensus:
     answer: str
     strength: float
     agreeing: int
+
+    def holds(self, settings: AuditorSettings) -> bool:
+        """Whether it is strong enough to count (`AuditorSettings.min_consensus` and `min_agreeing`).
+
+        >>> Consensus("B", 1.0, 1).holds(AuditorSettings(min_agreeing=2))
+        False
+        """
+        return self.strength >= settings.min_consensus and self.agreeing >= settings.min_agreeing
 
 
 def canonical(text: str | None, probe: Probe) -> str | None:

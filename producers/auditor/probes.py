@@ -71,10 +71,11 @@ def probe_seed(item_id: str, capability: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{item_id}/{capability}".encode()).digest()[:7], "big")
 
 
-def world_probe(scene: Scene, capability: str, seed: int) -> Probe | None:
-    """The world's question for `capability` about `scene` with `seed`, or None if the scene cannot carry it."""
+def world_probe(scene: Scene, capability: str, seed: int, kind: str | None = None) -> Probe | None:
+    """The world's question for `capability` about `scene` with `seed` (of `kind` where the scene allows it), or None
+    if the scene cannot carry it."""
     try:
-        question = write_question(scene, capability, seed)
+        question = write_question(scene, capability, seed, kind)
     except QuestionNotPossible:
         return None
     return Probe(f"{capability}/{seed:x}", capability, question.question, question.answer_type,

@@ -157,9 +157,7 @@ class Auditor:
             AUDIT_PROBES.labels(probe.capability).inc()
             answers = {name: given[position] for name, given in reference_answers.items()}
             agreed = consensus(answers, probe)
-            if agreed is None or agreed.strength < self.settings.min_consensus:
-                continue
-            if agreed.agreeing < self.settings.min_agreeing:
+            if agreed is None or not agreed.holds(self.settings):
                 continue
             given = canonical(target_answers[position], probe)
             if view.counterfactual_of is None:
