@@ -8,13 +8,14 @@ stand-in:counting``: a toolchain right wherever the references agree, blind to o
    each image and its counterfactual edits) on ``--images`` unlabeled images; the probes it asks on each image are
    that image's budget;
 2. **untrained**: the auditor model (a copy of the base policy taught the menu's answer format, letters drawn
-   uniformly: a random prober) asks that many distinct probes on each image, sampled from the image's menu
-   (`probe_menu`; the first distinct choices, as a scorer with a budget asks its best few);
+   uniformly: a random prober) asks that many distinct probes on each image from the image's menu (`probe_menu`):
+   the entries it ranks highest (`rank_menu`: its probability of each letter), as a scorer with a budget asks its best
+   few;
 3. **trained**: the same model after ``--rounds`` GRPO micro-rounds of ``--train-images`` other unlabeled images
    each, through the trainer's own `GRPOEngine` with `DivergenceReward` as its only reward, asked the same way.
 
 A probe that cannot be written (an edit the question writer cannot read, such as mirrored text), or budget the
-model's samples leave without a distinct choice, is spent and finds nothing.
+image's menu cannot fill, is spent and finds nothing.
 ``divergence_rate``: divergences per probe; ``divergence_rate_ratio``: trained ÷ fixed, per seed, then the mean.
 ``failure_types``: distinct failure types (`producers.auditor.failures`) with at least 5 divergences among the
 trained auditor's probes, over all seeds.
@@ -48,16 +49,13 @@ from rich.table import Table
 from benchmarks._markdown import add_markdown_option, print_markdown
 from dpe.blobstore import BlobStore, ImageLimits
 from dpe.events import UnlabeledItem
-from dpe.inference import LocalVersion, PolicyVersions
+from dpe.inference import PolicyVersions
 from dpe.policy.config import WarmupConfig
-from dpe.policy.generation import SamplingParams
 from dpe.policy.model import Policy, load_policy
 from dpe.policy.warmup import warm_up
 from dpe.world import CAPABILITIES, render_scene, unlabeled_scene
 from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, ToolchainAnswerer, View, reference_answerer
-from producers.auditor.prober import (
-    AuditPrompt, DivergenceReward, ProbeKind, Verdict, chosen_kind, probe_messages, teach_menu,
-)
+from producers.auditor.prober import AuditPrompt, DivergenceReward, ProbeKind, Verdict, rank_menu, teach_menu
 from producers.auditor.probes import Probe
 from producers.auditor.service import Auditor
 from producers.auditor.settings import AuditorSettings
@@ -67,8 +65,6 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 PROBERS = ("fixed", "untrained", "trained")
 STAND_IN = "stand-in:"
-DRAWS_PER_PROBE = 4
-"""Samples drawn per probe of an image's budget, from which the auditor model's distinct choices are taken."""
 MIN_EXEMPLARS = 5
 """Divergences a failure type needs to count as discovered."""
 GRPO = {"group_size": 8, "prompts_per_step": 8, "learning_rate": 1e-3, "kl_coef": 0.01, "max_completion_length": 6,
@@ -135,23 +131,16 @@ def fixed_prober(auditor: Auditor, target: ProbeAnswerer, pictures: list[Image.I
 
 
 def menu_prober(policy: Policy, reward: DivergenceReward, pictures: list[Image.Image], budgets: list[int],
-                probe_writer: str, seed: int) -> tuple[dict[str, Any], list[Verdict]]:
-    """The auditor model's probes: on each image as many distinct probes of the image's menu as its budget, the first
-    distinct choices among `DRAWS_PER_PROBE` × budget samples (a probe asked twice finds nothing new). Budget the
-    samples do not fill, and that of an image the probe writer sees nothing in, is spent and finds nothing."""
+                probe_writer: str) -> tuple[dict[str, Any], list[Verdict]]:
+    """The auditor model's probes: on each image as many distinct probes of the image's menu as its budget, its best
+    ranked (`rank_menu`). Budget beyond the menu, and that of an image the probe writer sees nothing in, is spent and
+    finds nothing."""
     prompts = [AuditPrompt.of(picture, probe_writer) for picture in pictures]
     asked = [(prompt, budget) for prompt, budget in zip(prompts, budgets, strict=True) if prompt and budget]
-    params = SamplingParams(max_new_tokens=GRPO["max_completion_length"], temperature=1.0,
-                            num_samples=DRAWS_PER_PROBE * max((budget for _, budget in asked), default=1))
-    policy.model.eval()
-    completions = LocalVersion(policy, 0).generate([prompt.image for prompt, _ in asked],
-                                                   [probe_messages(prompt.menu) for prompt, _ in asked], params,
-                                                   seed=seed)
-    policy.model.train()
     chosen: list[tuple[ProbeKind | None, Image.Image]] = []
-    for (prompt, budget), texts in zip(asked, completions):
-        distinct = list(dict.fromkeys(kind for text in texts if (kind := chosen_kind(text, prompt.menu))))[:budget]
-        chosen += [(kind, prompt.image) for kind in distinct] + [(None, prompt.image)] * (budget - len(distinct))
+    for (prompt, budget), ranked in zip(asked, rank_menu(policy, [prompt for prompt, _ in asked]), strict=True):
+        best = list(ranked[:budget])
+        chosen += [(kind, prompt.image) for kind in best] + [(None, prompt.image)] * (budget - len(best))
     verdicts = reward.judge([kind for kind, _ in chosen], [picture for _, picture in chosen])
     found = Counter(verdict.failure_type for verdict in verdicts if verdict.diverged)
     return {"probes": sum(budgets), "divergences": sum(found.values()), "failure_types": found}, verdicts
@@ -167,7 +156,6 @@ def run_seed(seed: int, base: Path, target: ProbeAnswerer, args: argparse.Namesp
     """One seed: the fixed prober, then the auditor model (the base taught the menu's format, `teach_menu`) before
     and after its GRPO rounds."""
     from trainer.engine import GRPOEngine
-    from trainer.rewards import WeightedReward
     from trainer.settings import TrainerSettings
 
     torch.manual_seed(seed)
@@ -185,8 +173,8 @@ def run_seed(seed: int, base: Path, target: ProbeAnswerer, args: argparse.Namesp
     trainer = TrainerSettings(base_model=str(auditor_model), torch_threads=1, deepspeed={"enabled": False},
                               grpo={"preset": "tiny", **GRPO, "seed": seed}, staleness={"max_versions": None})
     engine = GRPOEngine(auditor_model, trainer, Path(tempfile.mkdtemp(prefix="auditor-grpo-")),
-                        rewards=[WeightedReward(reward, 1.0)])
-    untrained, _ = menu_prober(engine.policy, reward, held_out, fixed["per_image"], settings.probe_writer, seed)
+                        rewards={reward: 1.0})
+    untrained, _ = menu_prober(engine.policy, reward, held_out, fixed["per_image"], settings.probe_writer)
     rounds = []
     task = progress.add_task(f"seed {seed}: GRPO rounds", total=args.rounds)
     for number in range(1, args.rounds + 1):
@@ -196,7 +184,7 @@ def run_seed(seed: int, base: Path, target: ProbeAnswerer, args: argparse.Namesp
         rounds.append({"seed": seed, "round": number, "reward_mean": summary.get("reward_mean"),
                        "kl": summary.get("kl")})
         progress.advance(task)
-    trained, verdicts = menu_prober(engine.policy, reward, held_out, fixed["per_image"], settings.probe_writer, seed)
+    trained, verdicts = menu_prober(engine.policy, reward, held_out, fixed["per_image"], settings.probe_writer)
     kinds = Counter(verdict.kind.key if verdict.kind else "none" for verdict in verdicts)
     rows = [{"seed": seed, "prober": name, "probes": result["probes"], "divergences": result["divergences"],
              "rate": result["divergences"] / result["probes"] if result["probes"] else 0.0}

@@ -152,9 +152,9 @@ def train_with_trl(settings: Any, base_model: Path, rows: list[dict[str, Any]], 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as scratch:
         rewards = policy_rewards(settings.grpo.accuracy_weight, settings.grpo.format_weight)
         config = grpo_config(settings, Path(scratch), suppressed_token_ids(policy.tokenizer), world_size=1,
-                             reward_weights=[reward.weight for reward in rewards])
+                             reward_weights=list(rewards.values()))
         config.max_steps = max_steps
-        trainer = GRPOTrainer(model=policy.model, reward_funcs=[reward.func for reward in rewards], args=config,
+        trainer = GRPOTrainer(model=policy.model, reward_funcs=list(rewards), args=config,
                               train_dataset=Dataset.from_list(rows), processing_class=policy.processor,
                               callbacks=[timer])
         trainer.train()

@@ -87,8 +87,8 @@ class BlobSettings(Section):
 
 
 class MetricsSettings(Section):
-    """Where this process exposes /metrics: each service section has its own ``metrics_port``
-    (stream 9101, evaluator 9102, auditor 9103, agents 9104, trainer 9105, ingest 9106; 0 turns
+    """Where this process exposes /metrics: each service section has its own ``metrics_port`` (stream 9101,
+    evaluator 9102, auditor 9103, agents 9104, trainer 9105, ingest 9106, policy 9107, auditor-trainer 9108; 0 turns
     it off), and ``port``, when set, overrides it for the process (one container, one service)."""
 
     port: int = Field(0, ge=0, le=65535, description="This process's port, over the service's own (0: the service's).")

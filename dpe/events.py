@@ -203,6 +203,8 @@ class Divergence(Event):
                                            "events written before rectification: those are never trained on).")
     options: list[str] | None = Field(default=None, description="The probe's choice texts, A, B, C... in order.")
     tolerance: float = Field(default=0.0, ge=0.0, description="Absolute tolerance of the probe's number answers.")
+    prober: str | None = Field(default=None, max_length=200, description="Who chose the probe: absent for the fixed "
+                               "prober's templates, 'auditor-v<N>' for version N of the trained auditor model.")
 
     @property
     def divergence_id(self) -> str:
@@ -483,6 +485,18 @@ class Checkpoint(Event):
         return "policy"
 
 
+class AuditorCheckpoint(Checkpoint):
+    """A new version of the trained auditor model (AuditDM's auditor), written by the auditor's trainer: its
+    `policy_version` counts the auditor's own versions, its `trained_on` the unlabeled items it probed."""
+
+    target_version: PolicyVersion | None = Field(
+        None, description="The policy version whose divergences rewarded the round (the newest one announced then)."
+    )
+
+    def key(self) -> str:
+        return "auditor"
+
+
 class DeadLetter(Event):
     """A message that could not be parsed or processed, with where it came from and why.
 
@@ -526,5 +540,6 @@ EVENT_MODELS: tuple[type[Event], ...] = (
     AcceptedSample,
     RejectedSample,
     Checkpoint,
+    AuditorCheckpoint,
     DeadLetter,
 )

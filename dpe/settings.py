@@ -16,12 +16,13 @@ from __future__ import annotations
 from consumers.agents.settings import AgentsConfig
 from consumers.policy.settings import PolicyServerConfig
 from producers.auditor.settings import AuditorConfig
+from producers.auditor.trainer.settings import AuditorTrainerConfig
 from producers.evaluator.settings import EvaluatorConfig
 from producers.ingest.settings import IngestConfig
 from streams.settings import StreamConfig
 from trainer.settings import TrainerConfig
 
 
-class Settings(StreamConfig, IngestConfig, EvaluatorConfig, AuditorConfig, AgentsConfig, TrainerConfig,
-               PolicyServerConfig):
+class Settings(StreamConfig, IngestConfig, EvaluatorConfig, AuditorTrainerConfig, AuditorConfig, AgentsConfig,
+               TrainerConfig, PolicyServerConfig):
     """Everything a dpe deployment can be told; each section belongs to the service that reads it."""

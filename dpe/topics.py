@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from dpe.events import (
     AcceptedSample,
     AuditLead,
+    AuditorCheckpoint,
     Checkpoint,
     DeadLetter,
     Diagnosis,
@@ -100,6 +101,11 @@ TOPICS: dict[str, TopicSpec] = {
         TopicSpec(
             "checkpoints", Checkpoint, 1, "'policy'",
             "single partition: policy versions are totally ordered; compacted, the newest version stays",
+            {"cleanup.policy": "compact"},
+        ),
+        TopicSpec(
+            "audit.checkpoints", AuditorCheckpoint, 1, "'auditor'",
+            "single partition: auditor model versions are totally ordered; compacted, the newest version stays",
             {"cleanup.policy": "compact"},
         ),
         TopicSpec(

@@ -36,9 +36,10 @@ DPE_COMMANDS = {
     "trainer": ["serve", "trainer", "--num-processes", "${DPE_TRAINER_GPUS:-1}"],
     "ingest": ["ingest", "--watch", "/data/inbox"],
     "policy": ["serve", "policy"],
+    "auditor-trainer": ["serve", "auditor-trainer"],
 }
 METRICS_PORTS = {"weakness": 9101, "evaluator": 9102, "auditor": 9103, "agents": 9104, "trainer": 9105, "ingest": 9106,
-                 "policy": 9107}
+                 "policy": 9107, "auditor-trainer": 9108}
 ONE_SHOT = {"topics"}
 
 VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -325,11 +326,11 @@ def gpu_count(svc: dict[str, Any]) -> int:
                if device.get("driver") == "nvidia" and "gpu" in device["capabilities"])
 
 
-def test_the_trainer_and_the_policy_server_reserve_gpus_and_the_trainer_one_rank_per_gpu(
+def test_the_trainers_and_the_policy_server_reserve_gpus_and_the_trainer_one_rank_per_gpu(
     dpe_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     reserving = {name: gpu_count(svc) for name, svc in dpe_services.items() if gpu_count(svc)}
-    assert reserving == {"trainer": 1, "policy": 1}
+    assert reserving == {"trainer": 1, "policy": 1, "auditor-trainer": 1}
     trainer = dpe_services["trainer"]
     assert trainer["command"][-1] == trainer["deploy"]["resources"]["reservations"]["devices"][0]["count"], \
         "as many DeepSpeed ranks as reserved GPUs"

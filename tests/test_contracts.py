@@ -16,6 +16,7 @@ from dpe.events import (
     AcceptedSample,
     AgentStep,
     AuditLead,
+    AuditorCheckpoint,
     BlobRef,
     CapabilityDiagnosis,
     CapabilityWeakness,
@@ -66,6 +67,7 @@ def test_keys_follow_the_documented_partitioning():
     assert outcome().outcome_id == "2/synthetic/x1"
     assert UnlabeledItem(item_id="abc", image=BLOB, source="synthetic:1").key() == "abc"
     assert Checkpoint(policy_version=1, uri="/c").key() == "policy"
+    assert example(AuditorCheckpoint).key() == "auditor", "one compacted key: the newest auditor model stays"
     assert example(AuditLead).key() == "abc/cf/mirror", "a lead is keyed like the unlabeled image it is about"
 
 
@@ -188,6 +190,8 @@ EXAMPLES: list[Event] = [
                    reason_code="unanswerable"),
     Checkpoint(policy_version=2, parent_version=1, uri="/c/2", metrics={"loss": 0.25},
                trained_on=[OffsetRange(topic="dpe.samples.accepted", partition=0, start=0, end=7)]),
+    AuditorCheckpoint(policy_version=3, parent_version=2, uri="/a/3", target_version=5, metrics={"reward_mean": 0.4},
+                      trained_on=[OffsetRange(topic="dpe.unlabeled", partition=1, start=4, end=9)]),
     DeadLetter(origin_topic="dpe.eval.outcomes", origin_partition=0, origin_offset=1, stage="decode",
                error_class="MalformedJSON", error_message="not valid JSON", payload_b64="e29vcHM="),
 ]

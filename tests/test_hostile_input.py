@@ -57,6 +57,7 @@ from dpe.config import with_overrides
 from dpe.events import (
     AcceptedSample,
     AuditLead,
+    AuditorCheckpoint,
     BlobRef,
     CapabilityDiagnosis,
     CapabilityWeakness,
@@ -82,6 +83,7 @@ from dpe.recent import RecentIds
 from dpe.settings import Settings
 from dpe.topics import topic_for
 from producers.auditor.service import serve_auditor
+from producers.auditor.settings import CHECKPOINTS
 from producers.evaluator.service import serve_evaluator
 from producers.ingest.paths import Roots
 from producers.ingest.service import PUBLISHED, Ingestor, Outcome
@@ -94,7 +96,8 @@ from tests.test_blobstore import bilevel_png
 from tests.test_ingest import noisy
 from tests.test_weakness_stream import Watch, divergence, follow, outcome, start_worker, stream_settings  # noqa: F401
 from trainer.rounds import RoundCollector
-from trainer.service import PRODUCER, announce_if_missing
+from trainer.service import announce_if_missing
+from trainer.task import PolicyTask
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -164,6 +167,7 @@ SHAPES: dict[type[Event], Shape] = {
     QuotaPlan: Shape(("weights", "counting"), ("budget",), (("quotas",), {"astrology": 1})),
     AcceptedSample: Shape(("body", "tolerance"), ("policy_version",), (("capability",), "astrology")),
     Checkpoint: Shape(("metrics", "loss"), ("policy_version",)),
+    AuditorCheckpoint: Shape(("metrics", "reward_mean"), ("target_version",)),
     Diagnosis: Shape(("capabilities", "counting", "error_mix", "other"), ("policy_version",),
                      (("capabilities",), {"astrology": {"graded": 1, "wrong": 0, "error_mix": {}, "failures": [],
                                                          "analysis": ""}})),
@@ -186,7 +190,7 @@ class Door:
         """Every hostile row this door gets."""
         shape = SHAPES[self.model]
         return [*UNDECODABLE, *(["unknown_capability"] if shape.capability else []),
-                *(CHECKPOINT_ROWS if self.model is Checkpoint else [])]
+                *(CHECKPOINT_ROWS if issubclass(self.model, Checkpoint) else [])]
 
     def expect(self, row: str) -> Expect:
         if row in self.special:
@@ -211,6 +215,7 @@ DOORS: tuple[Door, ...] = (
     Door("evaluator", Checkpoint, Fate.DEAD, "evaluator", REFUSED_CHECKPOINTS),
     Door("auditor", UnlabeledItem, Fate.DEAD, "auditor", {"unknown_capability": dead("UnknownCapability")}),
     Door("auditor", Checkpoint, Fate.SKIPPED, "auditor", REFUSED_CHECKPOINTS),
+    Door("auditor", AuditorCheckpoint, Fate.SKIPPED, "auditor", REFUSED_CHECKPOINTS),
     Door("agents", UnlabeledItem, Fate.DEAD, "agents", {"unknown_capability": HANDLED}),
     Door("agents", AuditLead, Fate.DEAD, "agents", {"unknown_capability": dead("UnknownCapability")}),
     Door("agents", FailureTypes, Fate.DEAD, "agents", {"unknown_capability": HANDLED}),
@@ -394,21 +399,21 @@ class Folders:
     outside: Path
     pickled: Path
 
-    def refused(self, policy_version: int) -> dict[str, Checkpoint]:
-        """The checkpoints every loader refuses, at versions from `policy_version` on."""
-        return {"outside_roots": Checkpoint(policy_version=policy_version, uri=str(self.outside)),
-                "pickled_weights": Checkpoint(policy_version=policy_version + 1, uri=f"file://{self.pickled}")}
+    def refused(self, policy_version: int, model: type[Checkpoint] = Checkpoint) -> dict[str, Checkpoint]:
+        """The checkpoints (announced as `model`) every loader refuses, at versions from `policy_version` on."""
+        return {"outside_roots": model(policy_version=policy_version, uri=str(self.outside)),
+                "pickled_weights": model(policy_version=policy_version + 1, uri=f"file://{self.pickled}")}
 
 
-def checkpoint_folders(request: pytest.FixtureRequest, settings: Settings) -> Folders:
-    """The tiny policy copied inside the run's checkpoint roots, outside them, and inside without its safetensors
-    but with a pickle."""
+def checkpoint_folders(request: pytest.FixtureRequest, settings: Settings, root: str = "checkpoints") -> Folders:
+    """The tiny policy copied inside the run's checkpoint root `root` (under its home), outside the roots, and
+    inside without its safetensors but with a pickle."""
     policy, scratch = request.getfixturevalue("policy_folder"), request.getfixturevalue("tmp_path")
-    roots = settings.home / "checkpoints"
+    roots = settings.home / root
     inside = shutil.copytree(policy, roots / "v1")
     pickled = shutil.copytree(policy, roots / "pickled", ignore=shutil.ignore_patterns("*.safetensors"))
     (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"weights": "would run code as they load"}))
-    return Folders(inside, shutil.copytree(policy, scratch / "elsewhere" / "v1"), pickled)
+    return Folders(inside, shutil.copytree(policy, scratch / "elsewhere" / root / "v1"), pickled)
 
 
 def capture_logs(request: pytest.FixtureRequest) -> pytest.LogCaptureFixture:
@@ -522,12 +527,13 @@ def audited(tail: Tail, item: UnlabeledItem) -> Callable[[], bool]:
 async def run_auditor(request: pytest.FixtureRequest) -> Run:
     """`serve_auditor` in this process with the oracle (a test fixture) as its reference: it diverges wherever the
     random tiny target is wrong. Checkpoints go first, so that the items behind them are audited by the newest
-    target."""
+    target (and the newest auditor model's probes: the tiny policy stands in for one)."""
     settings = request.getfixturevalue("settings")
     auditor = audit_settings(edits_per_item=1, group_id=f"auditor-{settings.kafka.topic_prefix}")
     settings = settings.model_copy(update={"auditor": auditor})
     caplog = capture_logs(request)
     folders = checkpoint_folders(request, settings)
+    auditor_models = checkpoint_folders(request, settings, CHECKPOINTS)
     store = BlobStore(settings.blob.url, settings.blob.limits)
     warm_item, hostile_item, behind_item = (scene_item(store, seed=seed) for seed in (3, 6, 5))
     stop = asyncio.Event()
@@ -543,9 +549,14 @@ async def run_auditor(request: pytest.FixtureRequest) -> Run:
                                       folders.refused(7))
             await send_event(send, settings, Checkpoint(policy_version=2, uri=str(folders.inside)))
             moved = await tail.until(lambda: any("auditing policy v2 " in line for line in logged(caplog)))
+            model = AuditorCheckpoint(policy_version=1, uri=str(auditor_models.inside))
+            sent |= await send_hostile(send, settings, model, auditor_models.refused(6, AuditorCheckpoint))
+            await send_event(send, settings, model.model_copy(update={"policy_version": 3}))
+            chosen = await tail.until(lambda: any("auditor model v3 " in line for line in logged(caplog)))
             sent |= await send_hostile(send, settings, hostile_item)
             await send_event(send, settings, behind_item)
-            handled = {Checkpoint: moved, UnlabeledItem: await tail.until(audited(tail, behind_item))}
+            handled = {Checkpoint: moved, AuditorCheckpoint: chosen,
+                       UnlabeledItem: await tail.until(audited(tail, behind_item))}
             complete = lettered(sent, "auditor")
             await tail.until(lambda: complete(tail.of(DeadLetter)))
             return Run(sent, tail.of(DeadLetter), logged(caplog), handled, not service.done(), rss() - before)
@@ -663,17 +674,18 @@ async def run_trainer(request: pytest.FixtureRequest) -> Run:
     store = BlobStore(settings.blob.url, settings.blob.limits)
     ref = store.put_image(png(Image.new("RGB", (32, 32), "red")))
     warm, hostile, behind = (accepted_sample(ref, name, "plan") for name in ("warm", "hostile", "behind"))
-    async with AsyncPublisher(settings, producer_name=PRODUCER) as publisher, raw_producer(settings) as send, \
+    async with AsyncPublisher(settings, producer_name=PolicyTask.name) as publisher, raw_producer(settings) as send, \
             tailing(settings, [Checkpoint, DeadLetter]) as tail:
         sent = await send_hostile(send, settings, Checkpoint(policy_version=6, uri=str(folders.inside)),
                                   folders.refused(7))
         await send_event(send, settings, Checkpoint(policy_version=3, uri=str(folders.inside)))
-        base = Checkpoint(producer=PRODUCER, policy_version=0, uri=str(folders.inside))
+        base = Checkpoint(producer=PolicyTask.name, policy_version=0, uri=str(folders.inside))
         announced = await announce_if_missing(settings, publisher, base)
-        async with AsyncSubscriber(settings, [AcceptedSample], group_id=settings.trainer.group_id, service=PRODUCER,
-                                   publisher=publisher, subscribe=False) as subscriber:
+        async with AsyncSubscriber(settings, [AcceptedSample], group_id=settings.trainer.group_id,
+                                   service=PolicyTask.name, publisher=publisher, subscribe=False) as subscriber:
             await subscriber.assign_all()
-            collector = RoundCollector(subscriber, store, settings.trainer, RecentIds(1000))
+            collector = RoundCollector(subscriber, store, settings.trainer, RecentIds(1000),
+                                        PolicyTask(settings.trainer))
             await collector.start()
             await send_event(send, settings, warm)
             await collected(collector, warm)

@@ -22,7 +22,6 @@ from dpe.world import generate_scene, render_scene
 from producers.auditor.backends import ToolchainAnswerer
 from producers.auditor.prober import AuditPrompt, DivergenceReward, chosen_kind, probe_messages, teach_menu
 from trainer.engine import GRPOEngine
-from trainer.rewards import WeightedReward
 from trainer.settings import TrainerSettings
 
 pytestmark = pytest.mark.slow
@@ -63,7 +62,7 @@ def test_grpo_moves_the_auditor_to_the_targets_blind_spot(tmp_path: Path, quick_
                                grpo={"preset": "tiny", "learning_rate": 1e-3, "kl_coef": 0.01,
                                      "max_completion_length": 6})
     engine = GRPOEngine(auditor, settings, tmp_path / "grpo",
-                        rewards=[WeightedReward(DivergenceReward(BlindTarget("counting"), REFERENCES), 1.0)])
+                        rewards={DivergenceReward(BlindTarget("counting"), REFERENCES): 1.0})
     held_out = shapes_prompts(16, 1000)
     before, malformed_before = counting_share(engine.policy, held_out)
     rewards = [engine.train_round(shapes_prompts(24, 100 + 24 * number)).summary()["reward_mean"]

@@ -549,7 +549,7 @@ async def test_kill_9_during_rounds_and_checkpoint_writes_loses_nothing_and_trai
             assert time.monotonic() < deadline, f"the restarted trainer did not finish:\n{tail}"
             assert trainer.proc.poll() is None, "\n".join(trainer.lines()[-30:])
             await asyncio.sleep(0.2)
-        trainer.wait_for("reading accepted samples")
+        trainer.wait_for("reading AcceptedSample events")
         trainer.proc.send_signal(signal.SIGTERM)
         assert trainer.proc.wait(timeout=60) == 0
     finally:

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
 from dpe.events import Checkpoint
 
@@ -57,7 +58,10 @@ class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     format_version: int = FORMAT_VERSION
-    event: Checkpoint = Field(description="The announcement, stored so a re-announcement is identical.")
+    event: SerializeAsAny[Checkpoint] = Field(
+        description="The announcement, stored so a re-announcement is identical: a `Checkpoint`, or the kind the "
+        "trainer's task announces (an `AuditorCheckpoint`, whose own fields are stored too)."
+    )
     positions: dict[str, dict[int, int]] = Field(description="Topic -> partition -> next offset to read.")
     cluster_id: str | None = Field(None, description="The bus `positions` were read on; elsewhere they mean nothing.")
     global_step: int = Field(ge=0)
@@ -109,14 +113,20 @@ def file_digest(path: Path) -> FileDigest:
     return FileDigest(size=path.stat().st_size, sha256=digest.hexdigest())
 
 
-def verify(path: Path) -> Manifest:
-    """The manifest of checkpoint folder `path`; raises `CorruptCheckpoint` naming what is wrong."""
+def verify(path: Path, announces: type[Checkpoint] = Checkpoint) -> Manifest:
+    """The manifest of checkpoint folder `path`, its event read as `announces`; raises `CorruptCheckpoint` naming
+    what is wrong."""
     try:
-        manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
+        data = json.loads((path / MANIFEST).read_bytes())
+        if not isinstance(data, dict):
+            raise CorruptCheckpoint(f"{path}/{MANIFEST} is not a JSON object")
+        manifest = Manifest.model_validate({**data, "event": announces.model_validate(data.get("event"))})
     except FileNotFoundError as error:
         raise CorruptCheckpoint(f"{path} has no {MANIFEST}") from error
     except ValidationError as error:
         raise CorruptCheckpoint(f"{path}/{MANIFEST} is unreadable: {error.errors()[0]['msg']}") from error
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise CorruptCheckpoint(f"{path}/{MANIFEST} is not JSON: {error}") from error
     if manifest.format_version != FORMAT_VERSION:
         raise CorruptCheckpoint(f"{path} has manifest format {manifest.format_version}, expected {FORMAT_VERSION}")
     if path.name != folder_name(manifest.policy_version):
@@ -135,11 +145,12 @@ def verify(path: Path) -> Manifest:
 
 
 class CheckpointStore:
-    """The checkpoint folder of one trainer."""
+    """The checkpoint folder of one trainer, whose checkpoints are announced as `announces`."""
 
-    def __init__(self, folder: Path, keep_last: int):
+    def __init__(self, folder: Path, keep_last: int, announces: type[Checkpoint] = Checkpoint):
         self.folder = Path(folder)
         self.keep_last = keep_last
+        self.announces = announces
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def staging(self, version: int) -> Path:
@@ -185,7 +196,7 @@ class CheckpointStore:
             shutil.rmtree(partial, ignore_errors=True)
         for path in reversed(self.complete()):
             try:
-                return StoredCheckpoint(path, verify(path))
+                return StoredCheckpoint(path, verify(path, self.announces))
             except CorruptCheckpoint as error:
                 aside = self.folder / f".corrupt-{path.name}-{int(time.time())}"
                 os.rename(path, aside)

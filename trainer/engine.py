@@ -40,7 +40,7 @@ from dpe.config import PlacementSettings
 from dpe.policy.model import Policy, load_policy, suppressed_token_ids
 from dpe.policy.processor import load_processor
 from trainer.distributed import deepspeed_config, prepare_process, use_vllm, vllm_available
-from trainer.rewards import WeightedReward, policy_rewards
+from trainer.rewards import Rewards, policy_rewards
 from trainer.settings import LoraSettings, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class GRPOEngine:
     """
 
     def __init__(self, model_folder: Path, settings: TrainerSettings, output_dir: Path,
-                 rewards: Sequence[WeightedReward] | None = None):
+                 rewards: Rewards | None = None):
         settings = settings.model_copy(update={"grpo": settings.grpo.resolved(model_folder)})
         log.info("GRPO preset %s for %s", settings.grpo.preset, model_folder)
         prepare_process(settings)
@@ -202,7 +202,7 @@ class GRPOEngine:
         # The config comes first: with ZeRO-3 it makes the model load partitioned.
         rewards = rewards or policy_rewards(settings.grpo.accuracy_weight, settings.grpo.format_weight)
         args = grpo_config(settings, output_dir, suppressed_token_ids(processor.tokenizer), world_size=world_size,
-                           reward_weights=[reward.weight for reward in rewards])
+                           reward_weights=list(rewards.values()))
         self.policy: Policy = load_policy(model_folder, MASTER_WEIGHTS)
         if settings.lora.enabled:
             self.policy = Policy(model=with_adapter(self.policy.model, settings.lora), processor=self.policy.processor)
@@ -211,7 +211,7 @@ class GRPOEngine:
         self.policy.processor.tokenizer.padding_side = "left"
         self.trainer = WeightedGRPOTrainer(
             model=self.policy.model,
-            reward_funcs=[reward.func for reward in rewards],
+            reward_funcs=list(rewards),
             args=args,
             train_dataset=Dataset.from_dict({"prompt": []}),
             processing_class=self.policy.processor,

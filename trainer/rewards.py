@@ -17,8 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dpe.events import AnswerKey, AnswerType
@@ -67,19 +66,15 @@ RewardFunc = Callable[..., list[float]]
 completion out."""
 
 
-@dataclass(frozen=True)
-class WeightedReward:
-    """A reward function and its weight in the sum GRPO's advantages are computed from."""
-
-    func: RewardFunc
-    weight: float
+Rewards = Mapping[RewardFunc, float]
+"""What GRPO maximises: each reward function and its weight in the sum its advantages are computed from."""
 
 
-def policy_rewards(accuracy_weight: float, format_weight: float) -> tuple[WeightedReward, ...]:
+def policy_rewards(accuracy_weight: float, format_weight: float) -> Rewards:
     """The policy's rewards: a verifiably correct answer, and the ``\\boxed{}`` format.
 
     Example:
-        >>> [(reward.func.__name__, reward.weight) for reward in policy_rewards(0.9, 0.1)]
-        [('accuracy_reward', 0.9), ('format_reward', 0.1)]
+        >>> {func.__name__: weight for func, weight in policy_rewards(0.9, 0.1).items()}
+        {'accuracy_reward': 0.9, 'format_reward': 0.1}
     """
-    return WeightedReward(accuracy_reward, accuracy_weight), WeightedReward(format_reward, format_weight)
+    return {accuracy_reward: accuracy_weight, format_reward: format_weight}

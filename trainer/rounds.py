@@ -1,11 +1,11 @@
-"""Micro-rounds: read accepted samples from hand-assigned partitions until a round is full or due.
+"""Micro-rounds: read a task's events from hand-assigned partitions until a round is full or due.
 
-A round closes after `RoundSettings.max_samples` admitted samples or `max_seconds` after its first
+A round closes after `RoundSettings.max_samples` admitted events or `max_seconds` after its first
 one. It covers a contiguous offset range per partition, from where the last checkpoint stopped to
 the current read position, including the records that were not trained on: duplicates (already
-trained or twice in the round), stale samples (dropped), records dead-lettered by the bus (decode)
-or here (missing or corrupt image, ungradable answer). Nothing is committed to Kafka: the positions
-go into the checkpoint, which is what makes the effect exactly-once.
+trained or twice in the round), those the task skips (stale samples), records dead-lettered by the
+bus (decode) or here (missing or corrupt image, ungradable answer). Nothing is committed to Kafka:
+the positions go into the checkpoint, which is what makes the effect exactly-once.
 
 Example:
     >>> from aiokafka import TopicPartition
@@ -25,23 +25,25 @@ from aiokafka import TopicPartition
 
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncSubscriber
-from dpe.bus.delivery import Delivery
-from dpe.events import AcceptedSample, OffsetRange
+from dpe.bus.delivery import Delivery, Skipped
+from dpe.events import OffsetRange
 from dpe.recent import RecentIds
 from monitoring.metrics import TRAINER_LAG, TRAINER_SAMPLE_OUTCOMES, TRAINER_SAMPLES
-from trainer.samples import TrainingSample, load_sample, staleness_weight
+from trainer.engine import Prompted
 from trainer.settings import TrainerSettings
+from trainer.task import TrainingTask
 
 
 @dataclass
 class Round:
-    """A micro-round being read: the offsets it covers, its admitted samples and what it skipped."""
+    """A micro-round being read: the offsets it covers, its admitted samples (rows for GRPO) and their ids, and what
+    it skipped."""
 
     start: dict[TopicPartition, int]
     end: dict[TopicPartition, int]
-    samples: list[TrainingSample] = field(default_factory=list)
+    samples: list[Prompted] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    admitted_ids: set[str] = field(default_factory=set)
     first_sample_at: float | None = None
     consume_seconds: float = 0.0
 
@@ -54,7 +56,7 @@ class Round:
         ]
 
     def sample_ids(self) -> list[str]:
-        return [sample.sample_id for sample in self.samples]
+        return list(self.ids)
 
 
 def positions_by_topic(positions: dict[TopicPartition, int]) -> dict[str, dict[int, int]]:
@@ -80,10 +82,12 @@ def positions_from_topics(positions: dict[str, dict[int, int]]) -> dict[TopicPar
 
 
 class RoundCollector:
-    """Reads rounds from an `AsyncSubscriber` assigned by hand (``subscribe=False``) and seeked."""
+    """Reads a task's rounds from an `AsyncSubscriber` assigned by hand (``subscribe=False``) and seeked."""
 
-    def __init__(self, subscriber: AsyncSubscriber, blobs: BlobStore, settings: TrainerSettings, recent: RecentIds):
+    def __init__(self, subscriber: AsyncSubscriber, blobs: BlobStore, settings: TrainerSettings, recent: RecentIds,
+                 task: TrainingTask):
         self.subscriber = subscriber
+        self.task = task
         self.blobs = blobs
         self.settings = settings
         self.recent = recent
@@ -136,25 +140,22 @@ class RoundCollector:
         self.pending = Round(start=dict(self.pending.end), end=dict(self.pending.end))
 
     async def _admit(self, delivery: Delivery, policy_version: int) -> None:
-        event: AcceptedSample = delivery.event
         pending = self.pending
-        if event.sample_id in self.recent or event.sample_id in pending.admitted_ids:
-            self._skip("duplicate", event.sample_id)
-            return
-        weight = staleness_weight(event.policy_version, policy_version, self.settings.staleness)
-        if weight is None:
-            self._skip("stale_dropped", event.sample_id)
+        item_id = self.task.item_id(delivery.event)
+        if item_id in self.recent or item_id in pending.ids:
+            self._skip("duplicate", item_id)
             return
         try:
-            sample = await asyncio.to_thread(load_sample, event, self.blobs, weight)
-        except Exception as error:  # noqa: BLE001 - any unusable sample is dead-lettered, the round goes on
-            await self.subscriber.dead_letter(delivery, error, "admit")
-            self._skip("dead_lettered", event.sample_id)
+            sample = await asyncio.to_thread(self.task.admit, delivery.event, self.blobs, policy_version)
+        except Skipped as skipped:
+            self._skip(skipped.reason, item_id)
             return
-        if weight < 1.0:
-            TRAINER_SAMPLES.labels("stale_downweighted").inc()
+        except Exception as error:  # noqa: BLE001 - any unusable event is dead-lettered, the round goes on
+            await self.subscriber.dead_letter(delivery, error, "admit")
+            self._skip("dead_lettered", item_id)
+            return
         pending.samples.append(sample)
-        pending.admitted_ids.add(sample.sample_id)
+        pending.ids.append(item_id)
         if pending.first_sample_at is None:
             pending.first_sample_at = time.monotonic()
 

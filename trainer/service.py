@@ -1,4 +1,4 @@
-"""The trainer service: micro-rounds of GRPO from accepted samples, each sample trained exactly once.
+"""The trainer service: micro-rounds of GRPO from a task's events (accepted samples), each trained exactly once.
 
 Every round: read samples (`RoundCollector`), train (`GRPOEngine`), write the checkpoint atomically
 with the weights, optimiser state, next offsets and trained ids (`CheckpointStore`), then announce it
@@ -9,6 +9,9 @@ acknowledged is announced again (the same event, so consumers see a duplicate at
 
 With several processes (the accelerate or DeepSpeed launcher), rank 0 alone talks to Kafka and the
 checkpoint folder; the others receive each round's samples from it and join the collective saves.
+
+What is trained is a `trainer.task.TrainingTask`: the policy on accepted samples by default, the auditor model on
+unlabeled images under ``dpe serve auditor-trainer``; the loop, checkpoints and metrics are the same.
 
 Example:
     >>> import asyncio                                                    # doctest: +SKIP
@@ -23,12 +26,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dpe.blobstore import BlobStore
 from dpe.broker import resolve_bootstrap
 from dpe.bus.admin import cluster_id
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber
-from dpe.events import AcceptedSample, Checkpoint
+from dpe.events import Checkpoint
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import RECIPE_FILE, cached_folder
 from dpe.recent import RecentIds
@@ -52,10 +56,9 @@ from trainer.distributed import launched_rank, leave_world, share_from_main
 from trainer.engine import GRPOEngine, RoundStats
 from trainer.rounds import Round, RoundCollector, positions_by_topic, positions_from_topics
 from trainer.settings import TrainerConfig, checkpoint_root
+from trainer.task import PolicyTask, TrainingTask
 
 log = logging.getLogger(__name__)
-
-PRODUCER = "trainer"
 
 
 def base_model_folder(settings: TrainerConfig) -> Path:
@@ -95,7 +98,7 @@ class RoundReport:
 def round_metrics(stats: RoundStats, rnd: Round) -> dict[str, float]:
     """The metrics a checkpoint announces: training summary, consume time, down-weighted and skipped counts."""
     skipped = {f"skipped_{reason}": float(len(ids)) for reason, ids in rnd.skipped.items()}
-    downweighted = float(sum(sample.weight < 1.0 for sample in rnd.samples))
+    downweighted = float(sum(sample.row().get("weight", 1.0) < 1.0 for sample in rnd.samples))
     return stats.summary() | {"consume_s": rnd.consume_seconds, "stale_downweighted": downweighted} | skipped
 
 
@@ -115,9 +118,11 @@ def observe_round(stats: RoundStats) -> None:
 
 
 async def run_trainer(
-    settings: TrainerConfig, stop: asyncio.Event | None = None, *, max_rounds: int | None = None
+    settings: TrainerConfig, stop: asyncio.Event | None = None, *, max_rounds: int | None = None,
+    task: TrainingTask | None = None,
 ) -> list[RoundReport]:
-    """Run the trainer until `stop` is set or `max_rounds` rounds are checkpointed; one report per round.
+    """Run the trainer of `task` (the policy's by default) until `stop` is set or `max_rounds` rounds are
+    checkpointed; one report per round.
 
     Serves metrics on ``trainer.metrics_port`` (9105) unless ``metrics.port`` overrides it. Loading,
     training and checkpointing block the event loop on purpose:
@@ -126,13 +131,16 @@ async def run_trainer(
     """
     stop = stop or asyncio.Event()
     trainer_settings = settings.trainer
+    task = task or PolicyTask(trainer_settings)
     base = base_model_folder(settings)
     main = launched_rank() == 0
-    store = CheckpointStore(checkpoint_root(settings), trainer_settings.checkpoints.keep_last) if main else None
+    store = CheckpointStore(checkpoint_root(settings, task.checkpoints), trainer_settings.checkpoints.keep_last,
+                            task.announces) if main else None
     latest = store.latest() if store is not None else None
     if main and latest is None:
-        await announce_base_model(settings, base)
-    engine = GRPOEngine(base, trainer_settings, settings.home / "trainer")
+        await announce_base_model(settings, base, task)
+    engine = GRPOEngine(base, trainer_settings, settings.home / task.name,
+                        rewards=task.rewards(trainer_settings.grpo.resolved(base)))
     if store is None:
         _follow(engine)
         leave_world(engine.num_processes)
@@ -148,27 +156,30 @@ async def run_trainer(
         log.info("no checkpoint in %s: starting from the base model %s (policy version 0)", store.folder, base)
     bus = cluster_id(settings, resolve_bootstrap(settings))
     try:
-        async with AsyncPublisher(settings, producer_name=PRODUCER) as publisher, AsyncSubscriber(
-            settings, [AcceptedSample], group_id=trainer_settings.group_id, service=PRODUCER, publisher=publisher,
+        async with AsyncPublisher(settings, producer_name=task.name) as publisher, AsyncSubscriber(
+            settings, [task.reads], group_id=trainer_settings.group_id, service=task.name, publisher=publisher,
             subscribe=False
-        ) as subscriber:
-            return await _Leader(settings, engine, store, publisher, subscriber, latest, bus).run(stop, max_rounds)
+        ) as subscriber, task.running(settings):
+            leader = _Leader(settings, task, engine, store, publisher, subscriber, latest, bus)
+            return await leader.run(stop, max_rounds)
     finally:
         share_from_main(None, engine.num_processes)
         leave_world(engine.num_processes)
 
 
-async def announce_base_model(settings: TrainerConfig, base: Path) -> None:
+async def announce_base_model(settings: TrainerConfig, base: Path, task: TrainingTask) -> None:
     """Announce the base model as version 0 (unless the topic has a version), before the engine is built: on a fresh
     machine building it includes DeepSpeed's op (minutes), and the evaluator diagnoses the base meanwhile."""
-    async with AsyncPublisher(settings, producer_name=PRODUCER) as publisher:
-        await announce_if_missing(settings, publisher, Checkpoint(producer=PRODUCER, policy_version=0, uri=str(base)))
+    async with AsyncPublisher(settings, producer_name=task.name) as publisher:
+        await announce_if_missing(settings, publisher, task.announces(producer=task.name, policy_version=0,
+                                                                      uri=str(base)))
 
 
-async def newest_announced(settings: TrainerConfig, publisher: AsyncPublisher) -> int | None:
-    """The newest policy version on the checkpoints topic (None: the topic is empty)."""
+async def newest_announced(settings: TrainerConfig, publisher: AsyncPublisher,
+                           announces: type[Checkpoint] = Checkpoint) -> int | None:
+    """The newest version on the topic of `announces` (None: the topic is empty)."""
     newest: int | None = None
-    async with AsyncSubscriber(settings, [Checkpoint], group_id=None, service=PRODUCER, publisher=publisher,
+    async with AsyncSubscriber(settings, [announces], group_id=None, service="trainer", publisher=publisher,
                                subscribe=False, read_only=True) as reader:
         await reader.assign_all()
         async for deliveries in reader.until_end(max_records=5000, timeout_ms=2000):
@@ -184,7 +195,7 @@ async def announce_if_missing(settings: TrainerConfig, publisher: AsyncPublisher
     the first round gets a plan; the newest checkpoint is announced again on a bus that has not seen
     it (a resumed run whose saved bus is older than its checkpoints).
     """
-    newest = await newest_announced(settings, publisher)
+    newest = await newest_announced(settings, publisher, type(event))
     if newest is not None and newest >= event.policy_version:
         return False
     await publisher.publish_and_wait(event)
@@ -195,9 +206,10 @@ async def announce_if_missing(settings: TrainerConfig, publisher: AsyncPublisher
 class _Leader:
     """Rank 0's round loop."""
 
-    def __init__(self, settings: TrainerConfig, engine: GRPOEngine, store: CheckpointStore, publisher: AsyncPublisher,
-                 subscriber: AsyncSubscriber, latest: StoredCheckpoint | None, bus: str):
+    def __init__(self, settings: TrainerConfig, task: TrainingTask, engine: GRPOEngine, store: CheckpointStore,
+                 publisher: AsyncPublisher, subscriber: AsyncSubscriber, latest: StoredCheckpoint | None, bus: str):
         self.settings = settings
+        self.task = task
         self.engine = engine
         self.store = store
         self.publisher = publisher
@@ -207,7 +219,7 @@ class _Leader:
         self.version = latest.version if latest else 0
         recent = RecentIds(settings.trainer.checkpoints.dedup_window, latest.manifest.recent_ids if latest else ())
         blobs = BlobStore(settings.blob.url, settings.blob.limits)
-        self.collector = RoundCollector(subscriber, blobs, settings.trainer, recent)
+        self.collector = RoundCollector(subscriber, blobs, settings.trainer, recent, task)
 
     async def run(self, stop: asyncio.Event, max_rounds: int | None) -> list[RoundReport]:
         latest = self.latest
@@ -223,7 +235,7 @@ class _Leader:
         await self.collector.start()
         TRAINER_POLICY_VERSION.set(self.version)
         start = {f"{tp.topic}/{tp.partition}": offset for tp, offset in self.collector.pending.start.items()}
-        log.info("reading accepted samples at %s", start)
+        log.info("reading %s events at %s", self.task.reads.__name__, start)
         written: list[RoundReport] = []
         while not stop.is_set() and (max_rounds is None or len(written) < max_rounds):
             rnd = await self.collector.collect(self.version, stop)
@@ -231,14 +243,17 @@ class _Leader:
                 break
             if rnd.samples:
                 self.collector.pause()
-                written.append(await self.train(rnd))
+                fields = await self.task.before_round(stop)
+                if stop.is_set():
+                    break
+                written.append(await self.train(rnd, fields))
                 self.collector.resume()
             else:
                 share_from_main([], self.engine.num_processes)  # idle: keeps the other ranks' waits short
         return written
 
-    async def train(self, rnd: Round) -> RoundReport:
-        """Train the round, write its checkpoint, announce it."""
+    async def train(self, rnd: Round, fields: dict[str, Any]) -> RoundReport:
+        """Train the round, write its checkpoint, announce it (with the task's `fields`)."""
         engine, store = self.engine, self.store
         num = engine.num_processes
         share_from_main(rnd.samples, num)
@@ -251,14 +266,15 @@ class _Leader:
         log.info("round: writing checkpoint %d to %s", version, staging)
         engine.save(staging)
         share_from_main(None, num)
-        event = Checkpoint(
-            producer=PRODUCER,
+        event = self.task.announces(
+            producer=self.task.name,
             policy_version=version,
             parent_version=self.version,
             uri=str((store.folder / folder_name(version)).resolve()),
             trained_on=rnd.trained_on(),
             sample_ids=rnd.sample_ids(),
             metrics=round_metrics(stats, rnd),
+            **fields,
         )
         recent = RecentIds(self.collector.recent.capacity, [*self.collector.recent.ids(), *rnd.sample_ids()])
         manifest = Manifest(

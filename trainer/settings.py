@@ -219,11 +219,11 @@ def preset_for(base_model: Path) -> Preset:
     return "paper" if checkpoint_parameters(base_model) > TINY_MAX_PARAMETERS else "tiny"
 
 
-def checkpoint_root(settings: TrainerConfig) -> Path:
-    """Where the trainer's checkpoints live: the configured folder or ``<home>/checkpoints``.
+def checkpoint_root(settings: TrainerConfig, default: str = "checkpoints") -> Path:
+    """Where the trainer's checkpoints live: the configured folder or ``<home>/<default>`` (the task's).
 
     Example:
-        >>> checkpoint_root(TrainerConfig(home="/srv/dpe"))
-        PosixPath('/srv/dpe/checkpoints')
+        >>> checkpoint_root(TrainerConfig(home="/srv/dpe")), checkpoint_root(TrainerConfig(home="/d"), "auditor")
+        (PosixPath('/srv/dpe/checkpoints'), PosixPath('/d/auditor'))
     """
-    return settings.trainer.checkpoints.folder or settings.home / "checkpoints"
+    return settings.trainer.checkpoints.folder or settings.home / default

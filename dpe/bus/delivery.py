@@ -37,6 +37,19 @@ class Delivery(Generic[E]):
         return self.record.offset
 
 
+class Skipped(Exception):
+    """A valid event its consumer reads and deliberately leaves alone, for a reason it records (not a dead letter:
+    nothing is wrong with it), such as a sample too stale to train on.
+
+    >>> Skipped("stale_dropped").reason
+    'stale_dropped'
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Rejection:
     """A record that could not be decoded as its topic's event."""

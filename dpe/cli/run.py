@@ -66,11 +66,15 @@ LORA = click.option(
 @click.option("--inference", type=click.Choice(["local", "server"]), default=None,
               help="server: start `dpe serve policy` and have the evaluator, the difficulty band and the auditor ask "
               "it for each version's answers; local: each loads its own copy (default: inference.mode).")
+@click.option("--auditor-trainer/--no-auditor-trainer", default=SpiralOptions.auditor_trainer, show_default=True,
+              help="Train the auditor model too (`dpe serve auditor-trainer`), whose best-ranked probes the auditor "
+              "then asks beside its fixed ones; a second GRPO trainer, so off on a small machine by default.")
 @pass_state
 def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round_samples: int,
         round_timeout_s: float, base_model: Path | None, lora: int | None, runs_dir: Path, run_id: str | None,
         live: bool, timeout_s: float, bus_memory_mb: float, resume_id: str | None, images: Path | None,
-        watch: Path | None, synthetic: bool | None, difficulty: bool, inference: str | None) -> None:
+        watch: Path | None, synthetic: bool | None, difficulty: bool, inference: str | None,
+        auditor_trainer: bool) -> None:
     """Run the spiral: diagnose, plan, make samples, train, re-diagnose, for --rounds rounds.
 
     Ctrl-C and SIGTERM (``docker stop``, systemd) both stop every service, save the run for --resume
@@ -86,7 +90,7 @@ def run(state: CliState, rounds: int, forever: bool, strategy: str | None, round
                                 round_timeout_s=round_timeout_s, base_model=base_model, lora=lora, runs_dir=runs_dir,
                                 bus_memory_mb=bus_memory_mb, **session,
                                 images=images and images.resolve(), watch=watch and watch.resolve(), synthetic=synthetic,
-                                difficulty=difficulty, inference=inference,
+                                difficulty=difficulty, inference=inference, auditor_trainer=auditor_trainer,
                                 **({"run_id": run_id} if run_id else {}))
     result = run_spiral(state.settings_as(Settings), options, console)
     console.print(rounds_table(result.rounds, title=f"run {options.run_id}"))

@@ -50,7 +50,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "producers.ingest.cli:ingest", False, (), ("unlabeled",)),
     Stage("evaluator", "producers.evaluator.cli:evaluator", True, ("checkpoints",), ("eval_outcomes", "diagnosis")),
-    Stage("auditor", "producers.auditor.cli:auditor", True, ("unlabeled", "checkpoints"),
+    Stage("auditor", "producers.auditor.cli:auditor", True, ("unlabeled", "checkpoints", "audit_checkpoints"),
           ("audit_divergences", "audit_leads", "audit_failure_types")),
     Stage("weakness", "streams.cli:weakness", True, ("eval_outcomes", "audit_divergences"), ("weakness", "quotas")),
     Stage("agents", "consumers.agents.cli:agents", True,
@@ -58,6 +58,8 @@ STAGES: tuple[Stage, ...] = (
           ("samples_accepted", "samples_rejected")),
     Stage("trainer", "trainer.cli:trainer", True, ("samples_accepted", "checkpoints"), ("checkpoints",)),
     Stage("policy", "consumers.policy.cli:policy", True, ("checkpoints",), ()),
+    Stage("auditor-trainer", "producers.auditor.trainer.cli:auditor_trainer", True, ("unlabeled", "checkpoints"),
+          ("audit_checkpoints",)),
 )
 
 SERVICE_COMMANDS: dict[str, str] = {stage.name: stage.command for stage in STAGES if stage.serve}
@@ -68,7 +70,7 @@ def metrics_port(stage: Stage) -> int:
     """The stage's default Prometheus port: its settings section's ``metrics_port``."""
     from dpe.settings import Settings
 
-    return getattr(Settings(), stage.name if stage.name != "weakness" else "stream").metrics_port
+    return getattr(Settings(), stage.name.replace("-", "_") if stage.name != "weakness" else "stream").metrics_port
 
 
 def stage_tests(stage: Stage, tests: Path = ROOT / "tests") -> list[str]:

@@ -83,6 +83,8 @@ class SpiralOptions:
     synthetic: bool | None = None
     """Ingest the synthetic world's endless stream (None: only when no folder is given)."""
     auditor: bool = True
+    auditor_trainer: bool = False
+    """Also train the auditor model (`dpe serve auditor-trainer`, in the background): a second GRPO trainer."""
     difficulty: bool = True
     """The agents keep only samples the current policy solves 3-7 times of 9 (`agents.qc.difficulty`), which GRPO
     can learn from; capabilities out of its reach give their quota room to the others."""
@@ -132,7 +134,7 @@ class SpiralOptions:
 
 
 RESUMED_OPTIONS = ("rounds", "round_samples", "round_timeout_s", "strategy", "ingest_rate", "images", "watch",
-                   "synthetic", "auditor", "difficulty", "stall_after_s", "base_model", "lora", "inference",
+                   "synthetic", "auditor", "auditor_trainer", "difficulty", "stall_after_s", "base_model", "lora", "inference",
                    "bus_memory_mb", "bus_max_tail")
 """What a resumed run keeps of the run it goes on with (the rest says how this session shows and ends)."""
 
@@ -193,7 +195,7 @@ def run_settings(settings: Settings, options: SpiralOptions, bootstrap: str, bas
     return with_overrides(settings, overrides)
 
 
-BACKGROUND = frozenset({"auditor", "ingest", "ingest-watch", "ingest-images"})
+BACKGROUND = frozenset({"auditor", "auditor-trainer", "ingest", "ingest-watch", "ingest-images"})
 """Services no round waits for: the plan follows the evaluator's grades, and ingest keeps a backlog ahead."""
 BACKGROUND_NICENESS = 10
 """They run at this niceness, so on a small machine the round's own work (grading, agents, training) comes first."""
@@ -212,6 +214,8 @@ def service_specs(options: SpiralOptions, base_model: Path) -> list[ServiceSpec]
     ]
     if options.auditor:
         specs.append(ServiceSpec("auditor", ["serve", "auditor"]))
+    if options.auditor_trainer:
+        specs.append(ServiceSpec("auditor-trainer", ["serve", "auditor-trainer"]))
     return [ServiceSpec(spec.name, ["--log-level", "INFO", *spec.args],
                         niceness=BACKGROUND_NICENESS if spec.name in BACKGROUND else 0) for spec in specs]
 
@@ -337,6 +341,10 @@ def _run_epoch(settings: Settings, options: SpiralOptions, bus: RunBus, state: S
         supervisor.stop()
 
 
+SECTIONS = {"weakness": "stream", "auditor-trainer": "auditor_trainer"}
+"""The settings section of a service whose name is not its section's (ingest's variants are ``ingest-*``)."""
+
+
 def last_scrape_s(settings: Settings, services: Collection[str]) -> float:
     """How long a finished run keeps its services up for a last scrape: `metrics.last_scrape_s` when one of the
     `services` it started (`ServiceSpec` names) serves /metrics, else 0.
@@ -350,7 +358,7 @@ def last_scrape_s(settings: Settings, services: Collection[str]) -> float:
     ...                                                              "trainer", "ingest")}), run)
     0.0
     """
-    sections = {"stream" if name == "weakness" else name.partition("-")[0] for name in services}
+    sections = {SECTIONS.get(name, name.partition("-")[0]) for name in services}
     ports = [getattr(settings, section).metrics_port for section in sections]
     return settings.metrics.last_scrape_s if any(map(settings.metrics.port_for, ports)) else 0.0
 

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from PIL import Image
 
 from dpe.events import AnswerType
@@ -37,7 +38,7 @@ from dpe.imaging import EditOp, Flip, ImageEditor, PillowEditor, Recolor
 from dpe.perception import NotPerceived
 from dpe.perception.toolchain import TOOLCHAINS
 from dpe.policy.model import Policy
-from dpe.policy.prompts import build_messages, completion_text
+from dpe.policy.prompts import boxed, build_messages, completion_text, render_prompt
 from dpe.policy.sft import train_sft
 from dpe.world import QUESTION_KINDS, Scene, image_sha256, scene_capabilities
 from producers.auditor.backends import ProbeAnswerer, View
@@ -102,6 +103,33 @@ def chosen_kind(text: str, menu: Sequence[ProbeKind]) -> ProbeKind | None:
     return menu[index] if 0 <= index < len(menu) else None
 
 
+def menu_probe(image: Image.Image, item_id: str, kind: ProbeKind, probe_writer: str = "regions",
+               editor: ImageEditor | None = None) -> tuple[View, Probe] | None:
+    """A menu entry asked about an image: the view (the image, or its edit as a counterfactual of `item_id`) and the
+    question the probe writer writes from what it sees in that view (None: it cannot write one).
+
+    Example:
+        >>> from dpe.world import generate_scene, render_scene
+        >>> image = render_scene(generate_scene("shapes", 2, seed=3))
+        >>> view, probe = menu_probe(image, "item", ProbeKind("counting", "all", "mirror"))
+        >>> view.item_id, view.counterfactual_of, probe.capability
+        ('item/cf/mirror', 'item', 'counting')
+    """
+    edited = kind.edit != "none"
+    picture = (editor or PillowEditor()).apply(image, EDITS[kind.edit][1]) if edited else image
+    try:
+        scene = TOOLCHAINS[probe_writer].perceive(picture)
+    except NotPerceived:
+        return None
+    view_id = f"{item_id}/cf/{kind.edit}" if edited else item_id
+    seed = int.from_bytes(hashlib.sha256(f"{view_id}/{kind.key}".encode()).digest()[:7], "big")
+    probe = world_probe(scene, kind.capability, seed, kind.question_kind)
+    if probe is None:
+        return None
+    view = View(view_id, picture, scene, EDITS[kind.edit][0] if edited else None, item_id if edited else None)
+    return view, probe
+
+
 @dataclass(frozen=True)
 class AuditPrompt:
     """One image to probe and its menu: a row of the trainer's GRPO dataset (`GRPOEngine`)."""
@@ -120,6 +148,51 @@ class AuditPrompt:
 
     def row(self) -> dict[str, Any]:
         return {"prompt": probe_messages(self.menu), "image": self.image, "menu": [kind.key for kind in self.menu]}
+
+
+def letter_token_ids(tokenizer: Any, count: int) -> list[int]:
+    """The token of each of the first `count` letters as it follows ``\\boxed{`` in an answer; a clear error for a
+    tokenizer that merges a letter with its neighbours (then a menu cannot be ranked by one next-token step)."""
+    opening = tokenizer(boxed("")[:-1], add_special_tokens=False).input_ids
+    ids = []
+    for letter in (chr(ord("A") + index) for index in range(count)):
+        whole = tokenizer(boxed(letter), add_special_tokens=False).input_ids
+        if whole[: len(opening)] != opening or tokenizer.decode(whole[len(opening)]) != letter:
+            raise ValueError(f"this tokenizer does not write {boxed(letter)!r} as the opening, then {letter!r}")
+        ids.append(whole[len(opening)])
+    return ids
+
+
+def rank_menu(policy: Policy, prompts: Sequence[AuditPrompt], batch_size: int = 16) -> list[tuple[ProbeKind, ...]]:
+    """Each prompt's menu ordered by the auditor model's choice, likeliest first: the probability of each letter as
+    the next token after ``\\boxed{``. How an auditor with a budget of k probes on an image asks its k best distinct
+    ones (sampling repeats the favourite of a sharpened model).
+
+    Example:
+        >>> from dpe.policy.config import TinyVLMConfig
+        >>> from dpe.policy.model import build_tiny_policy
+        >>> from dpe.world import generate_scene, render_scene
+        >>> prompt = AuditPrompt.of(render_scene(generate_scene("text", 1, seed=0)))
+        >>> [ranked] = rank_menu(build_tiny_policy(TinyVLMConfig(corpus_items=5)), [prompt])
+        >>> set(ranked) == set(prompt.menu), len(ranked) == len(prompt.menu)
+        (True, True)
+    """
+    ranked: list[tuple[ProbeKind, ...]] = []
+    letters = letter_token_ids(policy.tokenizer, max((len(prompt.menu) for prompt in prompts), default=0))
+    was_training = policy.model.training
+    policy.model.eval()
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        texts = [render_prompt(policy.processor, probe_messages(prompt.menu)) + boxed("")[:-1] for prompt in batch]
+        inputs = policy.processor(images=[prompt.image for prompt in batch], text=texts, padding=True,
+                                  padding_side="left", return_tensors="pt").to(policy.model.device)
+        with torch.inference_mode():
+            logits = policy.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+        for prompt, scores in zip(batch, logits[:, letters].tolist(), strict=True):
+            order = sorted(range(len(prompt.menu)), key=lambda index: -scores[index])
+            ranked.append(tuple(prompt.menu[index] for index in order))
+    policy.model.train(was_training)
+    return ranked
 
 
 @dataclass(frozen=True)
@@ -191,42 +264,40 @@ class DivergenceReward:
         self.target = target
         self.references = list(references)
         self.settings = settings
-        self.writer = TOOLCHAINS[settings.probe_writer]
         self.weights = weights
         self.editor = editor or PillowEditor()
 
-    def probe(self, image: Image.Image, kind: ProbeKind) -> tuple[View, Probe] | None:
-        """The view and question of a probe kind on an image (None: the probe writer cannot write one)."""
-        sha = image_sha256(image)
-        view_id = sha if kind.edit == "none" else f"{sha}/cf/{kind.edit}"
-        view = View(view_id, self.editor.apply(image, EDITS[kind.edit][1]))
-        try:
-            scene = self.writer.perceive(view.image)
-        except NotPerceived:
-            return None
-        seed = int.from_bytes(hashlib.sha256(f"{view_id}/{kind.key}".encode()).digest()[:7], "big")
-        probe = world_probe(scene, kind.capability, seed, kind.question_kind)
-        return None if probe is None else (view, probe)
-
     def judge(self, kinds: Sequence[ProbeKind | None], images: Sequence[Image.Image]) -> list[Verdict]:
-        """Ask the target and the references each chosen probe about its image; one verdict per choice."""
-        asked = {position: found for position, (kind, picture) in enumerate(zip(kinds, images, strict=True))
-                 if kind is not None and (found := self.probe(picture.convert("RGB"), kind)) is not None}
-        pairs = list(asked.values())
-        given = dict(zip(asked, self.target.answer(pairs))) if pairs else {}
-        answers = {reference.name: dict(zip(asked, reference.answer(pairs))) for reference in self.references}
+        """Ask the target and the references each chosen probe about its image; one verdict per choice. A probe
+        chosen several times for the same image (a GRPO group) is edited, written and asked once."""
+        written: dict[tuple[str, ProbeKind], tuple[View, Probe] | None] = {}
+        asked_at: dict[int, tuple[str, ProbeKind]] = {}
+        for position, (kind, picture) in enumerate(zip(kinds, images, strict=True)):
+            if kind is None:
+                continue
+            picture = picture.convert("RGB")
+            key = (image_sha256(picture), kind)
+            if key not in written:
+                written[key] = menu_probe(picture, key[0], kind, self.settings.probe_writer, self.editor)
+            if written[key] is not None:
+                asked_at[position] = key
+        keys = list(dict.fromkeys(asked_at.values()))
+        pairs = [written[key] for key in keys]
+        given = dict(zip(keys, self.target.answer(pairs))) if pairs else {}
+        answers = {reference.name: dict(zip(keys, reference.answer(pairs))) for reference in self.references}
         verdicts = []
         for position, kind in enumerate(kinds):
-            if position not in asked:
+            if position not in asked_at:
                 verdicts.append(Verdict(kind))
                 continue
-            view, probe = asked[position]
-            agreed = consensus({name: by[position] for name, by in answers.items()}, probe)
+            key = asked_at[position]
+            view, probe = written[key]
+            agreed = consensus({name: by[key] for name, by in answers.items()}, probe)
             if agreed is None or not agreed.holds(self.settings):
                 verdicts.append(Verdict(kind, probe))
                 continue
-            diverged = target_differs(given[position] or "", agreed, probe)
-            named = failure_type(probe, canonical(given[position], probe), agreed.answer,
+            diverged = target_differs(given[key] or "", agreed, probe)
+            named = failure_type(probe, canonical(given[key], probe), agreed.answer,
                                  edit_name(view.item_id)) if diverged else None
             verdicts.append(Verdict(kind, probe, True, diverged, named))
         return verdicts

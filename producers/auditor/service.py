@@ -43,23 +43,26 @@ from PIL import Image
 from dpe.blobstore import BlobStore
 from dpe.bus.aio import AsyncPublisher, AsyncSubscriber, TransientError
 from dpe.bus.delivery import Delivery
+from dpe.config import PlacementSettings
 from dpe.endpoint.client import EndpointFailure
 from dpe.endpoint.served import VersionNotServed
-from dpe.events import AuditLead, BlobRef, Checkpoint, Divergence, FailureTypes, UnlabeledItem
+from dpe.events import AuditLead, AuditorCheckpoint, BlobRef, Checkpoint, Divergence, FailureTypes, UnlabeledItem
 from dpe.grading import extract_answer
 from dpe.imaging import ImageEditor, PillowEditor
 from dpe.inference import PolicyVersions
 from dpe.perception import NotPerceived
 from dpe.perception.toolchain import TOOLCHAINS
 from dpe.world import Scene
-from dpe.policy.checkpoints import REFUSALS, allowed_roots
+from dpe.policy.checkpoints import REFUSALS, allowed_roots, load_checkpoint
+from dpe.policy.model import Policy
 from monitoring.metrics import AUDIT_DIVERGENCES, AUDIT_FAILURE_TYPES, AUDIT_ITEMS, AUDIT_PROBES
 from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, View, reference_answerer
 from producers.auditor.consensus import canonical, consensus, target_differs
 from producers.auditor.edits import counterfactuals
 from producers.auditor.failures import FailureTally, edit_name, failure_type
+from producers.auditor.prober import AuditPrompt, menu_probe, rank_menu
 from producers.auditor.probes import Probe, capability_hints, generic_probes, scene_probes, world_probe
-from producers.auditor.settings import AuditorConfig, AuditorSettings
+from producers.auditor.settings import AuditorConfig, AuditorSettings, auditor_model_roots
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,18 @@ class Auditor:
                     asked.append((view, shown))
         return asked
 
+    def chosen_questions(self, item: UnlabeledItem, prober: Prober) -> list[tuple[View, Probe]]:
+        """The probes the trained auditor model ranks highest on the item's image (`auditor.model_probes` entries of
+        the menu of what the probe writer sees there; `rank_menu`), each asked about its view."""
+        count = self.settings.model_probes
+        image = self.store.open_image(item.image).convert("RGB")
+        prompt = AuditPrompt.of(image, self.settings.probe_writer)
+        if prompt is None or not count:
+            return []
+        [ranked] = rank_menu(prober.policy, [prompt])
+        return [found for kind in ranked[:count]
+                if (found := menu_probe(image, item.item_id, kind, self.settings.probe_writer, self.editor))]
+
     def scene(self, item: UnlabeledItem, image: Image.Image) -> Scene | None:
         """The scene probes are written from: what the probe writer's toolchain sees in the item's image (None: it
         sees nothing, generic probes are asked). Never the item's metadata."""
@@ -144,10 +159,13 @@ class Auditor:
             return probe
         return world_probe(view.scene, probe.capability, probe.seed)
 
-    def audit(self, item: UnlabeledItem, target: ProbeAnswerer, policy_version: int) -> list[Divergence]:
-        """Ask target and references every question; a Divergence for each question the references agree on,
-        `diverged` where the target's answer differs from theirs."""
-        asked = self.questions(item)
+    def audit(self, item: UnlabeledItem, target: ProbeAnswerer, policy_version: int,
+              prober: Prober | None = None) -> list[Divergence]:
+        """Ask target and references every question (the fixed ones, and `prober`'s choices when there is a trained
+        auditor model); a Divergence for each question the references agree on, `diverged` where the target's answer
+        differs from theirs, naming the prober that chose a probe."""
+        fixed = self.questions(item)
+        asked = fixed + (self.chosen_questions(item, prober) if prober is not None else [])
         target_answers = target.answer(asked)
         reference_answers = {reference.name: reference.answer(asked) for reference in self.references}
         stored: dict[str, BlobRef] = {}
@@ -190,6 +208,7 @@ class Auditor:
                 answer_type=probe.answer_type,
                 options=list(probe.options) if probe.options else None,
                 tolerance=probe.tolerance,
+                prober=prober.name if prober is not None and position >= len(fixed) else None,
             ))
         return verdicts
 
@@ -221,6 +240,45 @@ class Auditor:
             view.image.save(buffer, format="PNG")
             stored[view.item_id] = self.store.put_image(buffer.getvalue())
         return stored[view.item_id]
+
+
+@dataclass(frozen=True)
+class Prober:
+    """A version of the trained auditor model, which chooses probes beside the fixed ones (`Auditor.audit`)."""
+
+    version: int
+    policy: Policy
+
+    @property
+    def name(self) -> str:
+        return f"auditor-v{self.version}"
+
+
+class ProberTracker:
+    """Keeps the newest announced auditor model (inside `roots`) as the prober; None until one is announced."""
+
+    def __init__(self, roots: Sequence[Path], placement: PlacementSettings = PlacementSettings()) -> None:
+        self.roots = tuple(roots)
+        self.placement = placement
+        self.current: Prober | None = None
+
+    async def on_checkpoint(self, delivery: Delivery) -> None:
+        """Handler of the auditor checkpoints topic: load a newer version (a bad one is logged and skipped, one
+        refused unread raises one of `REFUSALS`)."""
+        checkpoint: AuditorCheckpoint = delivery.event
+        if self.current is not None and checkpoint.policy_version <= self.current.version:
+            return
+        try:
+            policy = await asyncio.to_thread(load_checkpoint, checkpoint.uri, roots=self.roots,
+                                             placement=self.placement)
+        except REFUSALS:
+            raise
+        except Exception as error:  # noqa: BLE001 - a bad auditor model must not stop auditing
+            log.warning("cannot load auditor model v%d at %s (%s); keeping %s", checkpoint.policy_version,
+                        checkpoint.uri, error, self.current.name if self.current else "the fixed probes alone")
+            return
+        self.current = Prober(checkpoint.policy_version, policy)
+        log.info("probes chosen by auditor model v%d (%s) too", checkpoint.policy_version, checkpoint.uri)
 
 
 @dataclass(frozen=True)
@@ -264,10 +322,11 @@ class TargetTracker:
 
 
 def unlabeled_handler(
-    auditor: Auditor, tracker: TargetTracker, publisher: AsyncPublisher
+    auditor: Auditor, tracker: TargetTracker, publisher: AsyncPublisher, probers: ProberTracker | None = None
 ) -> Callable[[Delivery], Awaitable[None]]:
-    """Handler of the unlabeled topic: audit the selected share in a worker thread, publish its verdicts
-    (`Divergence` events, diverged or not) and the leads among them (`AuditLead`, for the agents)."""
+    """Handler of the unlabeled topic: audit the selected share in a worker thread (with the newest trained auditor
+    model's probes too, once there is one), publish its verdicts (`Divergence` events, diverged or not) and the leads
+    among them (`AuditLead`, for the agents)."""
 
     async def on_unlabeled(delivery: Delivery) -> None:
         item: UnlabeledItem = delivery.event
@@ -277,7 +336,8 @@ def unlabeled_handler(
         target = tracker.current
         assert target is not None, "items are consumed only once there is a target"
         try:
-            verdicts = await asyncio.to_thread(auditor.audit, item, target.answerer, target.policy_version)
+            verdicts = await asyncio.to_thread(auditor.audit, item, target.answerer, target.policy_version,
+                                               probers.current if probers is not None else None)
         except (EndpointFailure, VersionNotServed) as failure:
             raise TransientError(f"the policy server gave no answers: {failure}") from failure
         AUDIT_ITEMS.labels("audited").inc()
@@ -291,22 +351,36 @@ def unlabeled_handler(
 
 
 async def follow_checkpoints(subscriber: AsyncSubscriber, handle: Callable[[Delivery], Awaitable[None]],
-                             stop: asyncio.Event) -> None:
-    """Hand every checkpoint to `handle` until `stop` is set (no group: each auditor reads them all);
-    one it refuses unread (`REFUSALS`) is dead-lettered."""
-    await subscriber.assign_all()
-    while not stop.is_set():
-        for delivery in await subscriber.fetch(timeout_ms=500):
+                             stop: asyncio.Event, caught_up: asyncio.Event | None = None) -> None:
+    """Hand every checkpoint to `handle` until `stop` is set (no group: each auditor reads them all), setting
+    `caught_up` once those written before the start are handled; one it refuses unread (`REFUSALS`) is
+    dead-lettered."""
+
+    async def handle_all(deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
             try:
                 await handle(delivery)
             except REFUSALS as refused:
                 log.error("refusing checkpoint v%d: %s", delivery.event.policy_version, refused)
                 await subscriber.dead_letter(delivery, refused, "load")
 
+    await subscriber.assign_all()
+    async for deliveries in subscriber.until_end():
+        await handle_all(deliveries)
+    if caught_up is not None:
+        caught_up.set()
+    while not stop.is_set():
+        await handle_all(await subscriber.fetch(timeout_ms=500))
 
-async def _until_ready(tracker: TargetTracker, stop: asyncio.Event) -> None:
+
+async def until_ready(tracker: TargetTracker, stop: asyncio.Event) -> None:
     """Wait for the first target, or for `stop`."""
-    waiters = [asyncio.create_task(tracker.ready.wait()), asyncio.create_task(stop.wait())]
+    await until_set(tracker.ready, stop)
+
+
+async def until_set(event: asyncio.Event, stop: asyncio.Event) -> None:
+    """Wait for `event`, or for `stop`."""
+    waiters = [asyncio.create_task(event.wait()), asyncio.create_task(stop.wait())]
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -319,20 +393,28 @@ async def serve_auditor(settings: AuditorConfig, stop: asyncio.Event, auditor: A
     auditor = auditor or await asyncio.to_thread(Auditor.from_settings, settings)
     tracker = TargetTracker(settings.auditor.max_new_tokens, allowed_roots(settings),
                             PolicyVersions(settings.inference, settings.placement, role="target"))
+    probers = ProberTracker(auditor_model_roots(settings), settings.placement)
+    probers_read = asyncio.Event()
     async with AsyncPublisher(settings, producer_name=SERVICE) as publisher, AsyncSubscriber(
         settings, [Checkpoint], group_id=None, service=SERVICE, publisher=publisher, subscribe=False, read_only=True
     ) as checkpoints, AsyncSubscriber(
+        settings, [AuditorCheckpoint], group_id=None, service=SERVICE, publisher=publisher, subscribe=False,
+        read_only=True,
+    ) as auditor_models, AsyncSubscriber(
         settings, [UnlabeledItem], group_id=settings.auditor.group_id, service=SERVICE, publisher=publisher
     ) as unlabeled:
-        following = asyncio.create_task(follow_checkpoints(checkpoints, tracker.on_checkpoint, stop))
-        following.add_done_callback(lambda _: stop.set())
+        following = [asyncio.create_task(follow_checkpoints(checkpoints, tracker.on_checkpoint, stop)),
+                     asyncio.create_task(follow_checkpoints(auditor_models, probers.on_checkpoint, stop, probers_read))]
+        for task in following:
+            task.add_done_callback(lambda _: stop.set())
         try:
-            await _until_ready(tracker, stop)
+            await until_ready(tracker, stop)
+            await until_set(probers_read, stop)
             if not stop.is_set():
-                await unlabeled.run(unlabeled_handler(auditor, tracker, publisher), stop, max_records=8)
+                await unlabeled.run(unlabeled_handler(auditor, tracker, publisher, probers), stop, max_records=8)
         finally:
             stop.set()
-            await following
+            await asyncio.gather(*following)
             try:
                 for tally in auditor.failure_types([], final=True):
                     await publisher.publish_and_wait(tally)

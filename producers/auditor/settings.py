@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -87,6 +88,23 @@ class LeadSettings(Section):
     min_agreeing: int = Field(2, ge=1, description="References that must give the consensus answer.")
 
 
+HOME = "auditor-trainer"
+"""The auditor trainer's folder under ``home`` (its version 0 is ``base`` in it)."""
+CHECKPOINTS = "auditor-checkpoints"
+"""Its checkpoint folder under ``home`` unless ``auditor_trainer.checkpoints.folder`` says otherwise."""
+
+
+def auditor_model_roots(settings: CoreSettings) -> tuple[Path, ...]:
+    """The folders an announced auditor model may be loaded from: the auditor trainer's, and ``checkpoint_roots``
+    (where a configured ``auditor_trainer.checkpoints.folder`` must be).
+
+    Example:
+        >>> [str(root) for root in auditor_model_roots(CoreSettings(home="/d", checkpoint_roots=["/m"]))]
+        ['/d/auditor-checkpoints', '/d/auditor-trainer', '/m']
+    """
+    return settings.home / CHECKPOINTS, settings.home / HOME, *settings.checkpoint_roots
+
+
 class AuditorSettings(Section):
     """The divergence auditor: references, probes, counterfactual edits, consensus and rate limit.
 
@@ -100,6 +118,8 @@ class AuditorSettings(Section):
     sample_fraction: float = Field(0.25, ge=0.0, le=1.0, description="Share of unlabeled items audited.")
     probes_per_item: int = Field(3, ge=1)
     edits_per_item: int = Field(2, ge=0, description="Counterfactual edits asked about, per item.")
+    model_probes: int = Field(2, ge=0, description="More probes per item, chosen by the newest trained auditor "
+                              "model (`dpe serve auditor-trainer`) once one is announced: its best ranked of the menu.")
     min_consensus: float = Field(0.6, gt=0.0, le=1.0, description="Share of references that must agree.")
     min_agreeing: int = Field(1, ge=1, description="References that must give the consensus answer.")
     leads: LeadSettings = Field(default_factory=LeadSettings)
