@@ -8,9 +8,9 @@ stand-in:counting``: a toolchain right wherever the references agree, blind to o
    each image and its counterfactual edits) on ``--images`` unlabeled images; the probes it asks on each image are
    that image's budget;
 2. **untrained**: the auditor model (a copy of the base policy taught the menu's answer format, letters drawn
-   uniformly: a random prober) asks that many distinct probes on each image from the image's menu (`probe_menu`):
-   the entries it ranks highest (`rank_menu`: its probability of each letter), as a scorer with a budget asks its best
-   few;
+   uniformly) asks that many distinct probes on each image, each a question and an edit with its parameters from the
+   image's menus (`producers.auditor.menu`): the pairs it ranks highest (`rank_choices`: its probability of writing
+   them), as a scorer with a budget asks its best few;
 3. **trained**: the same model after ``--rounds`` GRPO micro-rounds of ``--train-images`` other unlabeled images
    each, through the trainer's own `GRPOEngine` with `DivergenceReward` as its only reward, asked the same way.
 
@@ -55,7 +55,8 @@ from dpe.policy.model import Policy, load_policy
 from dpe.policy.warmup import warm_up
 from dpe.world import CAPABILITIES, render_scene, unlabeled_scene
 from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, ToolchainAnswerer, View, reference_answerer
-from producers.auditor.prober import AuditPrompt, DivergenceReward, ProbeKind, Verdict, rank_menu, teach_menu
+from producers.auditor.menu import AuditPrompt, Choice
+from producers.auditor.prober import DivergenceReward, Verdict, rank_choices, teach_menu
 from producers.auditor.probes import Probe
 from producers.auditor.service import Auditor
 from producers.auditor.settings import AuditorSettings
@@ -67,9 +68,9 @@ PROBERS = ("fixed", "untrained", "trained")
 STAND_IN = "stand-in:"
 MIN_EXEMPLARS = 5
 """Divergences a failure type needs to count as discovered."""
-GRPO = {"group_size": 8, "prompts_per_step": 8, "learning_rate": 1e-3, "kl_coef": 0.01, "max_completion_length": 6,
-        "temperature": 1.0}
-"""The auditor model's GRPO settings (over the ``tiny`` preset)."""
+GRPO = {"group_size": 8, "prompts_per_step": 8, "kl_coef": 0.01, "max_completion_length": 10, "temperature": 1.0}
+"""The auditor model's GRPO settings (over the ``tiny`` preset: learning rate 3e-4; at 1e-3 the two-letter answer
+format collapses within a round)."""
 
 
 class BlindTarget:
@@ -132,16 +133,16 @@ def fixed_prober(auditor: Auditor, target: ProbeAnswerer, pictures: list[Image.I
 
 def menu_prober(policy: Policy, reward: DivergenceReward, pictures: list[Image.Image], budgets: list[int],
                 probe_writer: str) -> tuple[dict[str, Any], list[Verdict]]:
-    """The auditor model's probes: on each image as many distinct probes of the image's menu as its budget, its best
-    ranked (`rank_menu`). Budget beyond the menu, and that of an image the probe writer sees nothing in, is spent and
-    finds nothing."""
+    """The auditor model's probes: on each image as many distinct (question, edit) choices as its budget, its best
+    ranked (`rank_choices`). Budget beyond the menus, and that of an image the probe writer sees nothing in, is spent
+    and finds nothing."""
     prompts = [AuditPrompt.of(picture, probe_writer) for picture in pictures]
     asked = [(prompt, budget) for prompt, budget in zip(prompts, budgets, strict=True) if prompt and budget]
-    chosen: list[tuple[ProbeKind | None, Image.Image]] = []
-    for (prompt, budget), ranked in zip(asked, rank_menu(policy, [prompt for prompt, _ in asked]), strict=True):
+    chosen: list[tuple[Choice | None, Image.Image]] = []
+    for (prompt, budget), ranked in zip(asked, rank_choices(policy, [prompt for prompt, _ in asked]), strict=True):
         best = list(ranked[:budget])
-        chosen += [(kind, prompt.image) for kind in best] + [(None, prompt.image)] * (budget - len(best))
-    verdicts = reward.judge([kind for kind, _ in chosen], [picture for _, picture in chosen])
+        chosen += [(choice, prompt.image) for choice in best] + [(None, prompt.image)] * (budget - len(best))
+    verdicts = reward.judge([choice for choice, _ in chosen], [picture for _, picture in chosen])
     found = Counter(verdict.failure_type for verdict in verdicts if verdict.diverged)
     return {"probes": sum(budgets), "divergences": sum(found.values()), "failure_types": found}, verdicts
 
@@ -185,7 +186,7 @@ def run_seed(seed: int, base: Path, target: ProbeAnswerer, args: argparse.Namesp
                        "kl": summary.get("kl")})
         progress.advance(task)
     trained, verdicts = menu_prober(engine.policy, reward, held_out, fixed["per_image"], settings.probe_writer)
-    kinds = Counter(verdict.kind.key if verdict.kind else "none" for verdict in verdicts)
+    kinds = Counter(verdict.choice.key if verdict.choice else "none" for verdict in verdicts)
     rows = [{"seed": seed, "prober": name, "probes": result["probes"], "divergences": result["divergences"],
              "rate": result["divergences"] / result["probes"] if result["probes"] else 0.0}
             for name, result in (("fixed", fixed), ("untrained", untrained), ("trained", trained))]

@@ -56,7 +56,7 @@ def configured(settings: Settings, policy_base: Path) -> Settings:
         "kafka": {"bootstrap_servers": settings.kafka.bootstrap_servers, "topic_prefix": settings.kafka.topic_prefix},
         "blob": {"url": settings.blob.url},
         "trainer": {"base_model": str(policy_base)},
-        "auditor_training": {"format_steps": 8, "format_images": 6},
+        "auditor_training": {"format_steps": 40, "format_images": 6},
         "auditor_trainer": {"torch_threads": 1, "deepspeed": {"enabled": False}, "metrics_port": 0,
                             "grpo": {"group_size": 4, "prompts_per_step": 4},
                             "rounds": {"max_samples": 8, "max_seconds": 3.0}},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.auditor import BlindTarget, main
+from benchmarks.auditor import GRPO, BlindTarget, main
 from dpe.inference import LocalVersion
 from dpe.policy.config import WarmupConfig
 from dpe.policy.generation import SamplingParams
@@ -20,13 +20,15 @@ from dpe.policy.model import Policy, load_policy
 from dpe.policy.warmup import warm_up
 from dpe.world import generate_scene, render_scene
 from producers.auditor.backends import ToolchainAnswerer
-from producers.auditor.prober import AuditPrompt, DivergenceReward, chosen_kind, probe_messages, teach_menu
+from producers.auditor.menu import AuditPrompt
+from producers.auditor.prober import DivergenceReward, teach_menu
 from trainer.engine import GRPOEngine
 from trainer.settings import TrainerSettings
 
 pytestmark = pytest.mark.slow
 
 REFERENCES = [ToolchainAnswerer("regions", "regions"), ToolchainAnswerer("contours", "contours")]
+COMPLETION = GRPO["max_completion_length"]
 
 
 def shapes_prompts(count: int, start: int) -> list[AuditPrompt]:
@@ -38,13 +40,13 @@ def shapes_prompts(count: int, start: int) -> list[AuditPrompt]:
 def counting_share(policy: Policy, prompts: list[AuditPrompt]) -> tuple[float, float]:
     """The share of sampled choices that ask a counting question, and the share that name no probe."""
     policy.model.eval()
-    params = SamplingParams(max_new_tokens=6, temperature=1.0, num_samples=8)
+    params = SamplingParams(max_new_tokens=COMPLETION, temperature=1.0, num_samples=8)
     texts = LocalVersion(policy, 0).generate([prompt.image for prompt in prompts],
-                                             [probe_messages(prompt.menu) for prompt in prompts], params, seed=0)
+                                             [prompt.messages() for prompt in prompts], params, seed=0)
     policy.model.train()
-    kinds = [chosen_kind(text, prompt.menu) for prompt, samples in zip(prompts, texts) for text in samples]
-    return (sum(kind is not None and kind.capability == "counting" for kind in kinds) / len(kinds),
-            sum(kind is None for kind in kinds) / len(kinds))
+    choices = [prompt.choice(text) for prompt, samples in zip(prompts, texts) for text in samples]
+    return (sum(choice is not None and choice.kind.capability == "counting" for choice in choices) / len(choices),
+            sum(choice is None for choice in choices) / len(choices))
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,7 @@ def test_grpo_moves_the_auditor_to_the_targets_blind_spot(tmp_path: Path, quick_
     teach_menu(base, shapes_prompts(64, 0), steps=80)
     auditor = base.save(tmp_path / "auditor")
     settings = TrainerSettings(base_model=str(auditor), torch_threads=1, deepspeed={"enabled": False},
-                               grpo={"preset": "tiny", "learning_rate": 1e-3, "kl_coef": 0.01,
-                                     "max_completion_length": 6})
+                               grpo={"preset": "tiny", **GRPO})
     engine = GRPOEngine(auditor, settings, tmp_path / "grpo",
                         rewards={DivergenceReward(BlindTarget("counting"), REFERENCES): 1.0})
     held_out = shapes_prompts(16, 1000)

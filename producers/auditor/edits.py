@@ -23,9 +23,9 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from dpe.imaging import Box, EditOp, Flip, ImageEditor, Occlude, Recolor
+from dpe.imaging import Box, Crop, EditOp, Flip, ImageEditor, Occlude, OverlayText, Recolor
 from dpe.world import Scene
 from dpe.world.scene import SceneObject
 from producers.auditor.backends import View
@@ -77,18 +77,57 @@ def mirror(scene: Scene | None) -> Counterfactual:
     return Counterfactual("mirror", "mirror the image left-right", (Flip(axis="horizontal"),), edited)
 
 
+def removable(scene: Scene) -> list[SceneObject]:
+    """The objects a removal can paint over exactly: those whose box touches no other object's (none alone)."""
+    return [obj for obj in scene.objects if len(scene.objects) > 1
+            and not any(_overlaps(_bounds(obj), _bounds(other)) for other in scene.objects if other is not obj)]
+
+
 def scene_counterfactuals(scene: Scene) -> list[Counterfactual]:
     """The exact edits a scene allows: the mirror first, then one removal per removable object."""
     if scene.kind == "chart":
         return [mirror(scene)]
     if scene.kind != "shapes":
         return []
-    removable = [
-        obj for obj in scene.objects
-        if len(scene.objects) > 1
-        and not any(_overlaps(_bounds(obj), _bounds(other)) for other in scene.objects if other is not obj)
+    return [mirror(scene)] + [removal(scene, obj) for obj in removable(scene)]
+
+
+QUARTERS: dict[str, Box] = {
+    "top-left": Box(right=0.5, bottom=0.5), "top-right": Box(left=0.5, bottom=0.5),
+    "bottom-left": Box(right=0.5, top=0.5), "bottom-right": Box(left=0.5, top=0.5),
+}
+HALVES: dict[str, Box] = {"left": Box(right=0.5), "right": Box(left=0.5)}
+OVERWRITES = ("STOP", "42")
+"""Texts the toolbox can write over an image (a text to read where there was another, a number among counts)."""
+MAX_REMOVALS = 6
+"""Removals offered per image, so that a toolbox fits the 26 letters of a menu."""
+
+
+def toolbox(scene: Scene) -> tuple[Counterfactual, ...]:
+    """Every edit the auditor model may pick for an image whose probe writer saw `scene`, parameters included: as it
+    is, mirrored, colours changed (red and blue swapped, grayscale), one object removed (which one: each removable
+    object the scene shows), a quarter covered (which), zoomed to a half (which), a text written over it (which).
+    The edited scenes are not kept: the probe writer reads each edited image again.
+
+    Example:
+        >>> from dpe.world import generate_scene
+        >>> [edit.key for edit in toolbox(generate_scene("shapes", 2, seed=3))][:6]
+        ['none', 'mirror', 'redblue', 'grayscale', 'remove-blue-square', 'remove-red-triangle']
+    """
+    kept = [
+        Counterfactual("none", "as it is", (), None),
+        Counterfactual("mirror", "mirrored left-right", (Flip(axis="horizontal"),), None),
+        Counterfactual("redblue", "red and blue swapped", (Recolor(mode="swap_red_blue"),), None),
+        Counterfactual("grayscale", "in grayscale", (Recolor(mode="grayscale"),), None),
+        *(removal(scene, obj) for obj in removable(scene)[:MAX_REMOVALS]),
+        *(Counterfactual(f"occlude-{name}", f"its {name} quarter covered in grey", (Occlude(box=box),), None)
+          for name, box in QUARTERS.items()),
+        *(Counterfactual(f"crop-{name}", f"zoomed to its {name} half", (Crop(box=box),), None)
+          for name, box in HALVES.items()),
+        *(Counterfactual(f"overwrite-{text.lower()}", f"'{text}' written over its middle",
+                         (OverlayText(text=text, x=0.3, y=0.4, size=0.2),), None) for text in OVERWRITES),
     ]
-    return [mirror(scene)] + [removal(scene, obj) for obj in removable]
+    return tuple(replace(edit, scene=None) for edit in kept)
 
 
 GENERIC_COUNTERFACTUALS: tuple[Counterfactual, ...] = (

@@ -60,7 +60,8 @@ from producers.auditor.backends import PolicyAnswerer, ProbeAnswerer, View, refe
 from producers.auditor.consensus import canonical, consensus, target_differs
 from producers.auditor.edits import counterfactuals
 from producers.auditor.failures import FailureTally, edit_name, failure_type
-from producers.auditor.prober import AuditPrompt, menu_probe, rank_menu
+from producers.auditor.menu import AuditPrompt, menu_probe
+from producers.auditor.prober import rank_choices
 from producers.auditor.probes import Probe, capability_hints, generic_probes, scene_probes, world_probe
 from producers.auditor.settings import AuditorConfig, AuditorSettings, auditor_model_roots
 
@@ -133,16 +134,16 @@ class Auditor:
         return asked
 
     def chosen_questions(self, item: UnlabeledItem, prober: Prober) -> list[tuple[View, Probe]]:
-        """The probes the trained auditor model ranks highest on the item's image (`auditor.model_probes` entries of
-        the menu of what the probe writer sees there; `rank_menu`), each asked about its view."""
+        """The probes the trained auditor model ranks highest on the item's image (`auditor.model_probes` of the
+        questions and edits the probe writer's reading allows; `rank_choices`), each asked about its view."""
         count = self.settings.model_probes
         image = self.store.open_image(item.image).convert("RGB")
         prompt = AuditPrompt.of(image, self.settings.probe_writer)
         if prompt is None or not count:
             return []
-        [ranked] = rank_menu(prober.policy, [prompt])
-        return [found for kind in ranked[:count]
-                if (found := menu_probe(image, item.item_id, kind, self.settings.probe_writer, self.editor))]
+        [ranked] = rank_choices(prober.policy, [prompt])
+        return [found for choice in ranked[:count]
+                if (found := menu_probe(image, item.item_id, choice, self.settings.probe_writer, self.editor))]
 
     def scene(self, item: UnlabeledItem, image: Image.Image) -> Scene | None:
         """The scene probes are written from: what the probe writer's toolchain sees in the item's image (None: it

@@ -32,7 +32,8 @@ from dpe.inference import PolicyVersions
 from dpe.policy.checkpoints import allowed_roots
 from dpe.policy.model import load_policy
 from producers.auditor.backends import ProbeAnswerer, reference_answerer
-from producers.auditor.prober import AuditPrompt, DivergenceReward, teach_menu
+from producers.auditor.menu import AuditPrompt
+from producers.auditor.prober import DivergenceReward, teach_menu
 from producers.auditor.service import TargetTracker, follow_checkpoints, until_ready
 from producers.auditor.settings import CHECKPOINTS, HOME, AuditorConfig
 from producers.auditor.trainer.settings import AuditorTrainerConfig

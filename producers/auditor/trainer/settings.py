@@ -13,7 +13,7 @@ from pydantic import Field
 
 from dpe.section import Section
 from producers.auditor.settings import AuditorConfig
-from trainer.settings import StalenessSettings, TrainerConfig, TrainerSettings
+from trainer.settings import GRPOSettings, StalenessSettings, TrainerConfig, TrainerSettings
 
 
 class AuditorTrainingSettings(Section):
@@ -23,11 +23,16 @@ class AuditorTrainingSettings(Section):
     format_images: int = Field(64, ge=1, description="Unlabeled images those steps draw from (read before round 1).")
 
 
+ANSWER_TOKENS = 10
+"""Room for an answer such as ``\\boxed{B,D}`` and its end token, in the tiny tokenizer and in released ones."""
+
+
 def auditor_trainer_defaults() -> TrainerSettings:
     """The trainer's settings as the auditor model's trainer uses them: its own group and port, nothing stale (an
-    unlabeled image does not age with the auditor's versions)."""
+    unlabeled image does not age with the auditor's versions), completions as long as an answer."""
     return TrainerSettings(group_id="auditor-trainer", metrics_port=9108,
-                           staleness=StalenessSettings(max_versions=None))
+                           staleness=StalenessSettings(max_versions=None),
+                           grpo=GRPOSettings(max_completion_length=ANSWER_TOKENS))
 
 
 class AuditorTrainerConfig(AuditorConfig, TrainerConfig):
