@@ -26,3 +26,17 @@ from trainer.settings import TrainerConfig
 class Settings(StreamConfig, IngestConfig, EvaluatorConfig, AuditorTrainerConfig, AuditorConfig, AgentsConfig,
                TrainerConfig, PolicyServerConfig):
     """Everything a dpe deployment can be told; each section belongs to the service that reads it."""
+
+
+SECTIONS = {"weakness": "stream", "auditor-trainer": "auditor_trainer"}
+"""Services whose settings section has another name than theirs."""
+
+
+def section_of(service: str) -> str:
+    """The settings section of a service (a `dpe.cli.stages` name or a `dpe run` process name, ``ingest-*`` too).
+
+    Example:
+        >>> [section_of(name) for name in ("weakness", "auditor-trainer", "ingest-watch", "trainer")]
+        ['stream', 'auditor_trainer', 'ingest', 'trainer']
+    """
+    return SECTIONS.get(service, service.partition("-")[0])

@@ -68,9 +68,9 @@ SERVICE_COMMANDS: dict[str, str] = {stage.name: stage.command for stage in STAGE
 
 def metrics_port(stage: Stage) -> int:
     """The stage's default Prometheus port: its settings section's ``metrics_port``."""
-    from dpe.settings import Settings
+    from dpe.settings import Settings, section_of
 
-    return getattr(Settings(), stage.name.replace("-", "_") if stage.name != "weakness" else "stream").metrics_port
+    return getattr(Settings(), section_of(stage.name)).metrics_port
 
 
 def stage_tests(stage: Stage, tests: Path = ROOT / "tests") -> list[str]:

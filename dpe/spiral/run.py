@@ -54,7 +54,7 @@ from dpe.events import (
 )
 from dpe.policy.config import WarmupConfig
 from dpe.policy.warmup import warm_up
-from dpe.settings import Settings
+from dpe.settings import Settings, section_of
 from dpe.spiral.bus import RunBus
 from dpe.spiral.report import write_report
 from dpe.spiral.state import RoundRecord, SpiralState
@@ -134,8 +134,8 @@ class SpiralOptions:
 
 
 RESUMED_OPTIONS = ("rounds", "round_samples", "round_timeout_s", "strategy", "ingest_rate", "images", "watch",
-                   "synthetic", "auditor", "auditor_trainer", "difficulty", "stall_after_s", "base_model", "lora", "inference",
-                   "bus_memory_mb", "bus_max_tail")
+                   "synthetic", "auditor", "auditor_trainer", "difficulty", "stall_after_s", "base_model", "lora",
+                   "inference", "bus_memory_mb", "bus_max_tail")
 """What a resumed run keeps of the run it goes on with (the rest says how this session shows and ends)."""
 
 
@@ -341,10 +341,6 @@ def _run_epoch(settings: Settings, options: SpiralOptions, bus: RunBus, state: S
         supervisor.stop()
 
 
-SECTIONS = {"weakness": "stream", "auditor-trainer": "auditor_trainer"}
-"""The settings section of a service whose name is not its section's (ingest's variants are ``ingest-*``)."""
-
-
 def last_scrape_s(settings: Settings, services: Collection[str]) -> float:
     """How long a finished run keeps its services up for a last scrape: `metrics.last_scrape_s` when one of the
     `services` it started (`ServiceSpec` names) serves /metrics, else 0.
@@ -358,7 +354,7 @@ def last_scrape_s(settings: Settings, services: Collection[str]) -> float:
     ...                                                              "trainer", "ingest")}), run)
     0.0
     """
-    sections = {SECTIONS.get(name, name.partition("-")[0]) for name in services}
+    sections = {section_of(name) for name in services}
     ports = [getattr(settings, section).metrics_port for section in sections]
     return settings.metrics.last_scrape_s if any(map(settings.metrics.port_for, ports)) else 0.0
 

@@ -91,9 +91,13 @@ class AuditPrompt:
     def of(cls, image: Image.Image, probe_writer: str = "regions") -> "AuditPrompt | None":
         """The prompt for an image, its menus from what `probe_writer` sees (None: it sees nothing to ask about)."""
         try:
-            scene = TOOLCHAINS[probe_writer].perceive(image)
+            return cls.seen(image, TOOLCHAINS[probe_writer].perceive(image))
         except NotPerceived:
             return None
+
+    @classmethod
+    def seen(cls, image: Image.Image, scene: Scene) -> "AuditPrompt | None":
+        """The prompt for an image whose probe writer's reading is `scene` (None: it allows no question)."""
         probes = probe_menu(scene)
         return cls(image, probes, toolbox(scene)) if probes else None
 

@@ -113,13 +113,18 @@ class Auditor:
         """Whether this item is audited (the rate limit)."""
         return self.selected_fraction(item.item_id, self.settings.sample_fraction, self.settings.seed)
 
-    def questions(self, item: UnlabeledItem) -> list[tuple[View, Probe]]:
-        """Every (view, probe) pair to ask: the item's image and its counterfactuals, each with its probes."""
+    def own_view(self, item: UnlabeledItem) -> View:
+        """The item's own view: its image from the blob store and what the probe writer sees in it (`scene`)."""
+        image = self.store.open_image(item.image).convert("RGB")
+        return View(item.item_id, image, self.scene(item, image))
+
+    def questions(self, item: UnlabeledItem, own: View | None = None) -> list[tuple[View, Probe]]:
+        """Every (view, probe) pair to ask: the item's image (`own`, read here if not given) and its
+        counterfactuals, each with its probes."""
         only = capability_hints(item.metadata, self.settings.capabilities)
         count = self.settings.probes_per_item
-        image = self.store.open_image(item.image).convert("RGB")
-        scene = self.scene(item, image)
-        own = View(item.item_id, image, scene)
+        own = own or self.own_view(item)
+        scene = own.scene
         if scene is None:
             probes = generic_probes(self.settings.generic_probes, count=count, only=only)
         else:
@@ -133,17 +138,16 @@ class Auditor:
                     asked.append((view, shown))
         return asked
 
-    def chosen_questions(self, item: UnlabeledItem, prober: Prober) -> list[tuple[View, Probe]]:
-        """The probes the trained auditor model ranks highest on the item's image (`auditor.model_probes` of the
-        questions and edits the probe writer's reading allows; `rank_choices`), each asked about its view."""
+    def chosen_questions(self, own: View, prober: Prober) -> list[tuple[View, Probe]]:
+        """The probes the trained auditor model ranks highest on the item's own view (`auditor.model_probes` of the
+        questions and edits its scene allows; `rank_choices`), each asked about its view."""
         count = self.settings.model_probes
-        image = self.store.open_image(item.image).convert("RGB")
-        prompt = AuditPrompt.of(image, self.settings.probe_writer)
+        prompt = AuditPrompt.seen(own.image, own.scene) if own.scene is not None else None
         if prompt is None or not count:
             return []
         [ranked] = rank_choices(prober.policy, [prompt])
         return [found for choice in ranked[:count]
-                if (found := menu_probe(image, item.item_id, choice, self.settings.probe_writer, self.editor))]
+                if (found := menu_probe(own.image, own.item_id, choice, self.settings.probe_writer, self.editor))]
 
     def scene(self, item: UnlabeledItem, image: Image.Image) -> Scene | None:
         """The scene probes are written from: what the probe writer's toolchain sees in the item's image (None: it
@@ -165,8 +169,9 @@ class Auditor:
         """Ask target and references every question (the fixed ones, and `prober`'s choices when there is a trained
         auditor model); a Divergence for each question the references agree on, `diverged` where the target's answer
         differs from theirs, naming the prober that chose a probe."""
-        fixed = self.questions(item)
-        asked = fixed + (self.chosen_questions(item, prober) if prober is not None else [])
+        own = self.own_view(item)
+        fixed = self.questions(item, own)
+        asked = fixed + (self.chosen_questions(own, prober) if prober is not None else [])
         target_answers = target.answer(asked)
         reference_answers = {reference.name: reference.answer(asked) for reference in self.references}
         stored: dict[str, BlobRef] = {}
