@@ -87,6 +87,13 @@ class WarmupConfig(BaseModel):
     warmup_steps: int = Field(25, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     seed: int = Field(0, ge=0)
+    threads: int = Field(
+        1,
+        ge=0,
+        description="Torch threads the SFT runs on (0: torch's default). The floating-point path, and with it which "
+        "capabilities the tiny model ends up strong in, depends on it: with a fixed number the recipe makes the same "
+        "model on every machine of a kind (two threads made different bases in different runs).",
+    )
     centre_image_tokens: bool = Field(
         True,
         description="Train with centred image tokens (`dpe.policy.image_tokens`), without which the tiny model's "

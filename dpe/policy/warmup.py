@@ -30,6 +30,7 @@ from dpe.policy.accuracy import image_dependence, measure_accuracy
 from dpe.policy.config import WarmupConfig
 from dpe.policy.model import Policy, build_tiny_policy, load_policy
 from dpe.policy.sft import train_sft
+from dpe.policy.threads import torch_threads
 from dpe.world import CAPABILITIES, WorldItem, diagnostic_sample, training_stream
 
 RECIPE_VERSION = "2"
@@ -65,20 +66,21 @@ def cached_folder(config: WarmupConfig, cache_dir: str | Path | None = None) -> 
 
 def train_on_recipe(policy: Policy, config: WarmupConfig, *, show_progress: bool = True,
                     description: str = "SFT", examples: Iterable[WorldItem] | None = None) -> list[float]:
-    """SFT `policy` as the recipe says, on `examples` (default: the recipe's skewed training stream); returns the
-    per-step losses."""
-    return train_sft(
-        policy,
-        examples if examples is not None else recipe_stream(config),
-        steps=config.steps,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        centre_image_tokens=config.centre_image_tokens,
-        show_progress=show_progress,
-        description=description,
-    )
+    """SFT `policy` as the recipe says, on its `threads`, on `examples` (default: the recipe's skewed training
+    stream); returns the per-step losses."""
+    with torch_threads(config.threads):
+        return train_sft(
+            policy,
+            examples if examples is not None else recipe_stream(config),
+            steps=config.steps,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            warmup_steps=config.warmup_steps,
+            weight_decay=config.weight_decay,
+            centre_image_tokens=config.centre_image_tokens,
+            show_progress=show_progress,
+            description=description,
+        )
 
 
 def recipe_stream(config: WarmupConfig) -> Iterator[WorldItem]:
