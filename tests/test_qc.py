@@ -302,7 +302,10 @@ async def test_worker_records_the_checkpoint_it_measured_difficulty_against(sett
         assert await eventually(filled, 90)
     for sample in await read_all(settings, AcceptedSample):
         assert sample.policy_version == 3 and sample.pass_rate is not None
-        assert sample.qc[-1].check == "difficulty" and sample.qc[-1].passed
+        verdicts = {verdict.check: verdict for verdict in sample.qc}
+        assert verdicts["difficulty"].passed and all(verdict.passed for verdict in sample.qc)
+        assert [verdict.check for verdict in sample.qc][-3:] == ["difficulty", "answerability", "agreement"], \
+            "the band, which turns down most candidates for the least time, goes before the pixel checks"
 
 
 async def test_a_band_rejection_ends_the_attempts_at_that_capability_on_that_item(settings, tiny_policy_folder):

@@ -141,15 +141,21 @@ def build_roles(settings: AgentsConfig, llm: EndpointClient | None, checker: End
 
 def build_checks(settings: AgentsConfig, roles: Roles, index: NearDuplicateIndex,
                  estimator: PolicyPassRate | None) -> list[Check]:
-    """The QC chain, cheapest checks first; near-duplicate and difficulty as configured."""
+    """The QC chain, the checks that turn most candidates down for the least time first; near-duplicate and
+    difficulty as configured.
+
+    The difficulty band goes before the validator and the independent answerer: its rollouts, batched across
+    candidates, cost about 10 ms a candidate on the tiny policy, where the pixel validator takes about 90 ms and the
+    answerer 50 ms, and it turns down most candidates (about 80 % on the default base). A candidate whose answer is
+    wrong is still turned down, by the checks after it.
+    """
     qc = settings.agents.qc
     checks: list[Check] = [SchemaCheck(qc.min_options, qc.max_options)]
     if qc.near_duplicate:
         checks.append(NearDuplicateCheck(index))
-    checks += [AnswerabilityCheck(roles.validator), AgreementCheck(roles.answerer)]
     if estimator is not None:
         checks.append(DifficultyCheck(estimator, qc.difficulty))
-    return checks
+    return checks + [AnswerabilityCheck(roles.validator), AgreementCheck(roles.answerer)]
 
 
 class _Rebalance(ConsumerRebalanceListener):
